@@ -1,0 +1,410 @@
+//! Configuration: the `MqttBridgeConnector` and `MqttBridgeTopicMap` YAML documents that
+//! users of the MQTT bridge already have, loaded into validated domain types.
+//!
+//! - [`yaml`] builds a node tree that keeps line numbers.
+//! - [`parse`] walks the tree, accepting every apiVersion and spelling the source documents
+//!   show, and collects *every* problem into a [`ConfigReport`] instead of stopping at the first.
+//!
+//! Outside Kubernetes, a Secret or ConfigMap named in the YAML is a folder under
+//! [`LoadOptions::secrets_dir`] / [`LoadOptions::configmaps_dir`], laid out as Kubernetes mounts it.
+
+pub mod parse;
+pub mod yaml;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::model::QoS;
+
+/// apiVersions accepted for both kinds, newest first.
+pub const API_VERSIONS: &[&str] = &[
+    "mq.iotoperations.azure.com/v1beta1",
+    "az-edge.com/v1alpha4",
+    "e4kpreview.com/v1alpha4",
+];
+
+/// Where the loader finds the folders that stand in for Kubernetes Secrets and ConfigMaps.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// `<secrets_dir>/<secretName>/client_cert.pem` etc.
+    pub secrets_dir: PathBuf,
+    /// `<configmaps_dir>/<configMapName>/*.crt|*.pem`.
+    pub configmaps_dir: PathBuf,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            secrets_dir: PathBuf::from(DEFAULT_SECRETS_DIR),
+            configmaps_dir: PathBuf::from(DEFAULT_CONFIGMAPS_DIR),
+        }
+    }
+}
+
+/// Default folder of Secret folders.
+pub const DEFAULT_SECRETS_DIR: &str = "/etc/edgebridge/secrets";
+/// Default folder of ConfigMap folders.
+pub const DEFAULT_CONFIGMAPS_DIR: &str = "/etc/edgebridge/configmaps";
+/// Default Kubernetes service-account token file for `authentication.kubernetes: {}`, as in
+/// the connector CRD's defaults (`secretPath` + `serviceAccountTokenName`).
+pub const DEFAULT_SAT_PATH: &str = "/var/run/serviceaccount/localbroker/sat-token";
+/// Default local broker endpoint when `localBrokerConnection` is omitted.
+pub const DEFAULT_LOCAL_ENDPOINT: &str = "aio-mq-dmqtt-frontend:1883";
+
+/// Every connector found in the loaded files, each with the routes of its topic maps.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Connectors, in file order.
+    pub connectors: Vec<Connector>,
+}
+
+/// A position in the configuration files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// File the document came from.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// MQTT protocol version spoken on both connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// MQTT 3.1.1 (`v3`).
+    V3,
+    /// MQTT 5 (`v5`).
+    V5,
+}
+
+/// Log level from `logLevel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    /// `error`
+    Error,
+    /// `warn`
+    Warn,
+    /// `info` (default)
+    Info,
+    /// `debug`
+    Debug,
+    /// `trace`
+    Trace,
+}
+
+impl LogLevel {
+    /// The `tracing` filter directive.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// One `MqttBridgeConnector` with the routes of every topic map that references it.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`, if given.
+    pub namespace: Option<String>,
+    /// Where the document starts.
+    pub origin: Origin,
+    /// `spec.protocol`.
+    pub protocol: Protocol,
+    /// `spec.bridgeInstances` (>= 1).
+    pub bridge_instances: u32,
+    /// `spec.clientIdPrefix` ("" if omitted).
+    pub client_id_prefix: String,
+    /// `spec.logLevel`.
+    pub log_level: LogLevel,
+    /// `spec.remoteBrokerConnection`.
+    pub remote: BrokerConnection,
+    /// `spec.localBrokerConnection`, or the documented default.
+    pub local: BrokerConnection,
+    /// Routes of all linked topic maps, in file order.
+    pub routes: Vec<Route>,
+}
+
+/// Where and how to connect to one broker.
+#[derive(Debug, Clone)]
+pub struct BrokerConnection {
+    /// `endpoint`.
+    pub endpoint: Endpoint,
+    /// `protocol: mqtt | webSocket`.
+    pub transport: Transport,
+    /// `tls`, when `tlsEnabled: true`.
+    pub tls: Option<Tls>,
+    /// `authentication`.
+    pub auth: Auth,
+}
+
+/// A broker address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Path for WebSocket connections (default `/mqtt`).
+    pub path: Option<String>,
+    /// `embedded://host:port`: start an in-process broker listening there and connect to it.
+    pub embedded: bool,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.embedded {
+            write!(f, "embedded://")?;
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Transport under MQTT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain MQTT over TCP (or TLS).
+    Mqtt,
+    /// MQTT over WebSocket (or secure WebSocket with TLS).
+    WebSocket,
+}
+
+/// TLS settings of an enabled TLS connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// ConfigMap folder with the CA certificates to trust; `None` uses the OS trust store.
+    pub trusted_ca_dir: Option<PathBuf>,
+}
+
+/// How the bridge authenticates to a broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// No `authentication` field: connect without credentials.
+    Anonymous,
+    /// `systemAssignedManagedIdentity.audience`.
+    ManagedIdentity {
+        /// Token audience, e.g. `https://eventgrid.azure.net`.
+        audience: String,
+    },
+    /// `x509.secretName` / `x509.clientK8sSecret`: a client certificate.
+    X509 {
+        /// `client_cert.pem`.
+        cert: PathBuf,
+        /// `client_key.pem`.
+        key: PathBuf,
+        /// `client_intermediate_certs.pem`, if present.
+        intermediates: Option<PathBuf>,
+    },
+    /// `kubernetes: {}`: a service-account token presented as MQTT 5 enhanced authentication.
+    Kubernetes {
+        /// The projected token file.
+        token_path: PathBuf,
+    },
+    /// Extension: `usernamePassword.secretName`, files `username` and `password`.
+    UsernamePassword {
+        /// The secret folder.
+        dir: PathBuf,
+    },
+}
+
+/// Direction of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Subscribe on the local broker, publish to the remote one.
+    LocalToRemote,
+    /// Subscribe on the remote broker, publish to the local one.
+    RemoteToLocal,
+}
+
+impl Direction {
+    /// The spelling used in YAML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::LocalToRemote => "local-to-remote",
+            Direction::RemoteToLocal => "remote-to-local",
+        }
+    }
+}
+
+/// One route of a topic map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// `name` (unique within a connector).
+    pub name: String,
+    /// Name of the topic map it came from.
+    pub topic_map: String,
+    /// `direction`.
+    pub direction: Direction,
+    /// `qos` (default 1): subscription QoS and the QoS of forwarded messages.
+    pub qos: QoS,
+    /// `source` filter.
+    pub source: String,
+    /// `target` topic; `None` keeps the source topic.
+    pub target: Option<String>,
+    /// `sharedSubscription`.
+    pub shared: Option<SharedSubscription>,
+    /// Where the route is written.
+    pub origin: Origin,
+}
+
+/// `sharedSubscription` of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedSubscription {
+    /// `groupMinimumShareNumber` (>= 1): number of subscriber clients.
+    pub clients: u32,
+    /// `groupName`.
+    pub group: String,
+}
+
+/// One configuration problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// File it is in.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// `Kind "name"` of the document, when known.
+    pub document: Option<String>,
+    /// Dotted path of the field, e.g. `spec.routes[1].target`.
+    pub field: Option<String>,
+    /// What is wrong, and what would be right.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        write!(f, ":")?;
+        if let Some(doc) = &self.document {
+            write!(f, " {doc}")?;
+        }
+        if let Some(field) = &self.field {
+            if self.document.is_some() {
+                write!(f, ",")?;
+            }
+            write!(f, " {field}")?;
+        }
+        if self.document.is_some() || self.field.is_some() {
+            write!(f, ":")?;
+        }
+        write!(f, " {}", self.message)
+    }
+}
+
+/// Every problem found while loading, in file order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigReport {
+    /// The problems.
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads every YAML document from the given files and folders (a folder contributes its
+/// `*.yaml` and `*.yml` files, sorted by name) and validates them together.
+pub fn load(paths: &[PathBuf], opts: &LoadOptions) -> Result<Config, ConfigReport> {
+    let mut report = ConfigReport::default();
+    let mut files = Vec::new();
+    for path in paths {
+        collect_files(path, &mut files, &mut report);
+    }
+    if files.is_empty() && report.errors.is_empty() {
+        report.errors.push(ConfigError {
+            file: paths.first().cloned().unwrap_or_default(),
+            line: None,
+            document: None,
+            field: None,
+            message: "no YAML files found (give files or folders holding *.yaml / *.yml)".into(),
+        });
+    }
+    let mut sources = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => sources.push((file, text)),
+            Err(e) => report.errors.push(ConfigError {
+                file,
+                line: None,
+                document: None,
+                field: None,
+                message: format!("cannot read file: {e}"),
+            }),
+        }
+    }
+    let refs: Vec<(&Path, &str)> = sources
+        .iter()
+        .map(|(p, t)| (p.as_path(), t.as_str()))
+        .collect();
+    match parse::parse_sources(&refs, opts) {
+        Ok(config) if report.errors.is_empty() => Ok(config),
+        Ok(_) => Err(report),
+        Err(more) => {
+            report.errors.extend(more.errors);
+            Err(report)
+        }
+    }
+}
+
+fn collect_files(path: &Path, files: &mut Vec<PathBuf>, report: &mut ConfigReport) {
+    if path.is_dir() {
+        match std::fs::read_dir(path) {
+            Ok(entries) => {
+                let mut found: Vec<PathBuf> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.is_file()
+                            && matches!(
+                                p.extension().and_then(|e| e.to_str()),
+                                Some("yaml" | "yml")
+                            )
+                    })
+                    .collect();
+                found.sort();
+                files.extend(found);
+            }
+            Err(e) => report.errors.push(ConfigError {
+                file: path.to_path_buf(),
+                line: None,
+                document: None,
+                field: None,
+                message: format!("cannot list folder: {e}"),
+            }),
+        }
+    } else if path.exists() {
+        files.push(path.to_path_buf());
+    } else {
+        report.errors.push(ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            document: None,
+            field: None,
+            message: "no such file or folder".into(),
+        });
+    }
+}

@@ -1,0 +1,919 @@
+//! Walks the YAML node tree into [`Config`], collecting every problem.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use super::yaml::{Node, NodeKind, parse_documents};
+use super::*;
+use crate::topic;
+
+/// Parses and validates documents from several sources together (topic maps may reference a
+/// connector in another file).
+pub fn parse_sources(
+    sources: &[(&Path, &str)],
+    opts: &LoadOptions,
+) -> Result<Config, ConfigReport> {
+    let mut errors = Vec::new();
+    let mut connectors: Vec<Connector> = Vec::new();
+    let mut maps: Vec<TopicMap> = Vec::new();
+    for (file, text) in sources {
+        let docs = match parse_documents(text) {
+            Ok(d) => d,
+            Err(e) => {
+                errors.push(ConfigError {
+                    file: file.to_path_buf(),
+                    line: Some(e.line),
+                    document: None,
+                    field: None,
+                    message: format!("YAML syntax error at column {}: {}", e.col, e.message),
+                });
+                continue;
+            }
+        };
+        for (index, node) in docs.iter().enumerate() {
+            if node.is_null() {
+                continue;
+            }
+            let mut cx = Cx {
+                file,
+                document: format!("document {}", index + 1),
+                errors: &mut errors,
+            };
+            match read_document(&mut cx, node, opts) {
+                Some(Doc::Connector(c)) => connectors.push(c),
+                Some(Doc::TopicMap(m)) => maps.push(m),
+                None => {}
+            }
+        }
+    }
+    link(&mut connectors, maps, &mut errors);
+    if errors.is_empty() {
+        Ok(Config { connectors })
+    } else {
+        Err(ConfigReport { errors })
+    }
+}
+
+struct TopicMap {
+    connector_ref: String,
+    ref_origin: Origin,
+    document: String,
+    routes: Vec<Route>,
+}
+
+enum Doc {
+    Connector(Connector),
+    TopicMap(TopicMap),
+}
+
+/// Error context: the file and the document being read.
+struct Cx<'a> {
+    file: &'a Path,
+    document: String,
+    errors: &'a mut Vec<ConfigError>,
+}
+
+impl Cx<'_> {
+    fn err(&mut self, line: usize, field: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line: Some(line),
+            document: Some(self.document.clone()),
+            field: (!field.is_empty()).then(|| field.to_string()),
+            message: message.into(),
+        });
+    }
+
+    fn origin(&self, line: usize) -> Origin {
+        Origin {
+            file: self.file.to_path_buf(),
+            line,
+        }
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// The entries of one YAML mapping, tracking which keys were read so that unknown (for
+/// example misspelled) keys are reported instead of silently ignored.
+struct Fields<'n> {
+    path: String,
+    line: usize,
+    entries: Vec<(&'n str, &'n Node)>,
+    used: Vec<bool>,
+    known: Vec<&'static str>,
+}
+
+impl<'n> Fields<'n> {
+    /// Reads a mapping; `null` counts as an empty mapping (e.g. `kubernetes:`).
+    fn of(cx: &mut Cx, node: &'n Node, path: &str) -> Option<Fields<'n>> {
+        let mut entries = Vec::new();
+        match &node.kind {
+            NodeKind::Map(kv) => {
+                let mut seen = HashSet::new();
+                for (k, v) in kv {
+                    match k.as_scalar() {
+                        Some(key) => {
+                            if !seen.insert(key) {
+                                cx.err(k.line, &join(path, key), "key appears twice");
+                            }
+                            entries.push((key, v));
+                        }
+                        None => cx.err(k.line, path, "mapping keys must be plain strings"),
+                    }
+                }
+            }
+            _ if node.is_null() => {}
+            _ => {
+                cx.err(
+                    node.line,
+                    path,
+                    format!("expected a mapping, found {}", node.type_name()),
+                );
+                return None;
+            }
+        }
+        let used = vec![false; entries.len()];
+        Some(Fields {
+            path: path.to_string(),
+            line: node.line,
+            entries,
+            used,
+            known: Vec::new(),
+        })
+    }
+
+    /// The value of the first of `names` present (all are accepted spellings of one field);
+    /// giving two spellings at once is an error.
+    fn get(&mut self, cx: &mut Cx, names: &[&'static str]) -> Option<(String, &'n Node)> {
+        self.known.extend_from_slice(names);
+        let mut found: Option<(String, &'n Node)> = None;
+        for (i, (key, value)) in self.entries.iter().enumerate() {
+            if names.contains(key) {
+                self.used[i] = true;
+                if let Some((first, _)) = &found {
+                    cx.err(
+                        value.line,
+                        &join(&self.path, key),
+                        format!("`{key}` and `{first}` are two spellings of one field; give only one"),
+                    );
+                } else {
+                    found = Some((join(&self.path, key), *value));
+                }
+            }
+        }
+        found
+    }
+
+    fn required(&mut self, cx: &mut Cx, names: &[&'static str]) -> Option<(String, &'n Node)> {
+        let found = self.get(cx, names);
+        if found.is_none() {
+            cx.err(
+                self.line,
+                &join(&self.path, names[0]),
+                "required field is missing",
+            );
+        }
+        found
+    }
+
+    /// Reports every key that no `get` asked for.
+    fn finish(self, cx: &mut Cx) {
+        for (i, (key, value)) in self.entries.iter().enumerate() {
+            if !self.used[i] {
+                let mut known = self.known.clone();
+                known.sort_unstable();
+                known.dedup();
+                cx.err(
+                    value.line,
+                    &join(&self.path, key),
+                    format!("unknown field `{key}`; expected one of: {}", known.join(", ")),
+                );
+            }
+        }
+    }
+}
+
+fn string(cx: &mut Cx, (path, node): (String, &Node)) -> Option<String> {
+    match node.as_scalar() {
+        Some(_) if node.is_null() => {
+            cx.err(node.line, &path, "expected a string, found null");
+            None
+        }
+        Some(s) => Some(s.to_string()),
+        None => {
+            cx.err(
+                node.line,
+                &path,
+                format!("expected a string, found {}", node.type_name()),
+            );
+            None
+        }
+    }
+}
+
+fn integer(cx: &mut Cx, (path, node): (String, &Node), min: i64, max: i64) -> Option<i64> {
+    let s = string(cx, (path.clone(), node))?;
+    match s.trim().parse::<i64>() {
+        Ok(v) if (min..=max).contains(&v) => Some(v),
+        Ok(v) => {
+            cx.err(
+                node.line,
+                &path,
+                format!("{v} is out of range; expected {min} to {max}"),
+            );
+            None
+        }
+        Err(_) => {
+            cx.err(
+                node.line,
+                &path,
+                format!("expected an integer, found \"{s}\""),
+            );
+            None
+        }
+    }
+}
+
+fn boolean(cx: &mut Cx, (path, node): (String, &Node)) -> Option<bool> {
+    let s = string(cx, (path.clone(), node))?;
+    match s.as_str() {
+        "true" | "True" | "TRUE" => Some(true),
+        "false" | "False" | "FALSE" => Some(false),
+        _ => {
+            cx.err(
+                node.line,
+                &path,
+                format!("expected true or false, found \"{s}\""),
+            );
+            None
+        }
+    }
+}
+
+fn one_of<T: Copy>(
+    cx: &mut Cx,
+    field: (String, &Node),
+    choices: &[(&str, T)],
+) -> Option<T> {
+    let line = field.1.line;
+    let path = field.0.clone();
+    let s = string(cx, field)?;
+    match choices.iter().find(|(name, _)| *name == s) {
+        Some((_, v)) => Some(*v),
+        None => {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            cx.err(
+                line,
+                &path,
+                format!("\"{s}\" is not valid; expected one of: {}", names.join(", ")),
+            );
+            None
+        }
+    }
+}
+
+fn read_document(cx: &mut Cx, node: &Node, opts: &LoadOptions) -> Option<Doc> {
+    let mut top = Fields::of(cx, node, "")?;
+    let api = top.required(cx, &["apiVersion"]).and_then(|f| string(cx, f));
+    let kind = top.required(cx, &["kind"]).and_then(|f| string(cx, f));
+    let metadata = top.required(cx, &["metadata"]);
+    let spec = top.required(cx, &["spec"]);
+    // Kubernetes adds `status` to objects read back from a cluster; accept and ignore it.
+    let _ = top.get(cx, &["status"]);
+    top.finish(cx);
+
+    let (name, namespace) = match metadata {
+        Some((path, m)) => read_metadata(cx, m, &path),
+        None => (None, None),
+    };
+    if let Some(kind) = &kind {
+        cx.document = match &name {
+            Some(n) => format!("{kind} \"{n}\""),
+            None => format!("{kind} ({})", cx.document),
+        };
+    }
+    if let Some(api) = &api
+        && !API_VERSIONS.contains(&api.as_str())
+    {
+        cx.err(
+            node.line,
+            "apiVersion",
+            format!(
+                "\"{api}\" is not supported; expected one of: {}",
+                API_VERSIONS.join(", ")
+            ),
+        );
+    }
+    let (spec_path, spec) = spec?;
+    match kind.as_deref() {
+        Some("MqttBridgeConnector") => {
+            let c = read_connector(cx, spec, &spec_path, opts, name?, namespace, node.line)?;
+            Some(Doc::Connector(c))
+        }
+        Some("MqttBridgeTopicMap") => {
+            Some(Doc::TopicMap(read_topic_map(cx, spec, &spec_path, name?)?))
+        }
+        Some(other) => {
+            cx.err(
+                node.line,
+                "kind",
+                format!(
+                    "\"{other}\" is not a kind edgebridge reads; expected MqttBridgeConnector or MqttBridgeTopicMap"
+                ),
+            );
+            None
+        }
+        None => None,
+    }
+}
+
+fn read_metadata(cx: &mut Cx, node: &Node, path: &str) -> (Option<String>, Option<String>) {
+    let Some(mut m) = Fields::of(cx, node, path) else {
+        return (None, None);
+    };
+    let name = m.required(cx, &["name"]).and_then(|f| string(cx, f));
+    let namespace = m.get(cx, &["namespace"]).and_then(|f| string(cx, f));
+    for ignored in ["labels", "annotations", "uid", "resourceVersion", "generation", "creationTimestamp", "managedFields"] {
+        let _ = m.get(cx, &[ignored]);
+    }
+    m.finish(cx);
+    if let Some(n) = &name
+        && n.trim().is_empty()
+    {
+        cx.err(node.line, &join(path, "name"), "must not be empty");
+        return (None, namespace);
+    }
+    (name, namespace)
+}
+
+fn read_connector(
+    cx: &mut Cx,
+    node: &Node,
+    path: &str,
+    opts: &LoadOptions,
+    name: String,
+    namespace: Option<String>,
+    line: usize,
+) -> Option<Connector> {
+    let mut s = Fields::of(cx, node, path)?;
+    if let Some((p, image)) = s.get(cx, &["image"]) {
+        // Only meaningful to the Kubernetes operator; accepted so existing YAML loads unchanged.
+        if let Some(mut img) = Fields::of(cx, image, &p) {
+            for f in ["repository", "tag", "pullPolicy"] {
+                if let Some(v) = img.get(cx, &[f]) {
+                    let _ = string(cx, v);
+                }
+            }
+            img.finish(cx);
+        }
+    }
+    let protocol = s
+        .required(cx, &["protocol"])
+        .and_then(|f| one_of(cx, f, &[("v5", Protocol::V5), ("v3", Protocol::V3)]));
+    let bridge_instances = match s.get(cx, &["bridgeInstances"]) {
+        Some(f) => integer(cx, f, 1, 1000).map(|v| v as u32),
+        None => Some(1),
+    };
+    let client_id_prefix = match s.get(cx, &["clientIdPrefix"]) {
+        Some(f) if f.1.is_null() => Some(String::new()),
+        Some(f) => string(cx, f),
+        None => Some(String::new()),
+    };
+    let log_level = match s.get(cx, &["logLevel"]) {
+        Some(f) => one_of(
+            cx,
+            f,
+            &[
+                ("info", LogLevel::Info),
+                ("debug", LogLevel::Debug),
+                ("warn", LogLevel::Warn),
+                ("error", LogLevel::Error),
+                ("trace", LogLevel::Trace),
+            ],
+        ),
+        None => Some(LogLevel::Info),
+    };
+    let remote = s
+        .required(cx, &["remoteBrokerConnection"])
+        .and_then(|(p, n)| read_broker(cx, n, &p, opts, true));
+    let local = match s.get(cx, &["localBrokerConnection"]) {
+        Some((p, n)) => read_broker(cx, n, &p, opts, false),
+        None => Some(default_local()),
+    };
+    s.finish(cx);
+
+    let protocol = protocol?;
+    let (remote, local) = (remote?, local?);
+    for (conn, field) in [
+        (&remote, "remoteBrokerConnection"),
+        (&local, "localBrokerConnection"),
+    ] {
+        if protocol == Protocol::V3
+            && matches!(
+                conn.auth,
+                Auth::ManagedIdentity { .. } | Auth::Kubernetes { .. }
+            )
+        {
+            cx.err(
+                line,
+                &join(path, &format!("{field}.authentication")),
+                "token authentication (managed identity, Kubernetes) needs MQTT 5 enhanced authentication; set `protocol: v5`",
+            );
+        }
+    }
+    if remote.endpoint.embedded && local.endpoint.embedded && remote.endpoint == local.endpoint {
+        cx.err(
+            line,
+            path,
+            "the local and remote connections start embedded brokers on the same address",
+        );
+    }
+    Some(Connector {
+        name,
+        namespace,
+        origin: cx.origin(line),
+        protocol,
+        bridge_instances: bridge_instances?,
+        client_id_prefix: client_id_prefix?,
+        log_level: log_level?,
+        remote,
+        local,
+        routes: Vec::new(),
+    })
+}
+
+fn default_local() -> BrokerConnection {
+    BrokerConnection {
+        endpoint: parse_endpoint(DEFAULT_LOCAL_ENDPOINT).expect("default endpoint is valid"),
+        transport: Transport::Mqtt,
+        tls: None,
+        auth: Auth::Kubernetes {
+            token_path: PathBuf::from(DEFAULT_SAT_PATH),
+        },
+    }
+}
+
+/// Parses `host:port`, `[v6]:port`, optionally `host:port/path` (WebSocket path) and the
+/// extension `embedded://host:port`.
+pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
+    let mut rest = text.trim();
+    let mut embedded = false;
+    if let Some(r) = rest.strip_prefix("embedded://") {
+        embedded = true;
+        rest = r;
+    } else if let Some((scheme, _)) = rest.split_once("://") {
+        return Err(format!(
+            "unsupported scheme \"{scheme}://\"; write host:port (TLS and WebSocket are chosen by `tls` and `protocol`), or embedded://host:port"
+        ));
+    }
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], Some(rest[i..].to_string())),
+        None => (rest, None),
+    };
+    let (host, port) = if let Some(r) = hostport.strip_prefix('[') {
+        let (h, p) = r
+            .split_once("]:")
+            .ok_or_else(|| "expected [ipv6]:port".to_string())?;
+        (h.to_string(), p)
+    } else {
+        let (h, p) = hostport
+            .rsplit_once(':')
+            .ok_or_else(|| format!("\"{text}\" has no port; write host:port, e.g. broker.example.com:8883"))?;
+        (h.to_string(), p)
+    };
+    if host.is_empty() {
+        return Err(format!("\"{text}\" has no host"));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("\"{port}\" is not a valid port number"))?;
+    if port == 0 && !embedded {
+        return Err("port 0 is only valid for embedded://".into());
+    }
+    Ok(Endpoint {
+        host,
+        port,
+        path,
+        embedded,
+    })
+}
+
+fn read_broker(
+    cx: &mut Cx,
+    node: &Node,
+    path: &str,
+    opts: &LoadOptions,
+    remote: bool,
+) -> Option<BrokerConnection> {
+    let mut b = Fields::of(cx, node, path)?;
+    let endpoint = b.required(cx, &["endpoint"]).and_then(|(p, n)| {
+        let text = string(cx, (p.clone(), n))?;
+        parse_endpoint(&text)
+            .map_err(|m| cx.err(n.line, &p, m))
+            .ok()
+    });
+    let transport = match b.get(cx, &["protocol"]) {
+        Some(f) => one_of(
+            cx,
+            f,
+            &[("mqtt", Transport::Mqtt), ("webSocket", Transport::WebSocket)],
+        ),
+        None => Some(Transport::Mqtt),
+    };
+    let tls = match b.get(cx, &["tls"]) {
+        Some((p, n)) => read_tls(cx, n, &p, opts),
+        None if remote => {
+            cx.err(
+                b.line,
+                &join(path, "tls"),
+                "required field is missing; write `tls: {tlsEnabled: true}` or `tls: {tlsEnabled: false}`",
+            );
+            None
+        }
+        None => Some(None),
+    };
+    let auth = match b.get(cx, &["authentication"]) {
+        Some((p, n)) => read_auth(cx, n, &p, opts),
+        None => Some(Auth::Anonymous),
+    };
+    b.finish(cx);
+    let endpoint = endpoint?;
+    let tls = tls?;
+    if endpoint.embedded && tls.is_some() {
+        cx.err(
+            node.line,
+            &join(path, "tls"),
+            "an embedded broker listens without TLS; set `tlsEnabled: false`",
+        );
+        return None;
+    }
+    Some(BrokerConnection {
+        endpoint,
+        transport: transport?,
+        tls,
+        auth: auth?,
+    })
+}
+
+fn read_tls(cx: &mut Cx, node: &Node, path: &str, opts: &LoadOptions) -> Option<Option<Tls>> {
+    let mut t = Fields::of(cx, node, path)?;
+    let enabled = t.required(cx, &["tlsEnabled"]).and_then(|f| boolean(cx, f));
+    let ca = t
+        .get(
+            cx,
+            &["trustedCaCertificateConfigMap", "trustedCaCertificateName"],
+        )
+        .and_then(|(p, n)| {
+            if n.is_null() {
+                return Some(None);
+            }
+            let name = string(cx, (p.clone(), n))?;
+            let dir = opts.configmaps_dir.join(&name);
+            match ca_files(&dir) {
+                Ok(files) if !files.is_empty() => Some(Some(dir)),
+                Ok(_) => {
+                    cx.err(
+                        n.line,
+                        &p,
+                        format!(
+                            "ConfigMap \"{name}\": folder {} holds no *.crt or *.pem file",
+                            dir.display()
+                        ),
+                    );
+                    None
+                }
+                Err(e) => {
+                    cx.err(
+                        n.line,
+                        &p,
+                        format!(
+                            "ConfigMap \"{name}\": cannot read folder {} ({e}); set --configmaps-dir or create it",
+                            dir.display()
+                        ),
+                    );
+                    None
+                }
+            }
+        });
+    t.finish(cx);
+    let ca = ca.unwrap_or(None);
+    match enabled? {
+        true => Some(Some(Tls {
+            trusted_ca_dir: ca,
+        })),
+        false => Some(None),
+    }
+}
+
+/// The CA certificate files of a ConfigMap folder (`*.crt`, `*.pem`), sorted.
+pub fn ca_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("crt" | "pem")
+            ) && p.is_file()
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn read_auth(cx: &mut Cx, node: &Node, path: &str, opts: &LoadOptions) -> Option<Auth> {
+    let mut a = Fields::of(cx, node, path)?;
+    let mut found: Vec<(String, Option<Auth>)> = Vec::new();
+    if let Some((p, n)) = a.get(cx, &["systemAssignedManagedIdentity"]) {
+        let auth = Fields::of(cx, n, &p).and_then(|mut m| {
+            let audience = m.required(cx, &["audience"]).and_then(|f| string(cx, f));
+            m.finish(cx);
+            Some(Auth::ManagedIdentity {
+                audience: audience?,
+            })
+        });
+        found.push((p, auth));
+    }
+    if let Some((p, n)) = a.get(cx, &["x509"]) {
+        let auth = Fields::of(cx, n, &p).and_then(|mut m| {
+            let secret = m.required(cx, &["secretName", "clientK8sSecret"]);
+            m.finish(cx);
+            let (sp, sn) = secret?;
+            let name = string(cx, (sp.clone(), sn))?;
+            let dir = opts.secrets_dir.join(&name);
+            let cert = dir.join("client_cert.pem");
+            let key = dir.join("client_key.pem");
+            let inter = dir.join("client_intermediate_certs.pem");
+            let mut ok = true;
+            for f in [&cert, &key] {
+                if !f.is_file() {
+                    cx.err(
+                        sn.line,
+                        &sp,
+                        format!(
+                            "Secret \"{name}\": missing file {} (set --secrets-dir, or create the secret folder)",
+                            f.display()
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+            ok.then(|| Auth::X509 {
+                cert,
+                key,
+                intermediates: inter.is_file().then_some(inter),
+            })
+        });
+        found.push((p, auth));
+    }
+    if let Some((p, n)) = a.get(cx, &["kubernetes"]) {
+        let auth = Fields::of(cx, n, &p).and_then(|mut m| {
+            let dir = m.get(cx, &["secretPath"]).and_then(|f| string(cx, f));
+            let file = m
+                .get(cx, &["serviceAccountTokenName"])
+                .and_then(|f| string(cx, f));
+            m.finish(cx);
+            let default = PathBuf::from(DEFAULT_SAT_PATH);
+            let dir = dir.map(PathBuf::from).unwrap_or_else(|| {
+                default.parent().map(Path::to_path_buf).unwrap_or_default()
+            });
+            let file = file.unwrap_or_else(|| "sat-token".into());
+            Some(Auth::Kubernetes {
+                token_path: dir.join(file),
+            })
+        });
+        found.push((p, auth));
+    }
+    if let Some((p, n)) = a.get(cx, &["usernamePassword"]) {
+        let auth = Fields::of(cx, n, &p).and_then(|mut m| {
+            let secret = m.required(cx, &["secretName"]);
+            m.finish(cx);
+            let (sp, sn) = secret?;
+            let name = string(cx, (sp.clone(), sn))?;
+            let dir = opts.secrets_dir.join(&name);
+            if !dir.join("username").is_file() {
+                cx.err(
+                    sn.line,
+                    &sp,
+                    format!(
+                        "Secret \"{name}\": missing file {} (files `username` and `password`)",
+                        dir.join("username").display()
+                    ),
+                );
+                return None;
+            }
+            Some(Auth::UsernamePassword { dir })
+        });
+        found.push((p, auth));
+    }
+    a.finish(cx);
+    match found.len() {
+        0 => Some(Auth::Anonymous),
+        1 => found.pop().and_then(|(_, a)| a),
+        _ => {
+            let names: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+            cx.err(
+                node.line,
+                path,
+                format!("give exactly one authentication method, found {}", names.join(" and ")),
+            );
+            None
+        }
+    }
+}
+
+fn read_topic_map(cx: &mut Cx, node: &Node, path: &str, name: String) -> Option<TopicMap> {
+    let mut s = Fields::of(cx, node, path)?;
+    let connector_ref = s
+        .required(cx, &["mqttBridgeConnectorRef"])
+        .and_then(|(p, n)| Some((string(cx, (p, n))?, n.line)));
+    let routes = s.required(cx, &["routes"]).and_then(|(p, n)| match &n.kind {
+        NodeKind::Seq(items) if !items.is_empty() => Some(
+            items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| read_route(cx, item, &format!("{p}[{i}]"), &name))
+                .collect::<Vec<_>>(),
+        ),
+        NodeKind::Seq(_) => {
+            cx.err(n.line, &p, "must list at least one route");
+            None
+        }
+        _ => {
+            cx.err(
+                n.line,
+                &p,
+                format!("expected a list of routes, found {}", n.type_name()),
+            );
+            None
+        }
+    });
+    s.finish(cx);
+    let (connector_ref, ref_line) = connector_ref?;
+    Some(TopicMap {
+        connector_ref,
+        ref_origin: cx.origin(ref_line),
+        document: cx.document.clone(),
+        routes: routes?,
+    })
+}
+
+fn read_route(cx: &mut Cx, node: &Node, path: &str, map: &str) -> Option<Route> {
+    let mut r = Fields::of(cx, node, path)?;
+    let direction = r.required(cx, &["direction"]).and_then(|f| {
+        one_of(
+            cx,
+            f,
+            &[
+                ("local-to-remote", Direction::LocalToRemote),
+                ("remote-to-local", Direction::RemoteToLocal),
+            ],
+        )
+    });
+    let name = r.required(cx, &["name"]).and_then(|(p, n)| {
+        let s = string(cx, (p.clone(), n))?;
+        if s.is_empty() || s.contains(['/', '+', '#']) || s.chars().any(char::is_whitespace) {
+            cx.err(
+                n.line,
+                &p,
+                format!("\"{s}\" cannot be part of a client ID; use letters, digits, '-' or '_'"),
+            );
+            return None;
+        }
+        Some(s)
+    });
+    let qos = match r.get(cx, &["qos"]) {
+        Some(f) => integer(cx, f, 0, 2).and_then(|v| QoS::from_u8(v as u8)),
+        None => Some(QoS::AtLeastOnce),
+    };
+    let source = r.required(cx, &["source"]).and_then(|(p, n)| {
+        let s = string(cx, (p.clone(), n))?;
+        match topic::validate_filter(&s) {
+            Ok(()) if s.starts_with("$share/") => {
+                cx.err(
+                    n.line,
+                    &p,
+                    "write the plain filter and use `sharedSubscription` for $share groups",
+                );
+                None
+            }
+            Ok(()) => Some(s),
+            Err(e) => {
+                cx.err(n.line, &p, format!("invalid topic filter \"{s}\": {e}"));
+                None
+            }
+        }
+    });
+    let target = match r.get(cx, &["target"]) {
+        Some((_, n)) if n.is_null() => Some(None),
+        Some((p, n)) => string(cx, (p.clone(), n)).and_then(|s| match topic::validate_name(&s) {
+            Ok(()) => Some(Some(s)),
+            Err(e) => {
+                cx.err(n.line, &p, format!("invalid target topic \"{s}\": {e}"));
+                None
+            }
+        }),
+        None => Some(None),
+    };
+    let shared = match r.get(cx, &["sharedSubscription"]) {
+        Some((_, n)) if n.is_null() => Some(None),
+        Some((p, n)) => Fields::of(cx, n, &p).and_then(|mut m| {
+            let clients = m
+                .required(cx, &["groupMinimumShareNumber"])
+                .and_then(|f| integer(cx, f, 1, 1000));
+            let group = m.required(cx, &["groupName"]).and_then(|(gp, gn)| {
+                let g = string(cx, (gp.clone(), gn))?;
+                if g.is_empty() || g.contains(['/', '+', '#']) {
+                    cx.err(
+                        gn.line,
+                        &gp,
+                        format!("\"{g}\" is not a valid share name (no '/', '+' or '#')"),
+                    );
+                    return None;
+                }
+                Some(g)
+            });
+            m.finish(cx);
+            Some(Some(SharedSubscription {
+                clients: clients? as u32,
+                group: group?,
+            }))
+        }),
+        None => Some(None),
+    };
+    r.finish(cx);
+    Some(Route {
+        name: name?,
+        topic_map: map.to_string(),
+        direction: direction?,
+        qos: qos?,
+        source: source?,
+        target: target?,
+        shared: shared?,
+        origin: cx.origin(node.line),
+    })
+}
+
+fn link(connectors: &mut [Connector], maps: Vec<TopicMap>, errors: &mut Vec<ConfigError>) {
+    let mut seen: HashMap<(Option<String>, String), Origin> = HashMap::new();
+    for c in connectors.iter() {
+        let key = (c.namespace.clone(), c.name.clone());
+        if let Some(first) = seen.get(&key) {
+            errors.push(ConfigError {
+                file: c.origin.file.clone(),
+                line: Some(c.origin.line),
+                document: Some(format!("MqttBridgeConnector \"{}\"", c.name)),
+                field: Some("metadata.name".into()),
+                message: format!("a connector with this name is already defined at {first}"),
+            });
+        } else {
+            seen.insert(key, c.origin.clone());
+        }
+    }
+    for map in maps {
+        let Some(c) = connectors.iter_mut().find(|c| c.name == map.connector_ref) else {
+            let known: Vec<&str> = connectors.iter().map(|c| c.name.as_str()).collect();
+            errors.push(ConfigError {
+                file: map.ref_origin.file.clone(),
+                line: Some(map.ref_origin.line),
+                document: Some(map.document.clone()),
+                field: Some("spec.mqttBridgeConnectorRef".into()),
+                message: if known.is_empty() {
+                    format!(
+                        "no MqttBridgeConnector named \"{}\" is loaded (none is loaded at all)",
+                        map.connector_ref
+                    )
+                } else {
+                    format!(
+                        "no MqttBridgeConnector named \"{}\" is loaded; loaded: {}",
+                        map.connector_ref,
+                        known.join(", ")
+                    )
+                },
+            });
+            continue;
+        };
+        for route in map.routes {
+            if let Some(first) = c.routes.iter().find(|r| r.name == route.name) {
+                errors.push(ConfigError {
+                    file: route.origin.file.clone(),
+                    line: Some(route.origin.line),
+                    document: Some(map.document.clone()),
+                    field: Some("spec.routes[].name".into()),
+                    message: format!(
+                        "route name \"{}\" is already used by connector \"{}\" at {} (route names make client IDs and must be unique)",
+                        route.name, c.name, first.origin
+                    ),
+                });
+                continue;
+            }
+            c.routes.push(route);
+        }
+    }
+}

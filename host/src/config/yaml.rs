@@ -1,0 +1,226 @@
+//! A YAML node tree that remembers the line of every node.
+//!
+//! serde-based YAML loaders stop at the first error and forget positions once a
+//! value is parsed; the configuration walker needs both "every problem at once"
+//! and a line number for semantic errors (duplicate route name, bad topic), so it
+//! works on this small tree built from `yaml-rust2`'s marked events.
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+
+/// One YAML node with the 1-based line it starts on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// 1-based line in the source file.
+    pub line: usize,
+    /// The value.
+    pub kind: NodeKind,
+}
+
+/// The shape of a node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeKind {
+    /// A scalar; `quoted` is true for single- or double-quoted scalars, which are always strings.
+    Scalar {
+        /// Text of the scalar.
+        value: String,
+        /// Whether the scalar was quoted in the source.
+        quoted: bool,
+    },
+    /// A sequence.
+    Seq(Vec<Node>),
+    /// A mapping, in source order.
+    Map(Vec<(Node, Node)>),
+}
+
+impl Node {
+    /// The node's scalar text, if it is a scalar.
+    pub fn as_scalar(&self) -> Option<&str> {
+        match &self.kind {
+            NodeKind::Scalar { value, .. } => Some(value),
+            _ => None,
+        }
+    }
+
+    /// Whether this scalar is YAML null (`~`, `null`, or empty plain scalar).
+    pub fn is_null(&self) -> bool {
+        matches!(&self.kind, NodeKind::Scalar { value, quoted: false } if value.is_empty() || value == "~" || value == "null" || value == "Null" || value == "NULL")
+    }
+
+    /// A short name of the node's type for error messages.
+    pub fn type_name(&self) -> &'static str {
+        match &self.kind {
+            NodeKind::Scalar { .. } if self.is_null() => "null",
+            NodeKind::Scalar { .. } => "a scalar",
+            NodeKind::Seq(_) => "a list",
+            NodeKind::Map(_) => "a mapping",
+        }
+    }
+}
+
+/// A YAML syntax error with its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyntaxError {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub col: usize,
+    /// What the parser said.
+    pub message: String,
+}
+
+/// Parses every document of a YAML stream. Empty documents are skipped.
+pub fn parse_documents(text: &str) -> Result<Vec<Node>, SyntaxError> {
+    let mut builder = Builder::default();
+    let mut parser = Parser::new_from_str(text);
+    parser.load(&mut builder, true).map_err(|e| SyntaxError {
+        line: e.marker().line(),
+        col: e.marker().col() + 1,
+        message: e.info().to_string(),
+    })?;
+    if let Some(msg) = builder.error {
+        return Err(msg);
+    }
+    Ok(builder.docs)
+}
+
+#[derive(Default)]
+struct Builder {
+    docs: Vec<Node>,
+    stack: Vec<Partial>,
+    anchors: Vec<(usize, Node)>,
+    error: Option<SyntaxError>,
+}
+
+enum Partial {
+    Seq(usize, usize, Vec<Node>),
+    Map(usize, usize, Vec<(Node, Node)>, Option<Node>),
+}
+
+impl Builder {
+    fn push_value(&mut self, node: Node) {
+        match self.stack.last_mut() {
+            None => self.docs.push(node),
+            Some(Partial::Seq(_, _, items)) => items.push(node),
+            Some(Partial::Map(_, _, entries, pending_key)) => match pending_key.take() {
+                None => *pending_key = Some(node),
+                Some(key) => entries.push((key, node)),
+            },
+        }
+    }
+
+    fn remember(&mut self, anchor: usize, node: &Node) {
+        if anchor > 0 {
+            self.anchors.push((anchor, node.clone()));
+        }
+    }
+}
+
+impl MarkedEventReceiver for Builder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let line = mark.line();
+        match ev {
+            Event::Scalar(value, style, anchor, _tag) => {
+                let quoted = matches!(
+                    style,
+                    TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted
+                );
+                let node = Node {
+                    line,
+                    kind: NodeKind::Scalar { value, quoted },
+                };
+                self.remember(anchor, &node);
+                self.push_value(node);
+            }
+            Event::SequenceStart(anchor, _) => self.stack.push(Partial::Seq(line, anchor, vec![])),
+            Event::MappingStart(anchor, _) => {
+                self.stack.push(Partial::Map(line, anchor, vec![], None))
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                let node = match self.stack.pop() {
+                    Some(Partial::Seq(line, anchor, items)) => {
+                        let n = Node {
+                            line,
+                            kind: NodeKind::Seq(items),
+                        };
+                        self.remember(anchor, &n);
+                        n
+                    }
+                    Some(Partial::Map(line, anchor, entries, _)) => {
+                        let n = Node {
+                            line,
+                            kind: NodeKind::Map(entries),
+                        };
+                        self.remember(anchor, &n);
+                        n
+                    }
+                    None => return,
+                };
+                self.push_value(node);
+            }
+            Event::Alias(id) => {
+                match self.anchors.iter().rev().find(|(a, _)| *a == id) {
+                    Some((_, node)) => {
+                        let node = node.clone();
+                        self.push_value(node);
+                    }
+                    None => {
+                        self.error.get_or_insert(SyntaxError {
+                            line,
+                            col: mark.col() + 1,
+                            message: "alias refers to an unknown anchor".into(),
+                        });
+                    }
+                };
+            }
+            Event::DocumentEnd => {
+                // A document that held only null/empty is dropped by the caller.
+            }
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_recorded_for_nested_nodes() {
+        let docs = parse_documents("a: 1\nb:\n  c: [x, y]\n---\nz: 'q'\n").unwrap();
+        assert_eq!(docs.len(), 2);
+        let NodeKind::Map(entries) = &docs[0].kind else {
+            panic!("not a map")
+        };
+        assert_eq!(entries[1].0.line, 2);
+        let NodeKind::Map(inner) = &entries[1].1.kind else {
+            panic!("not a map")
+        };
+        assert_eq!(inner[0].0.line, 3);
+        let NodeKind::Map(z) = &docs[1].kind else {
+            panic!("not a map")
+        };
+        assert_eq!(
+            z[0].1.kind,
+            NodeKind::Scalar {
+                value: "q".into(),
+                quoted: true
+            }
+        );
+    }
+
+    #[test]
+    fn syntax_errors_carry_a_position() {
+        let err = parse_documents("a: [1, 2\nb: 3\n").unwrap_err();
+        assert!(err.line >= 1, "{err:?}");
+    }
+
+    #[test]
+    fn aliases_expand_to_the_anchored_node() {
+        let docs = parse_documents("a: &x {k: v}\nb: *x\n").unwrap();
+        let NodeKind::Map(entries) = &docs[0].kind else {
+            panic!()
+        };
+        assert_eq!(entries[0].1.kind, entries[1].1.kind);
+    }
+}

@@ -1,0 +1,167 @@
+//! The `edgebridge` command: parses the command line, sets up logging, loads the
+//! configuration and hands over to [`edgebridge::bridge::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use edgebridge::bridge::{self, RunOptions};
+use edgebridge::config::{self, LoadOptions};
+
+#[derive(Parser)]
+#[command(name = "edgebridge", version, about = "MQTT bridge host for MqttBridgeConnector / MqttBridgeTopicMap YAML")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the bridge.
+    Run {
+        #[command(flatten)]
+        files: Files,
+        /// This process's instance index among `bridgeInstances` (default: the ordinal at the
+        /// end of the host name, as in a StatefulSet, or 0 when bridgeInstances is 1).
+        #[arg(long)]
+        instance: Option<u32>,
+        /// Identity used for loop prevention (default: connector name plus a random suffix).
+        #[arg(long)]
+        bridge_id: Option<String>,
+        /// Most messages a route client forwards before the target acknowledges them.
+        #[arg(long, default_value_t = 256)]
+        max_inflight: u16,
+        /// Longest delay between reconnect attempts, seconds.
+        #[arg(long, default_value_t = 30)]
+        max_backoff: u64,
+        /// Log level (overrides `logLevel`; RUST_LOG overrides both).
+        #[arg(long)]
+        log_level: Option<String>,
+    },
+    /// Validate the configuration and print every problem.
+    Check {
+        #[command(flatten)]
+        files: Files,
+    },
+}
+
+#[derive(Args)]
+struct Files {
+    /// YAML files or folders (every *.yaml / *.yml inside); may repeat.
+    #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
+    files: Vec<PathBuf>,
+    /// Folder holding one folder per Kubernetes Secret named in the YAML.
+    #[arg(long, default_value = config::DEFAULT_SECRETS_DIR, env = "EDGEBRIDGE_SECRETS_DIR")]
+    secrets_dir: PathBuf,
+    /// Folder holding one folder per Kubernetes ConfigMap named in the YAML.
+    #[arg(long, default_value = config::DEFAULT_CONFIGMAPS_DIR, env = "EDGEBRIDGE_CONFIGMAPS_DIR")]
+    configmaps_dir: PathBuf,
+}
+
+impl Files {
+    fn load(&self) -> Result<config::Config, config::ConfigReport> {
+        config::load(
+            &self.files,
+            &LoadOptions {
+                secrets_dir: self.secrets_dir.clone(),
+                configmaps_dir: self.configmaps_dir.clone(),
+            },
+        )
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},rumqttd=warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { files } => match files.load() {
+            Ok(cfg) => {
+                for c in &cfg.connectors {
+                    println!(
+                        "MqttBridgeConnector \"{}\": {} route(s), {} instance(s), protocol {:?}, local {}, remote {}",
+                        c.name,
+                        c.routes.len(),
+                        c.bridge_instances,
+                        c.protocol,
+                        c.local.endpoint,
+                        c.remote.endpoint
+                    );
+                }
+                println!("Configuration is valid.");
+                ExitCode::SUCCESS
+            }
+            Err(report) => {
+                eprintln!("{report}");
+                eprintln!("{} problem(s) found.", report.errors.len());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run {
+            files,
+            instance,
+            bridge_id,
+            max_inflight,
+            max_backoff,
+            log_level,
+        } => {
+            let cfg = match files.load() {
+                Ok(cfg) => cfg,
+                Err(report) => {
+                    eprintln!("{report}");
+                    eprintln!("{} problem(s) found; nothing started.", report.errors.len());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let level = log_level.unwrap_or_else(|| {
+                cfg.connectors
+                    .first()
+                    .map(|c| c.log_level.as_str().to_string())
+                    .unwrap_or_else(|| "info".into())
+            });
+            init_logging(&level);
+            let opts = RunOptions {
+                instance,
+                bridge_id,
+                max_inflight,
+                backoff: (Duration::from_millis(100), Duration::from_secs(max_backoff.max(1))),
+                ..RunOptions::default()
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = runtime.block_on(bridge::run(&cfg, &opts, shutdown_signal()));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

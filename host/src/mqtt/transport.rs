@@ -1,0 +1,166 @@
+//! Byte streams under MQTT: TCP, and TLS over TCP with rustls. Certificates and keys are
+//! read at every connect, so files rotated on disk (as Kubernetes does with mounted secrets)
+//! are picked up by the next connection without a restart.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::ClientConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::config::{Auth, BrokerConnection, Transport};
+
+/// A connected byte stream.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Failures to open a transport, each naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// TCP connect failed.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// host:port.
+        addr: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A certificate or key file could not be used.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the configuration (e.g. key does not match certificate).
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    /// The TLS handshake failed (untrusted server, hostname mismatch, expired certificate).
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Handshake {
+        /// host:port.
+        addr: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A host name that cannot be a TLS server name.
+    #[error("\"{0}\" is not a valid TLS server name")]
+    ServerName(String),
+    /// A transport this build cannot open yet.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Opens the transport described by `conn`.
+pub async fn open(conn: &BrokerConnection) -> Result<Box<dyn Stream>, TransportError> {
+    if conn.transport == Transport::WebSocket {
+        return Err(TransportError::Unsupported(
+            "`protocol: webSocket` is accepted in the configuration but this build only speaks MQTT over TCP/TLS; use `protocol: mqtt`".into(),
+        ));
+    }
+    let host = conn.endpoint.host.as_str();
+    let addr = conn.endpoint.to_string().replace("embedded://", "");
+    let tcp = TcpStream::connect((host, conn.endpoint.port))
+        .await
+        .map_err(|source| TransportError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = &conn.tls else {
+        return Ok(Box::new(tcp));
+    };
+    let config = client_config(tls.trusted_ca_dir.as_deref(), &conn.auth)?;
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|_| TransportError::ServerName(host.to_string()))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|source| TransportError::Handshake { addr, source })?;
+    Ok(Box::new(stream))
+}
+
+fn file_err(path: &Path, message: impl Into<String>) -> TransportError {
+    TransportError::File {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, format!("cannot read certificates: {e}")))?
+        .collect();
+    let certs = certs.map_err(|e| file_err(path, format!("invalid PEM certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "holds no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+/// Builds the rustls client configuration: trusted roots from the ConfigMap folder (or the
+/// OS store when none is given) and, for X.509 authentication, the client certificate chain.
+pub fn client_config(ca_dir: Option<&Path>, auth: &Auth) -> Result<ClientConfig, TransportError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_dir {
+        Some(dir) => {
+            let files = crate::config::parse::ca_files(dir)
+                .map_err(|e| file_err(dir, format!("cannot read CA folder: {e}")))?;
+            if files.is_empty() {
+                return Err(file_err(dir, "holds no *.crt or *.pem file"));
+            }
+            for f in files {
+                for cert in read_certs(&f)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| file_err(&f, format!("unusable CA certificate: {e}")))?;
+                }
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            for cert in native.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(TransportError::Config(
+                    "no trusted CA: the OS certificate store is empty and no trustedCaCertificateConfigMap is set".into(),
+                ));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TransportError::Config(e.to_string()))?
+        .with_root_certificates(roots);
+    match auth {
+        Auth::X509 {
+            cert,
+            key,
+            intermediates,
+        } => {
+            let mut chain = read_certs(cert)?;
+            if let Some(i) = intermediates {
+                chain.extend(read_certs(i)?);
+            }
+            let key_der = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| file_err(key, format!("cannot read private key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| {
+                    TransportError::Config(format!(
+                        "client certificate {} and key {}: {e}",
+                        cert.display(),
+                        key.display()
+                    ))
+                })
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}

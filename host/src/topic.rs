@@ -1,0 +1,134 @@
+//! MQTT topic names and topic filters: validation and matching (pure, no I/O).
+
+/// Largest topic length MQTT can encode (a two-byte length prefix).
+pub const MAX_TOPIC_LEN: usize = 65_535;
+
+/// Why a topic or filter is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    /// Empty string.
+    #[error("must not be empty")]
+    Empty,
+    /// Longer than MQTT allows.
+    #[error("is {0} bytes long, more than MQTT's 65535")]
+    TooLong(usize),
+    /// Contains U+0000.
+    #[error("contains a NUL character")]
+    Nul,
+    /// A topic name (not a filter) contains `+` or `#`.
+    #[error("contains a wildcard ('+' or '#'), which only a source filter may have")]
+    Wildcard,
+    /// `#` used anywhere but as the whole last level.
+    #[error("'#' must be the last level and stand alone in it (e.g. \"a/#\")")]
+    MisplacedHash,
+    /// `+` sharing a level with other characters.
+    #[error("'+' must stand alone in its level (e.g. \"a/+/b\")")]
+    MisplacedPlus,
+}
+
+fn common(s: &str) -> Result<(), TopicError> {
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if s.len() > MAX_TOPIC_LEN {
+        return Err(TopicError::TooLong(s.len()));
+    }
+    if s.contains('\0') {
+        return Err(TopicError::Nul);
+    }
+    Ok(())
+}
+
+/// Checks a topic name that messages are published to: no wildcards.
+pub fn validate_name(s: &str) -> Result<(), TopicError> {
+    common(s)?;
+    if s.contains(['+', '#']) {
+        return Err(TopicError::Wildcard);
+    }
+    Ok(())
+}
+
+/// Checks a topic filter that is subscribed to: `+` and `#` allowed where MQTT allows them.
+pub fn validate_filter(s: &str) -> Result<(), TopicError> {
+    common(s)?;
+    let levels: Vec<&str> = s.split('/').collect();
+    let last = levels.len() - 1;
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i != last) {
+            return Err(TopicError::MisplacedHash);
+        }
+        if level.contains('+') && *level != "+" {
+            return Err(TopicError::MisplacedPlus);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `topic` (a valid topic name) matches `filter` (a valid filter), following MQTT
+/// rules: `+` matches one level, `#` matches the parent level and everything below, and
+/// topics starting with `$` are not matched by a filter starting with a wildcard.
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The filter to subscribe to for a shared subscription group.
+pub fn shared_filter(group: &str, filter: &str) -> String {
+    format!("$share/{group}/{filter}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_with_wildcards_are_rejected() {
+        assert_eq!(validate_name("a/+/b"), Err(TopicError::Wildcard));
+        assert_eq!(validate_name("a/#"), Err(TopicError::Wildcard));
+        assert_eq!(validate_name(""), Err(TopicError::Empty));
+        assert!(validate_name("factory/telemetry/alert").is_ok());
+        assert!(validate_name("/").is_ok());
+    }
+
+    #[test]
+    fn filters_follow_mqtt_wildcard_placement() {
+        assert!(validate_filter("#").is_ok());
+        assert!(validate_filter("a/+/b/#").is_ok());
+        assert!(validate_filter("+").is_ok());
+        assert_eq!(validate_filter("a/#/b"), Err(TopicError::MisplacedHash));
+        assert_eq!(validate_filter("a#"), Err(TopicError::MisplacedHash));
+        assert_eq!(validate_filter("a/b+"), Err(TopicError::MisplacedPlus));
+        assert_eq!(validate_filter("a\0b"), Err(TopicError::Nul));
+        assert_eq!(
+            validate_filter(&"x".repeat(70_000)),
+            Err(TopicError::TooLong(70_000))
+        );
+    }
+
+    #[test]
+    fn matching_follows_the_mqtt_rules() {
+        assert!(matches("telemetry/#", "telemetry/furnace/temperature"));
+        assert!(matches("telemetry/#", "telemetry"));
+        assert!(matches("telemetry/+/temperature", "telemetry/furnace/temperature"));
+        assert!(!matches("telemetry/+/temperature", "telemetry/a/b/temperature"));
+        assert!(matches("a/+", "a/"));
+        assert!(!matches("a/b", "a/b/c"));
+        assert!(!matches("a/b/c", "a/b"));
+        assert!(matches("#", "anything/at/all"));
+        assert!(!matches("#", "$SYS/broker/uptime"));
+        assert!(!matches("+/broker", "$SYS/broker"));
+        assert!(matches("$SYS/#", "$SYS/broker"));
+    }
+}
