@@ -72,9 +72,9 @@ pub enum BridgeError {
     },
 }
 
-/// Counters of one route (summed over its shared-subscription clients in this process).
+/// Live counters of one route client (one pipe).
 #[derive(Debug, Default)]
-pub struct RouteStats {
+pub struct PipeStats {
     /// Messages received from the source broker.
     pub received: AtomicU64,
     /// Messages acknowledged by the target broker (QoS 0: written to it).
@@ -91,23 +91,88 @@ pub struct RouteStats {
     pub redelivered: AtomicU64,
 }
 
-impl RouteStats {
+impl PipeStats {
     fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    fn snapshot(&self) -> Counts {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counts {
+            received: g(&self.received),
+            forwarded: g(&self.forwarded),
+            dropped_loop: g(&self.dropped_loop),
+            dropped_unmatched: g(&self.dropped_unmatched),
+            dropped_qos0_overflow: g(&self.dropped_qos0_overflow),
+            rejected: g(&self.rejected),
+            redelivered: g(&self.redelivered),
+        }
+    }
 }
 
-/// Counters of every route, keyed by route name.
+/// A snapshot of [`PipeStats`] (or their sum over a route's clients).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// See [`PipeStats::received`].
+    pub received: u64,
+    /// See [`PipeStats::forwarded`].
+    pub forwarded: u64,
+    /// See [`PipeStats::dropped_loop`].
+    pub dropped_loop: u64,
+    /// See [`PipeStats::dropped_unmatched`].
+    pub dropped_unmatched: u64,
+    /// See [`PipeStats::dropped_qos0_overflow`].
+    pub dropped_qos0_overflow: u64,
+    /// See [`PipeStats::rejected`].
+    pub rejected: u64,
+    /// See [`PipeStats::redelivered`].
+    pub redelivered: u64,
+}
+
+impl std::ops::Add for Counts {
+    type Output = Counts;
+    fn add(self, o: Counts) -> Counts {
+        Counts {
+            received: self.received + o.received,
+            forwarded: self.forwarded + o.forwarded,
+            dropped_loop: self.dropped_loop + o.dropped_loop,
+            dropped_unmatched: self.dropped_unmatched + o.dropped_unmatched,
+            dropped_qos0_overflow: self.dropped_qos0_overflow + o.dropped_qos0_overflow,
+            rejected: self.rejected + o.rejected,
+            redelivered: self.redelivered + o.redelivered,
+        }
+    }
+}
+
+/// Counters of every route client this process runs.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Per route.
-    pub routes: HashMap<String, Arc<RouteStats>>,
+    clients: Vec<(String, String, Arc<PipeStats>)>,
 }
 
 impl Stats {
-    /// The counters of `route` (zeroes if it is not run here).
-    pub fn route(&self, route: &str) -> Arc<RouteStats> {
-        self.routes.get(route).cloned().unwrap_or_default()
+    /// Sum over the clients of `route` (zero if this process runs none of them).
+    pub fn route(&self, route: &str) -> Counts {
+        self.clients
+            .iter()
+            .filter(|(_, r, _)| r == route)
+            .fold(Counts::default(), |acc, (_, _, s)| acc + s.snapshot())
+    }
+
+    /// One client, by client ID.
+    pub fn client(&self, client_id: &str) -> Option<Counts> {
+        self.clients
+            .iter()
+            .find(|(c, _, _)| c == client_id)
+            .map(|(_, _, s)| s.snapshot())
+    }
+
+    /// Client IDs, route names and counters of every client.
+    pub fn all(&self) -> Vec<(String, String, Counts)> {
+        self.clients
+            .iter()
+            .map(|(c, r, s)| (c.clone(), r.clone(), s.snapshot()))
+            .collect()
     }
 }
 
@@ -202,9 +267,10 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
             clients = pipes.len(),
             "Starting"
         );
-        let bridge_id = opts.bridge_id.clone().unwrap_or_else(|| {
-            format!("{}-{:08x}", connector.name, fastrand::u32(..))
-        });
+        let bridge_id = opts
+            .bridge_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{:08x}", connector.name, fastrand::u32(..)));
         let guard = Arc::new(Mutex::new(LoopGuard::new(
             bridge_id,
             Duration::from_secs(10),
@@ -218,11 +284,12 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
             guard,
         });
         for pipe in pipes {
-            let route_stats = stats
-                .routes
-                .entry(pipe.route.name.clone())
-                .or_insert_with(|| Arc::new(RouteStats::default()))
-                .clone();
+            let route_stats = Arc::new(PipeStats::default());
+            stats.clients.push((
+                pipe.client_id.clone(),
+                pipe.route.name.clone(),
+                route_stats.clone(),
+            ));
             all_pipes.push(pipe.clone());
             tasks.push(tokio::spawn(run_pipe(
                 pipe,
@@ -273,7 +340,7 @@ impl Shared {
 async fn run_pipe(
     pipe: Pipe,
     shared: Arc<Shared>,
-    stats: Arc<RouteStats>,
+    stats: Arc<PipeStats>,
     mut stop: watch::Receiver<bool>,
 ) {
     let v5 = shared.connector.protocol == Protocol::V5;
@@ -331,9 +398,9 @@ async fn run_pipe(
         tokio::select! {
             ev = src_ev.recv(), if can_take => match ev {
                 Some(SessionEvent::State(StateEvent::Message { msg, ack, dup })) => {
-                    RouteStats::add(&stats.received);
+                    PipeStats::add(&stats.received);
                     if dup {
-                        RouteStats::add(&stats.redelivered);
+                        PipeStats::add(&stats.redelivered);
                     }
                     match prepare(&pipe, &shared, msg, v5) {
                         Ok(out) => {
@@ -343,8 +410,8 @@ async fn run_pipe(
                         }
                         Err(reason) => {
                             match reason {
-                                Skip::Loop => RouteStats::add(&stats.dropped_loop),
-                                Skip::Unmatched => RouteStats::add(&stats.dropped_unmatched),
+                                Skip::Loop => PipeStats::add(&stats.dropped_loop),
+                                Skip::Unmatched => PipeStats::add(&stats.dropped_unmatched),
                             }
                             debug!(route = %route.name, ?reason, "Message not forwarded");
                             if let Some(ack) = ack {
@@ -363,7 +430,7 @@ async fn run_pipe(
                     }
                 }
                 Some(SessionEvent::DroppedQos0) => {
-                    RouteStats::add(&stats.dropped_qos0_overflow);
+                    PipeStats::add(&stats.dropped_qos0_overflow);
                 }
                 Some(_) => {}
                 None => break,
@@ -371,7 +438,7 @@ async fn run_pipe(
             ev = dst_ev.recv() => match ev {
                 Some(SessionEvent::State(StateEvent::Delivered(token))) => {
                     if let Some(ack) = pending.remove(&token) {
-                        RouteStats::add(&stats.forwarded);
+                        PipeStats::add(&stats.forwarded);
                         if let Some(ack) = ack {
                             src.ack(ack);
                         }
@@ -379,7 +446,7 @@ async fn run_pipe(
                 }
                 Some(SessionEvent::State(StateEvent::Rejected(token, code))) => {
                     if let Some(ack) = pending.remove(&token) {
-                        RouteStats::add(&stats.rejected);
+                        PipeStats::add(&stats.rejected);
                         error!(route = %route.name, client_id = %pipe.client_id, "Target broker refused a message (reason code {code:#04x}); it is acknowledged to the source and lost");
                         if let Some(ack) = ack {
                             src.ack(ack);
@@ -432,7 +499,11 @@ fn prepare(pipe: &Pipe, shared: &Shared, msg: Message, v5: bool) -> Result<Messa
         payload: msg.payload,
         qos: route.qos,
         retain: msg.retain,
-        properties: if v5 { msg.properties } else { Properties::default() },
+        properties: if v5 {
+            msg.properties
+        } else {
+            Properties::default()
+        },
     };
     guard.mark(pipe.target, &mut out, v5, now);
     Ok(out)

@@ -10,7 +10,11 @@ use edgebridge::bridge::{self, RunOptions};
 use edgebridge::config::{self, LoadOptions};
 
 #[derive(Parser)]
-#[command(name = "edgebridge", version, about = "MQTT bridge host for MqttBridgeConnector / MqttBridgeTopicMap YAML")]
+#[command(
+    name = "edgebridge",
+    version,
+    about = "MQTT bridge host for MqttBridgeConnector / MqttBridgeTopicMap YAML"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,8 +77,11 @@ impl Files {
 
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},rumqttd=warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},rumqttd=off")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -129,7 +136,10 @@ fn main() -> ExitCode {
                 instance,
                 bridge_id,
                 max_inflight,
-                backoff: (Duration::from_millis(100), Duration::from_secs(max_backoff.max(1))),
+                backoff: (
+                    Duration::from_millis(100),
+                    Duration::from_secs(max_backoff.max(1)),
+                ),
                 ..RunOptions::default()
             };
             let runtime = match tokio::runtime::Runtime::new() {

@@ -356,7 +356,10 @@ mod tests {
         g.mark(Side::Remote, &mut m, true, now);
         assert_eq!(g.check(Side::Remote, &m, true, now), LoopVerdict::OwnEcho);
         let mut other = LoopGuard::new("other", Duration::from_secs(5), 100);
-        assert_eq!(other.check(Side::Remote, &m, true, now), LoopVerdict::Forward);
+        assert_eq!(
+            other.check(Side::Remote, &m, true, now),
+            LoopVerdict::Forward
+        );
     }
 
     #[test]
@@ -385,6 +388,9 @@ mod tests {
         assert_eq!(g.check(Side::Remote, &m, false, now), LoopVerdict::Forward);
         g.mark(Side::Remote, &mut m, false, now);
         let later = now + Duration::from_secs(6);
-        assert_eq!(g.check(Side::Remote, &m, false, later), LoopVerdict::Forward);
+        assert_eq!(
+            g.check(Side::Remote, &m, false, later),
+            LoopVerdict::Forward
+        );
     }
 }

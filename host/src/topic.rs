@@ -121,8 +121,14 @@ mod tests {
     fn matching_follows_the_mqtt_rules() {
         assert!(matches("telemetry/#", "telemetry/furnace/temperature"));
         assert!(matches("telemetry/#", "telemetry"));
-        assert!(matches("telemetry/+/temperature", "telemetry/furnace/temperature"));
-        assert!(!matches("telemetry/+/temperature", "telemetry/a/b/temperature"));
+        assert!(matches(
+            "telemetry/+/temperature",
+            "telemetry/furnace/temperature"
+        ));
+        assert!(!matches(
+            "telemetry/+/temperature",
+            "telemetry/a/b/temperature"
+        ));
         assert!(matches("a/+", "a/"));
         assert!(!matches("a/b", "a/b/c"));
         assert!(!matches("a/b/c", "a/b"));

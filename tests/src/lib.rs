@@ -1,1 +1,434 @@
+//! Integration-test harness: real Mosquitto brokers on ephemeral loopback ports, a test PKI
+//! made with rcgen, and MQTT 5 test clients (rumqttc, an implementation independent of the
+//! bridge's own session code) that publish and count what arrives.
 
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Logs of the bridge under test go to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Certificates for a TLS listener that requires client certificates.
+pub struct Pki {
+    /// Folder holding every file below.
+    pub dir: PathBuf,
+    /// `ca.pem`.
+    pub ca: PathBuf,
+    /// `server.pem` (SAN localhost, 127.0.0.1).
+    pub server_cert: PathBuf,
+    /// `server.key`.
+    pub server_key: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    /// Makes a CA and a server certificate in `dir`.
+    pub fn new(dir: &Path) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        std::fs::create_dir_all(dir).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "edgebridge test CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let server_key = KeyPair::generate().unwrap();
+        let server = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap()
+            .signed_by(&server_key, &issuer)
+            .unwrap();
+        let pki = Pki {
+            dir: dir.to_path_buf(),
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            issuer,
+        };
+        std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
+        std::fs::write(&pki.server_cert, server.pem()).unwrap();
+        std::fs::write(&pki.server_key, server_key.serialize_pem()).unwrap();
+        pki
+    }
+
+    /// Writes a client certificate signed by an intermediate CA (itself signed by the test
+    /// CA) as a Kubernetes-style secret folder: `client_cert.pem`, `client_key.pem`,
+    /// `client_intermediate_certs.pem`.
+    pub fn client_secret(&self, secret_dir: &Path, common_name: &str) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let root = &self.issuer;
+        let mut inter_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        inter_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        inter_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "edgebridge test intermediate");
+        let inter_key = KeyPair::generate().unwrap();
+        let inter_cert = inter_params.signed_by(&inter_key, root).unwrap();
+        let inter = Issuer::new(inter_params, inter_key);
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &inter).unwrap();
+        std::fs::create_dir_all(secret_dir).unwrap();
+        std::fs::write(secret_dir.join("client_cert.pem"), cert.pem()).unwrap();
+        std::fs::write(secret_dir.join("client_key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(
+            secret_dir.join("client_intermediate_certs.pem"),
+            inter_cert.pem(),
+        )
+        .unwrap();
+    }
+}
+
+/// How to start a Mosquitto broker.
+#[derive(Default, Clone)]
+pub struct MosquittoOptions {
+    /// Keep sessions and queued messages across a graceful restart.
+    pub persistence: bool,
+    /// Add a TLS listener requiring client certificates from this PKI.
+    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+}
+
+/// A Mosquitto process with its own folder and ports.
+pub struct Mosquitto {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// Plain MQTT port.
+    pub port: u16,
+    /// TLS port, if configured.
+    pub tls_port: Option<u16>,
+}
+
+impl Mosquitto {
+    /// Starts a broker and waits until it accepts connections.
+    pub fn start(opts: MosquittoOptions) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let tls_port = opts.tls.as_ref().map(|_| free_port());
+        let mut conf = format!(
+            "per_listener_settings false\nallow_anonymous true\nlistener {port} 127.0.0.1\n\
+             max_queued_messages 0\nmax_inflight_messages 0\n\
+             log_dest file {log}\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
+            log = dir.path().join("mosquitto.log").display()
+        );
+        if opts.persistence {
+            conf.push_str(&format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 1\n",
+                dir.path().display()
+            ));
+        }
+        if let (Some((ca, cert, key)), Some(tp)) = (&opts.tls, tls_port) {
+            conf.push_str(&format!(
+                "listener {tp} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
+                ca.display(),
+                cert.display(),
+                key.display()
+            ));
+        }
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
+        let mut m = Mosquitto {
+            child: None,
+            dir,
+            port,
+            tls_port,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed (apt-get install mosquitto)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("mosquitto did not start; log:\n{}", self.log());
+    }
+
+    /// Stops the broker gracefully (SIGTERM: a persistent broker saves its sessions).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the stopped broker again on the same ports.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// The broker's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// `127.0.0.1:port`.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One message a [`Collector`] received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Topic.
+    pub topic: String,
+    /// Payload as text.
+    pub payload: String,
+    /// Retain flag.
+    pub retain: bool,
+    /// MQTT 5 properties.
+    pub properties: Option<PublishProperties>,
+}
+
+/// A test subscriber that records everything it receives.
+pub struct Collector {
+    received: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Collector {
+    /// Subscribes to `filter` at QoS 1 on the broker at `port`. With `persistent`, the
+    /// session survives disconnects and broker restarts (with persistence).
+    pub async fn start(port: u16, client_id: &str, filter: &str, persistent: bool) -> Collector {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_clean_start(!persistent);
+        if persistent {
+            opts.set_session_expiry_interval(Some(3600));
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready = Some(ready_tx);
+        let store = received.clone();
+        let filter = filter.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        store.lock().unwrap().push(Received {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                            retain: p.retain,
+                            properties: p.properties,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("collector subscribed in time")
+            .expect("collector task alive");
+        Collector { received, task }
+    }
+
+    /// Everything received so far.
+    pub fn messages(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Number of messages received so far.
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` messages arrived or `timeout` passed; returns the count.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.count() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.count()
+    }
+
+    /// Payloads counted: (distinct payloads, duplicates).
+    pub fn distinct_and_duplicates(&self) -> (HashMap<String, usize>, usize) {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for m in self.messages() {
+            *seen.entry(m.payload).or_default() += 1;
+        }
+        let dups = seen.values().map(|c| c - 1).sum();
+        (seen, dups)
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A test publisher.
+pub struct Publisher {
+    client: AsyncClient,
+    acked: Arc<Mutex<usize>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    /// Connects to the broker at `port`.
+    pub async fn connect(port: u16, client_id: &str) -> Publisher {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+        let acked = Arc::new(Mutex::new(0));
+        let a = acked.clone();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready = Some(ready_tx);
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => *a.lock().unwrap() += 1,
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("publisher connected in time")
+            .expect("publisher task alive");
+        Publisher {
+            client,
+            acked,
+            task,
+        }
+    }
+
+    /// Publishes one message.
+    pub async fn publish(&self, topic: &str, qos: u8, retain: bool, payload: &str) {
+        let qos = match qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        self.client
+            .publish(topic, qos, retain, payload.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+
+    /// Publishes one message with MQTT 5 properties.
+    pub async fn publish_with(
+        &self,
+        topic: &str,
+        retain: bool,
+        payload: &str,
+        props: PublishProperties,
+    ) {
+        self.client
+            .publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                retain,
+                payload.as_bytes().to_vec(),
+                props,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// QoS 1 PUBACKs received so far.
+    pub fn acked(&self) -> usize {
+        *self.acked.lock().unwrap()
+    }
+
+    /// Waits until `n` PUBACKs arrived.
+    pub async fn wait_acked(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline && self.acked() < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.acked()
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Source-document fixtures shipped in `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}

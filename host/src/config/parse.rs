@@ -16,6 +16,9 @@ pub fn parse_sources(
     let mut errors = Vec::new();
     let mut connectors: Vec<Connector> = Vec::new();
     let mut maps: Vec<TopicMap> = Vec::new();
+    // Connectors whose document had errors: a topic map referencing one of them is not
+    // reported again as referencing an unknown connector.
+    let mut broken: Vec<String> = Vec::new();
     for (file, text) in sources {
         let docs = match parse_documents(text) {
             Ok(d) => d,
@@ -40,13 +43,14 @@ pub fn parse_sources(
                 errors: &mut errors,
             };
             match read_document(&mut cx, node, opts) {
-                Some(Doc::Connector(c)) => connectors.push(c),
-                Some(Doc::TopicMap(m)) => maps.push(m),
-                None => {}
+                Ok(Doc::Connector(c)) => connectors.push(c),
+                Ok(Doc::TopicMap(m)) => maps.push(m),
+                Err(Some(name)) => broken.push(name),
+                Err(None) => {}
             }
         }
     }
-    link(&mut connectors, maps, &mut errors);
+    link(&mut connectors, maps, &broken, &mut errors);
     if errors.is_empty() {
         Ok(Config { connectors })
     } else {
@@ -161,7 +165,9 @@ impl<'n> Fields<'n> {
                     cx.err(
                         value.line,
                         &join(&self.path, key),
-                        format!("`{key}` and `{first}` are two spellings of one field; give only one"),
+                        format!(
+                            "`{key}` and `{first}` are two spellings of one field; give only one"
+                        ),
                     );
                 } else {
                     found = Some((join(&self.path, key), *value));
@@ -193,7 +199,10 @@ impl<'n> Fields<'n> {
                 cx.err(
                     value.line,
                     &join(&self.path, key),
-                    format!("unknown field `{key}`; expected one of: {}", known.join(", ")),
+                    format!(
+                        "unknown field `{key}`; expected one of: {}",
+                        known.join(", ")
+                    ),
                 );
             }
         }
@@ -257,11 +266,7 @@ fn boolean(cx: &mut Cx, (path, node): (String, &Node)) -> Option<bool> {
     }
 }
 
-fn one_of<T: Copy>(
-    cx: &mut Cx,
-    field: (String, &Node),
-    choices: &[(&str, T)],
-) -> Option<T> {
+fn one_of<T: Copy>(cx: &mut Cx, field: (String, &Node), choices: &[(&str, T)]) -> Option<T> {
     let line = field.1.line;
     let path = field.0.clone();
     let s = string(cx, field)?;
@@ -272,16 +277,22 @@ fn one_of<T: Copy>(
             cx.err(
                 line,
                 &path,
-                format!("\"{s}\" is not valid; expected one of: {}", names.join(", ")),
+                format!(
+                    "\"{s}\" is not valid; expected one of: {}",
+                    names.join(", ")
+                ),
             );
             None
         }
     }
 }
 
-fn read_document(cx: &mut Cx, node: &Node, opts: &LoadOptions) -> Option<Doc> {
-    let mut top = Fields::of(cx, node, "")?;
-    let api = top.required(cx, &["apiVersion"]).and_then(|f| string(cx, f));
+/// A document, or on error the name of the connector it defined (if that much was readable).
+fn read_document(cx: &mut Cx, node: &Node, opts: &LoadOptions) -> Result<Doc, Option<String>> {
+    let mut top = Fields::of(cx, node, "").ok_or(None)?;
+    let api = top
+        .required(cx, &["apiVersion"])
+        .and_then(|f| string(cx, f));
     let kind = top.required(cx, &["kind"]).and_then(|f| string(cx, f));
     let metadata = top.required(cx, &["metadata"]);
     let spec = top.required(cx, &["spec"]);
@@ -311,14 +322,21 @@ fn read_document(cx: &mut Cx, node: &Node, opts: &LoadOptions) -> Option<Doc> {
             ),
         );
     }
-    let (spec_path, spec) = spec?;
+    let is_connector = kind.as_deref() == Some("MqttBridgeConnector");
+    let failed = || if is_connector { name.clone() } else { None };
+    let (spec_path, spec) = spec.ok_or_else(failed)?;
     match kind.as_deref() {
         Some("MqttBridgeConnector") => {
-            let c = read_connector(cx, spec, &spec_path, opts, name?, namespace, node.line)?;
-            Some(Doc::Connector(c))
+            let n = name.clone().ok_or(None)?;
+            read_connector(cx, spec, &spec_path, opts, n, namespace, node.line)
+                .map(Doc::Connector)
+                .ok_or_else(failed)
         }
         Some("MqttBridgeTopicMap") => {
-            Some(Doc::TopicMap(read_topic_map(cx, spec, &spec_path, name?)?))
+            let n = name.clone().ok_or(None)?;
+            read_topic_map(cx, spec, &spec_path, n)
+                .map(Doc::TopicMap)
+                .ok_or(None)
         }
         Some(other) => {
             cx.err(
@@ -328,9 +346,9 @@ fn read_document(cx: &mut Cx, node: &Node, opts: &LoadOptions) -> Option<Doc> {
                     "\"{other}\" is not a kind edgebridge reads; expected MqttBridgeConnector or MqttBridgeTopicMap"
                 ),
             );
-            None
+            Err(None)
         }
-        None => None,
+        None => Err(None),
     }
 }
 
@@ -340,7 +358,15 @@ fn read_metadata(cx: &mut Cx, node: &Node, path: &str) -> (Option<String>, Optio
     };
     let name = m.required(cx, &["name"]).and_then(|f| string(cx, f));
     let namespace = m.get(cx, &["namespace"]).and_then(|f| string(cx, f));
-    for ignored in ["labels", "annotations", "uid", "resourceVersion", "generation", "creationTimestamp", "managedFields"] {
+    for ignored in [
+        "labels",
+        "annotations",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "managedFields",
+    ] {
         let _ = m.get(cx, &[ignored]);
     }
     m.finish(cx);
@@ -403,7 +429,9 @@ fn read_connector(
     let remote = s
         .required(cx, &["remoteBrokerConnection"])
         .and_then(|(p, n)| read_broker(cx, n, &p, opts, true));
-    let local = match s.get(cx, &["localBrokerConnection"]) {
+    let local_given = s.get(cx, &["localBrokerConnection"]);
+    let local_is_default = local_given.is_none();
+    let local = match local_given {
         Some((p, n)) => read_broker(cx, n, &p, opts, false),
         None => Some(default_local()),
     };
@@ -421,10 +449,15 @@ fn read_connector(
                 Auth::ManagedIdentity { .. } | Auth::Kubernetes { .. }
             )
         {
+            let message = if field == "localBrokerConnection" && local_is_default {
+                "localBrokerConnection is omitted, and its documented default authenticates with a Kubernetes service-account token, which needs MQTT 5 enhanced authentication; set `protocol: v5` or write localBrokerConnection"
+            } else {
+                "token authentication (managed identity, Kubernetes) needs MQTT 5 enhanced authentication; set `protocol: v5`"
+            };
             cx.err(
                 line,
                 &join(path, &format!("{field}.authentication")),
-                "token authentication (managed identity, Kubernetes) needs MQTT 5 enhanced authentication; set `protocol: v5`",
+                message,
             );
         }
     }
@@ -483,9 +516,9 @@ pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
             .ok_or_else(|| "expected [ipv6]:port".to_string())?;
         (h.to_string(), p)
     } else {
-        let (h, p) = hostport
-            .rsplit_once(':')
-            .ok_or_else(|| format!("\"{text}\" has no port; write host:port, e.g. broker.example.com:8883"))?;
+        let (h, p) = hostport.rsplit_once(':').ok_or_else(|| {
+            format!("\"{text}\" has no port; write host:port, e.g. broker.example.com:8883")
+        })?;
         (h.to_string(), p)
     };
     if host.is_empty() {
@@ -523,7 +556,10 @@ fn read_broker(
         Some(f) => one_of(
             cx,
             f,
-            &[("mqtt", Transport::Mqtt), ("webSocket", Transport::WebSocket)],
+            &[
+                ("mqtt", Transport::Mqtt),
+                ("webSocket", Transport::WebSocket),
+            ],
         ),
         None => Some(Transport::Mqtt),
     };
@@ -605,9 +641,7 @@ fn read_tls(cx: &mut Cx, node: &Node, path: &str, opts: &LoadOptions) -> Option<
     t.finish(cx);
     let ca = ca.unwrap_or(None);
     match enabled? {
-        true => Some(Some(Tls {
-            trusted_ca_dir: ca,
-        })),
+        true => Some(Some(Tls { trusted_ca_dir: ca })),
         false => Some(None),
     }
 }
@@ -617,10 +651,7 @@ pub fn ca_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("crt" | "pem")
-            ) && p.is_file()
+            matches!(p.extension().and_then(|e| e.to_str()), Some("crt" | "pem")) && p.is_file()
         })
         .collect();
     files.sort();
@@ -680,9 +711,9 @@ fn read_auth(cx: &mut Cx, node: &Node, path: &str, opts: &LoadOptions) -> Option
                 .and_then(|f| string(cx, f));
             m.finish(cx);
             let default = PathBuf::from(DEFAULT_SAT_PATH);
-            let dir = dir.map(PathBuf::from).unwrap_or_else(|| {
-                default.parent().map(Path::to_path_buf).unwrap_or_default()
-            });
+            let dir = dir
+                .map(PathBuf::from)
+                .unwrap_or_else(|| default.parent().map(Path::to_path_buf).unwrap_or_default());
             let file = file.unwrap_or_else(|| "sat-token".into());
             Some(Auth::Kubernetes {
                 token_path: dir.join(file),
@@ -721,7 +752,10 @@ fn read_auth(cx: &mut Cx, node: &Node, path: &str, opts: &LoadOptions) -> Option
             cx.err(
                 node.line,
                 path,
-                format!("give exactly one authentication method, found {}", names.join(" and ")),
+                format!(
+                    "give exactly one authentication method, found {}",
+                    names.join(" and ")
+                ),
             );
             None
         }
@@ -733,27 +767,29 @@ fn read_topic_map(cx: &mut Cx, node: &Node, path: &str, name: String) -> Option<
     let connector_ref = s
         .required(cx, &["mqttBridgeConnectorRef"])
         .and_then(|(p, n)| Some((string(cx, (p, n))?, n.line)));
-    let routes = s.required(cx, &["routes"]).and_then(|(p, n)| match &n.kind {
-        NodeKind::Seq(items) if !items.is_empty() => Some(
-            items
-                .iter()
-                .enumerate()
-                .filter_map(|(i, item)| read_route(cx, item, &format!("{p}[{i}]"), &name))
-                .collect::<Vec<_>>(),
-        ),
-        NodeKind::Seq(_) => {
-            cx.err(n.line, &p, "must list at least one route");
-            None
-        }
-        _ => {
-            cx.err(
-                n.line,
-                &p,
-                format!("expected a list of routes, found {}", n.type_name()),
-            );
-            None
-        }
-    });
+    let routes = s
+        .required(cx, &["routes"])
+        .and_then(|(p, n)| match &n.kind {
+            NodeKind::Seq(items) if !items.is_empty() => Some(
+                items
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, item)| read_route(cx, item, &format!("{p}[{i}]"), &name))
+                    .collect::<Vec<_>>(),
+            ),
+            NodeKind::Seq(_) => {
+                cx.err(n.line, &p, "must list at least one route");
+                None
+            }
+            _ => {
+                cx.err(
+                    n.line,
+                    &p,
+                    format!("expected a list of routes, found {}", n.type_name()),
+                );
+                None
+            }
+        });
     s.finish(cx);
     let (connector_ref, ref_line) = connector_ref?;
     Some(TopicMap {
@@ -860,7 +896,12 @@ fn read_route(cx: &mut Cx, node: &Node, path: &str, map: &str) -> Option<Route> 
     })
 }
 
-fn link(connectors: &mut [Connector], maps: Vec<TopicMap>, errors: &mut Vec<ConfigError>) {
+fn link(
+    connectors: &mut [Connector],
+    maps: Vec<TopicMap>,
+    broken: &[String],
+    errors: &mut Vec<ConfigError>,
+) {
     let mut seen: HashMap<(Option<String>, String), Origin> = HashMap::new();
     for c in connectors.iter() {
         let key = (c.namespace.clone(), c.name.clone());
@@ -878,6 +919,9 @@ fn link(connectors: &mut [Connector], maps: Vec<TopicMap>, errors: &mut Vec<Conf
     }
     for map in maps {
         let Some(c) = connectors.iter_mut().find(|c| c.name == map.connector_ref) else {
+            if broken.contains(&map.connector_ref) {
+                continue;
+            }
             let known: Vec<&str> = connectors.iter().map(|c| c.name.as_str()).collect();
             errors.push(ConfigError {
                 file: map.ref_origin.file.clone(),

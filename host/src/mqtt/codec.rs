@@ -474,9 +474,7 @@ fn from_packet5(p: v5::Packet) -> Result<Incoming, CodecError> {
                 .iter()
                 .map(|c| match c {
                     v5::SubscribeReasonCode::Success(q) => *q as u8,
-                    v5::SubscribeReasonCode::Failure | v5::SubscribeReasonCode::Unspecified => {
-                        0x80
-                    }
+                    v5::SubscribeReasonCode::Failure | v5::SubscribeReasonCode::Unspecified => 0x80,
                     v5::SubscribeReasonCode::ImplementationSpecific => 0x83,
                     v5::SubscribeReasonCode::NotAuthorized => 0x87,
                     v5::SubscribeReasonCode::TopicFilterInvalid => 0x8F,

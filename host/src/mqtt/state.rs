@@ -335,7 +335,9 @@ impl SessionState {
                 }
                 qos => {
                     if pkid == 0 {
-                        return Err(StateError::Protocol("QoS > 0 publish with packet id 0".into()));
+                        return Err(StateError::Protocol(
+                            "QoS > 0 publish with packet id 0".into(),
+                        ));
                     }
                     self.incoming.push_back((pkid, qos, false));
                     self.events.push(StateEvent::Message {
@@ -443,8 +445,12 @@ mod tests {
         s.publish(msg(QoS::AtLeastOnce), 42);
         let out = s.take_outgoing();
         assert_eq!(published_pkids(&out), vec![(1, false)]);
-        assert!(s.take_events().is_empty(), "nothing is delivered before the ack");
-        s.on_incoming(Incoming::PubAck { pkid: 1, code: 0 }).unwrap();
+        assert!(
+            s.take_events().is_empty(),
+            "nothing is delivered before the ack"
+        );
+        s.on_incoming(Incoming::PubAck { pkid: 1, code: 0 })
+            .unwrap();
         assert_eq!(s.take_events(), vec![StateEvent::Delivered(42)]);
     }
 
@@ -455,7 +461,8 @@ mod tests {
         s.take_events();
         s.publish(msg(QoS::ExactlyOnce), 7);
         s.take_outgoing();
-        s.on_incoming(Incoming::PubRec { pkid: 1, code: 0 }).unwrap();
+        s.on_incoming(Incoming::PubRec { pkid: 1, code: 0 })
+            .unwrap();
         assert!(matches!(s.take_outgoing()[0].0, Outgoing::PubRel(1)));
         assert!(s.take_events().is_empty());
         s.on_incoming(Incoming::PubComp(1)).unwrap();
@@ -489,7 +496,8 @@ mod tests {
         }
         assert_eq!(published_pkids(&s.take_outgoing()).len(), 2);
         assert_eq!(s.pending_publishes(), 5);
-        s.on_incoming(Incoming::PubAck { pkid: 1, code: 0 }).unwrap();
+        s.on_incoming(Incoming::PubAck { pkid: 1, code: 0 })
+            .unwrap();
         assert_eq!(published_pkids(&s.take_outgoing()), vec![(3, false)]);
     }
 
@@ -500,10 +508,14 @@ mod tests {
         s.publish(msg(QoS::AtLeastOnce), 1);
         s.publish(msg(QoS::AtLeastOnce), 2);
         s.take_outgoing();
-        s.on_incoming(Incoming::PubAck { pkid: 1, code: 0 }).unwrap();
+        s.on_incoming(Incoming::PubAck { pkid: 1, code: 0 })
+            .unwrap();
         s.on_disconnect();
         s.publish(msg(QoS::AtLeastOnce), 3);
-        assert!(s.take_outgoing().is_empty(), "nothing is sent while disconnected");
+        assert!(
+            s.take_outgoing().is_empty(),
+            "nothing is sent while disconnected"
+        );
         s.on_connack(&connack(true)).unwrap();
         assert_eq!(
             published_pkids(&s.take_outgoing()),
@@ -516,7 +528,8 @@ mod tests {
         let mut s = SessionState::new(vec![], 10);
         s.on_connack(&connack(false)).unwrap();
         s.publish(msg(QoS::ExactlyOnce), 9);
-        s.on_incoming(Incoming::PubRec { pkid: 1, code: 0 }).unwrap();
+        s.on_incoming(Incoming::PubRec { pkid: 1, code: 0 })
+            .unwrap();
         s.take_outgoing();
         s.on_disconnect();
         s.on_connack(&connack(false)).unwrap();

@@ -151,15 +151,13 @@ pub fn client_config(ca_dir: Option<&Path>, auth: &Auth) -> Result<ClientConfig,
             }
             let key_der = PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| file_err(key, format!("cannot read private key: {e}")))?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| {
-                    TransportError::Config(format!(
-                        "client certificate {} and key {}: {e}",
-                        cert.display(),
-                        key.display()
-                    ))
-                })
+            builder.with_client_auth_cert(chain, key_der).map_err(|e| {
+                TransportError::Config(format!(
+                    "client certificate {} and key {}: {e}",
+                    cert.display(),
+                    key.display()
+                ))
+            })
         }
         _ => Ok(builder.with_no_client_auth()),
     }

@@ -1,0 +1,4 @@
+//! The integration suite, compiled into one test binary (one link, shared harness).
+
+mod config;
+mod e2e;
