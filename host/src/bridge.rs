@@ -89,9 +89,19 @@ pub struct PipeStats {
     pub rejected: AtomicU64,
     /// Messages received flagged as redeliveries.
     pub redelivered: AtomicU64,
+    /// Successful SUBACKs on the source session (one per connect).
+    pub subscribed: AtomicU64,
+    /// Successful CONNACKs on the target session.
+    pub target_connects: AtomicU64,
 }
 
 impl PipeStats {
+    /// Subscribed on the source and connected to the target at least once.
+    pub fn ready(&self) -> bool {
+        self.subscribed.load(Ordering::Relaxed) > 0
+            && self.target_connects.load(Ordering::Relaxed) > 0
+    }
+
     fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -167,6 +177,11 @@ impl Stats {
             .map(|(_, _, s)| s.snapshot())
     }
 
+    /// Whether every client subscribed on its source and connected to its target.
+    pub fn ready(&self) -> bool {
+        self.clients.iter().all(|(_, _, s)| s.ready())
+    }
+
     /// Client IDs, route names and counters of every client.
     pub fn all(&self) -> Vec<(String, String, Counts)> {
         self.clients
@@ -180,6 +195,7 @@ impl Stats {
 pub struct RunningBridge {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    sessions: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     /// Live counters.
     pub stats: Arc<Stats>,
     /// The pipes this instance runs.
@@ -196,11 +212,27 @@ impl RunningBridge {
         }
     }
 
-    /// Ends every task at once without draining, like a crash (for tests of restarts).
+    /// Ends every task and drops every connection at once without draining or acknowledging
+    /// anything more, as a crash would (for tests of restarts).
     pub fn abort(self) {
+        for s in self.sessions.lock().expect("sessions lock").iter() {
+            s.abort();
+        }
         for t in &self.tasks {
             t.abort();
         }
+    }
+
+    /// Waits until every client is subscribed and connected, or `timeout` passes.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if self.stats.ready() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.stats.ready()
     }
 }
 
@@ -241,6 +273,7 @@ fn hostname() -> String {
 /// Starts embedded brokers and every pipe of every connector.
 pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, BridgeError> {
     let (stop, stop_rx) = watch::channel(false);
+    let sessions = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     let mut stats = Stats::default();
     let mut all_pipes = Vec::new();
@@ -282,6 +315,7 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
             remote: Arc::new(connector.remote.clone()),
             opts: opts.clone(),
             guard,
+            sessions: sessions.clone(),
         });
         for pipe in pipes {
             let route_stats = Arc::new(PipeStats::default());
@@ -302,6 +336,7 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
     Ok(RunningBridge {
         stop,
         tasks,
+        sessions,
         stats: Arc::new(stats),
         pipes: all_pipes,
     })
@@ -326,6 +361,7 @@ struct Shared {
     remote: Arc<crate::config::BrokerConnection>,
     opts: RunOptions,
     guard: Arc<Mutex<LoopGuard>>,
+    sessions: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Shared {
@@ -387,6 +423,11 @@ async fn run_pipe(
     let capacity = opts.max_inflight as usize * 2 + 64;
     let (src, mut src_ev, src_task) = session::spawn(source_opts, capacity);
     let (dst, mut dst_ev, dst_task) = session::spawn(target_opts, capacity);
+    shared
+        .sessions
+        .lock()
+        .expect("sessions lock")
+        .extend([src_task.abort_handle(), dst_task.abort_handle()]);
 
     let mut pending: HashMap<Token, Option<AckToken>> = HashMap::new();
     let mut next_token: Token = 0;
@@ -425,6 +466,7 @@ async fn run_pipe(
                         if code >= 0x80 {
                             error!(route = %route.name, client_id = %pipe.client_id, filter = %filter, "Source broker refused the subscription (code {code:#04x}); no messages flow on this client until it reconnects");
                         } else {
+                            PipeStats::add(&stats.subscribed);
                             info!(route = %route.name, client_id = %pipe.client_id, filter = %filter, granted_qos = code, "Subscribed");
                         }
                     }
@@ -452,6 +494,9 @@ async fn run_pipe(
                             src.ack(ack);
                         }
                     }
+                }
+                Some(SessionEvent::State(StateEvent::Connected { .. })) => {
+                    PipeStats::add(&stats.target_connects);
                 }
                 Some(_) => {}
                 None => break,

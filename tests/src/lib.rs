@@ -132,7 +132,9 @@ impl Mosquitto {
         let port = free_port();
         let tls_port = opts.tls.as_ref().map(|_| free_port());
         let mut conf = format!(
-            "per_listener_settings false\nallow_anonymous true\nlistener {port} 127.0.0.1\n\
+            // `user root`: when the tests run as root (CI), Mosquitto would otherwise drop to
+            // user `mosquitto` and could not write its log and persistence file here.
+            "user root\nper_listener_settings false\nallow_anonymous true\nlistener {port} 127.0.0.1\n\
              max_queued_messages 0\nmax_inflight_messages 0\n\
              log_dest file {log}\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
             log = dir.path().join("mosquitto.log").display()
