@@ -43,7 +43,7 @@ pub fn parse_sources(
                 errors: &mut errors,
             };
             match read_document(&mut cx, node, opts) {
-                Ok(Doc::Connector(c)) => connectors.push(c),
+                Ok(Doc::Connector(c)) => connectors.push(*c),
                 Ok(Doc::TopicMap(m)) => maps.push(m),
                 Err(Some(name)) => broken.push(name),
                 Err(None) => {}
@@ -66,7 +66,7 @@ struct TopicMap {
 }
 
 enum Doc {
-    Connector(Connector),
+    Connector(Box<Connector>),
     TopicMap(TopicMap),
 }
 
@@ -329,7 +329,7 @@ fn read_document(cx: &mut Cx, node: &Node, opts: &LoadOptions) -> Result<Doc, Op
         Some("MqttBridgeConnector") => {
             let n = name.clone().ok_or(None)?;
             read_connector(cx, spec, &spec_path, opts, n, namespace, node.line)
-                .map(Doc::Connector)
+                .map(|c| Doc::Connector(Box::new(c)))
                 .ok_or_else(failed)
         }
         Some("MqttBridgeTopicMap") => {
@@ -704,7 +704,7 @@ fn read_auth(cx: &mut Cx, node: &Node, path: &str, opts: &LoadOptions) -> Option
         found.push((p, auth));
     }
     if let Some((p, n)) = a.get(cx, &["kubernetes"]) {
-        let auth = Fields::of(cx, n, &p).and_then(|mut m| {
+        let auth = Fields::of(cx, n, &p).map(|mut m| {
             let dir = m.get(cx, &["secretPath"]).and_then(|f| string(cx, f));
             let file = m
                 .get(cx, &["serviceAccountTokenName"])
@@ -715,9 +715,9 @@ fn read_auth(cx: &mut Cx, node: &Node, path: &str, opts: &LoadOptions) -> Option
                 .map(PathBuf::from)
                 .unwrap_or_else(|| default.parent().map(Path::to_path_buf).unwrap_or_default());
             let file = file.unwrap_or_else(|| "sat-token".into());
-            Some(Auth::Kubernetes {
+            Auth::Kubernetes {
                 token_path: dir.join(file),
-            })
+            }
         });
         found.push((p, auth));
     }

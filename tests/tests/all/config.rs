@@ -11,12 +11,10 @@ use edgebridge_tests::{fixture, write_file};
 fn k8s_dirs(root: &Path) -> LoadOptions {
     let secrets = root.join("secrets");
     let configmaps = root.join("configmaps");
-    for secret in ["bridge-client-cert"] {
-        let d = secrets.join(secret);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("client_cert.pem"), "x").unwrap();
-        std::fs::write(d.join("client_key.pem"), "x").unwrap();
-    }
+    let d = secrets.join("bridge-client-cert");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("client_cert.pem"), "x").unwrap();
+    std::fs::write(d.join("client_key.pem"), "x").unwrap();
     for cm in ["aio-ca-trust-bundle-test-only", "test-ca-configmap"] {
         let d = configmaps.join(cm);
         std::fs::create_dir_all(&d).unwrap();

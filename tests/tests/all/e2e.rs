@@ -211,7 +211,7 @@ async fn mqtt_5_properties_and_the_retain_flag_pass_through() {
     assert_eq!(got.correlation_data.as_deref(), Some(&b"corr-1"[..]));
     assert_eq!(got.payload_format_indicator, Some(1));
     let expiry = got.message_expiry_interval.expect("expiry kept");
-    assert!(expiry <= 300 && expiry >= 295, "{expiry}");
+    assert!((295..=300).contains(&expiry), "{expiry}");
     assert_eq!(
         &got.user_properties[..2],
         &[
