@@ -16,6 +16,7 @@
 //! - [`bridge`]: the only module that wires sessions to routes; owns the tasks and shutdown.
 //! - [`embedded`]: an in-process broker for `embedded://` endpoints.
 //! - [`secret`]: values that never print.
+//! - [`tools`]: the `pub` / `sub` test clients of the command line.
 //!
 //! # Example
 //!
@@ -40,4 +41,5 @@ pub mod model;
 pub mod mqtt;
 pub mod routing;
 pub mod secret;
+pub mod tools;
 pub mod topic;

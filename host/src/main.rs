@@ -48,6 +48,83 @@ enum Command {
         #[command(flatten)]
         files: Files,
     },
+    /// Publish test messages (a minimal MQTT client, for trying a bridge out).
+    Pub {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Topic.
+        #[arg(short, long)]
+        topic: String,
+        /// Payload; `{n}` is replaced by the message's sequence number.
+        #[arg(short, long, default_value = "hello {n}")]
+        message: String,
+        /// How many messages.
+        #[arg(short = 'n', long, default_value_t = 1)]
+        count: u64,
+        /// Set the retain flag.
+        #[arg(short, long)]
+        retain: bool,
+    },
+    /// Subscribe and print `topic payload` lines (a minimal MQTT client).
+    Sub {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Topic filter.
+        #[arg(short, long)]
+        topic: String,
+        /// Exit after this many messages (0: never).
+        #[arg(short = 'C', long, default_value_t = 0)]
+        count: u64,
+    },
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Broker host:port.
+    #[arg(short, long, default_value = "127.0.0.1:1883")]
+    broker: String,
+    /// QoS 0, 1 or 2.
+    #[arg(short, long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+    qos: u8,
+    /// Speak MQTT 3.1.1 instead of 5.
+    #[arg(long)]
+    v3: bool,
+    /// Client ID (default: edgebridge-<pid>).
+    #[arg(short = 'i', long)]
+    client_id: Option<String>,
+}
+
+impl ClientArgs {
+    fn target(&self) -> edgebridge::tools::Target {
+        edgebridge::tools::Target {
+            endpoint: self.broker.clone(),
+            v5: !self.v3,
+            client_id: self
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("edgebridge-{}", std::process::id())),
+        }
+    }
+
+    fn qos(&self) -> edgebridge::model::QoS {
+        edgebridge::model::QoS::from_u8(self.qos).unwrap_or(edgebridge::model::QoS::AtLeastOnce)
+    }
+}
+
+fn run_tool(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    match runtime
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(fut))
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Args)]
@@ -81,12 +158,37 @@ fn init_logging(level: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
         .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Pub {
+            client,
+            topic,
+            message,
+            count,
+            retain,
+        } => run_tool(async {
+            edgebridge::tools::publish(
+                &client.target(),
+                &topic,
+                client.qos(),
+                retain,
+                &message,
+                count,
+            )
+            .await
+        }),
+        Command::Sub {
+            client,
+            topic,
+            count,
+        } => run_tool(async {
+            edgebridge::tools::subscribe(&client.target(), &topic, client.qos(), count).await
+        }),
         Command::Check { files } => match files.load() {
             Ok(cfg) => {
                 for c in &cfg.connectors {

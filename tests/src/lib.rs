@@ -113,6 +113,8 @@ pub struct MosquittoOptions {
     pub persistence: bool,
     /// Add a TLS listener requiring client certificates from this PKI.
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Refuse anonymous clients; accept this user name and password.
+    pub password: Option<(String, String)>,
 }
 
 /// A Mosquitto process with its own folder and ports.
@@ -139,6 +141,21 @@ impl Mosquitto {
              log_dest file {log}\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
             log = dir.path().join("mosquitto.log").display()
         );
+        if let Some((user, pass)) = &opts.password {
+            let file = dir.path().join("passwd");
+            let ok = Command::new("mosquitto_passwd")
+                .arg("-b")
+                .arg("-c")
+                .arg(&file)
+                .arg(user)
+                .arg(pass)
+                .status()
+                .expect("mosquitto_passwd is installed")
+                .success();
+            assert!(ok, "mosquitto_passwd failed");
+            conf = conf.replace("allow_anonymous true", "allow_anonymous false");
+            conf.push_str(&format!("password_file {}\n", file.display()));
+        }
         if opts.persistence {
             conf.push_str(&format!(
                 "persistence true\npersistence_location {}/\nautosave_interval 1\n",

@@ -458,6 +458,54 @@ async fn tls_with_a_client_certificate_and_intermediate_chain() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn username_and_password_from_a_secret_folder() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions {
+        password: Some(("bridge-user".into(), "s3cret-pass".into())),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secrets/remote-login");
+    std::fs::create_dir_all(&secret).unwrap();
+    write_file(&secret, "username", "bridge-user\n");
+    write_file(&secret, "password", "s3cret-pass\n");
+    let yaml = bridge_yaml(
+        "v3",
+        &local.endpoint(),
+        &remote.endpoint(),
+        1,
+        "    - {direction: local-to-remote, name: login, source: \"login/#\"}\n",
+    )
+    .replacen(
+        "      tlsEnabled: false\n",
+        "      tlsEnabled: false\n    authentication:\n      usernamePassword:\n        secretName: remote-login\n",
+        1,
+    );
+    let cfg = load(dir.path(), &yaml);
+    assert!(
+        !format!("{cfg:?}").contains("s3cret-pass"),
+        "the password is not part of the loaded configuration"
+    );
+    let b = start(&cfg, &opts()).await;
+    let lp = Publisher::connect(local.port, "login-pub").await;
+    lp.publish("login/x", 1, false, "authenticated").await;
+    let deadline = tokio::time::Instant::now() + 10 * SECOND;
+    while b.stats.route("login").forwarded == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.stats.route("login").forwarded, 1);
+    assert!(
+        remote
+            .log()
+            .contains("as edge-login (p2, c1, k10, u'bridge-user')"),
+        "{}",
+        remote.log()
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_brokers_stand_in_for_both_sides() {
     init_tracing();
     let (lport, rport) = (free_port(), free_port());

@@ -1,0 +1,154 @@
+//! The `edgebridge` binary: `check` exit codes and messages, and `run` refusing bad input.
+
+use std::process::Command;
+
+fn edgebridge() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_edgebridge"))
+}
+
+fn quickstart() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.yaml")
+}
+
+#[test]
+fn check_accepts_the_quickstart() {
+    let out = edgebridge()
+        .arg("check")
+        .arg("-f")
+        .arg(quickstart())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("MqttBridgeConnector \"quickstart-bridge\": 2 route(s)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_prints_every_problem_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    let text = std::fs::read_to_string(quickstart())
+        .unwrap()
+        .replace("protocol: v5", "protocol: v7")
+        .replace("source: command/#", "source: command/#/x");
+    std::fs::write(&bad, text).unwrap();
+    let out = edgebridge()
+        .arg("check")
+        .arg("-f")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("bad.yaml:15: MqttBridgeConnector \"quickstart-bridge\", spec.protocol"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("spec.routes[1].source"), "{stderr}");
+    assert!(stderr.contains("2 problem(s) found."), "{stderr}");
+}
+
+#[test]
+fn run_starts_nothing_when_the_configuration_is_invalid() {
+    let out = edgebridge()
+        .arg("run")
+        .arg("-f")
+        .arg("/nonexistent/bridge.yaml")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("/nonexistent/bridge.yaml: no such file or folder"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing started"), "{stderr}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The README's quick start, on free ports: `run` with two embedded brokers, `sub` on the
+/// remote one, `pub` on the local one; then SIGTERM ends the bridge cleanly.
+#[test]
+fn the_quick_start_bridges_with_nothing_installed() {
+    let (lp, rp) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("quick.yaml");
+    let text = std::fs::read_to_string(quickstart())
+        .unwrap()
+        .replace("127.0.0.1:1883", &format!("127.0.0.1:{lp}"))
+        .replace("127.0.0.1:1884", &format!("127.0.0.1:{rp}"));
+    std::fs::write(&cfg, text).unwrap();
+    let mut bridge = edgebridge()
+        .args(["run", "-f"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The bridge is up once its embedded remote broker takes a subscriber.
+    let mut sub = None;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if std::net::TcpStream::connect(("127.0.0.1", rp)).is_ok() {
+            sub = Some(
+                edgebridge()
+                    .args([
+                        "sub",
+                        "-b",
+                        &format!("127.0.0.1:{rp}"),
+                        "-t",
+                        "factory/#",
+                        "-C",
+                        "3",
+                    ])
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            );
+            break;
+        }
+    }
+    let sub = sub.expect("the embedded remote broker came up");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let publish = edgebridge()
+        .args([
+            "pub",
+            "-b",
+            &format!("127.0.0.1:{lp}"),
+            "-t",
+            "factory/telemetry/temperature",
+        ])
+        .args(["-m", "reading {n}", "-n", "3"])
+        .status()
+        .unwrap();
+    assert!(publish.success());
+    let out = sub.wait_with_output().unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        lines,
+        "factory/telemetry/temperature reading 0\nfactory/telemetry/temperature reading 1\nfactory/telemetry/temperature reading 2\n"
+    );
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(bridge.id().to_string())
+        .status();
+    let status = bridge.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut bridge.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains("Shutting down"), "{log}");
+}
