@@ -253,6 +253,7 @@ pub struct Received {
 /// A test subscriber that records everything it receives.
 pub struct Collector {
     received: Arc<Mutex<Vec<Received>>>,
+    errors: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -268,9 +269,11 @@ impl Collector {
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
         let received = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let mut ready = Some(ready_tx);
         let store = received.clone();
+        let errs = errors.clone();
         let filter = filter.to_string();
         let task = tokio::spawn(async move {
             loop {
@@ -292,7 +295,10 @@ impl Collector {
                         });
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => {
+                        errs.lock().unwrap().push(e.to_string());
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
                 }
             }
         });
@@ -300,12 +306,21 @@ impl Collector {
             .await
             .expect("collector subscribed in time")
             .expect("collector task alive");
-        Collector { received, task }
+        Collector {
+            received,
+            errors,
+            task,
+        }
     }
 
     /// Everything received so far.
     pub fn messages(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// Connection errors the collector saw (each one a reconnect).
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.lock().unwrap().clone()
     }
 
     /// Number of messages received so far.

@@ -76,6 +76,17 @@ async fn start(cfg: &Config, opts: &RunOptions) -> RunningBridge {
     b
 }
 
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held. Counters are
+/// bumped when the target's PUBACK is processed, which can be after a test client already saw
+/// the forwarded message.
+async fn eventually(timeout: Duration, cond: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
 fn payloads_on(c: &Collector, topic: &str) -> Vec<String> {
     c.messages()
         .into_iter()
@@ -159,8 +170,8 @@ async fn route_matrix(protocol: &str) {
         ["f1"],
         "remote-to-local, static, QoS 2"
     );
-    assert_eq!(b.stats.route("alerts").forwarded, 1);
-    assert_eq!(b.stats.route("cfg").forwarded, 1);
+    assert!(eventually(5 * SECOND, || b.stats.route("alerts").forwarded == 1).await);
+    assert!(eventually(5 * SECOND, || b.stats.route("cfg").forwarded == 1).await);
     b.shutdown().await;
 }
 
@@ -270,13 +281,30 @@ async fn a_shared_subscription_route_runs_n_clients_that_split_the_messages() {
         lp.publish(&format!("shared/{}", i % 7), 1, false, &i.to_string())
             .await;
     }
-    assert_eq!(at_remote.wait_for(n, 20 * SECOND).await, n);
+    assert_eq!(
+        at_remote.wait_for(n, 20 * SECOND).await,
+        n,
+        "bridge: {:?}\ncollector errors: {:?}",
+        b.stats.all(),
+        at_remote.errors()
+    );
     let (distinct, dups) = at_remote.distinct_and_duplicates();
-    assert_eq!((distinct.len(), dups), (n, 0));
-    let per_client: Vec<u64> = ids
-        .iter()
-        .map(|id| b.stats.client(id).unwrap().forwarded)
-        .collect();
+    assert_eq!(
+        (distinct.len(), dups),
+        (n, 0),
+        "bridge: {:?}\ncollector errors: {:?}\nremote log: {}",
+        b.stats.all(),
+        at_remote.errors(),
+        remote.log()
+    );
+    // The collector can see a message before the bridge processed the PUBACK that counts it.
+    let per_client = || -> Vec<u64> {
+        ids.iter()
+            .map(|id| b.stats.client(id).unwrap().forwarded)
+            .collect()
+    };
+    eventually(5 * SECOND, || per_client().iter().sum::<u64>() == n as u64).await;
+    let per_client = per_client();
     assert_eq!(per_client.iter().sum::<u64>(), n as u64);
     assert!(
         per_client.iter().all(|f| *f > 0),
@@ -343,17 +371,20 @@ async fn two_instances_split_the_routes_and_cover_each_once() {
     }
     // The remote collector sees only bridged copies (nothing is published there directly).
     assert_eq!(at_remote.wait_for(26, 10 * SECOND).await, 26);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let (distinct, dups) = at_remote.distinct_and_duplicates();
     assert_eq!(
         (distinct.len(), dups),
         (26, 0),
         "every route forwarded exactly once"
     );
+    let forwarded = |name: &str| b0.stats.route(name).forwarded + b1.stats.route(name).forwarded;
+    assert!(eventually(5 * SECOND, || forwarded("sh") == 20).await);
     for i in 0..6 {
         let name = format!("r{i}");
-        let total = b0.stats.route(&name).forwarded + b1.stats.route(&name).forwarded;
-        assert_eq!(total, 1, "{name}");
+        assert!(
+            eventually(5 * SECOND, || forwarded(&name) == 1).await,
+            "{name}"
+        );
     }
     let shared = (
         b0.stats.route("sh").forwarded,
@@ -490,11 +521,7 @@ async fn username_and_password_from_a_secret_folder() {
     let b = start(&cfg, &opts()).await;
     let lp = Publisher::connect(local.port, "login-pub").await;
     lp.publish("login/x", 1, false, "authenticated").await;
-    let deadline = tokio::time::Instant::now() + 10 * SECOND;
-    while b.stats.route("login").forwarded == 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(b.stats.route("login").forwarded, 1);
+    assert!(eventually(10 * SECOND, || b.stats.route("login").forwarded == 1).await);
     assert!(
         remote
             .log()
