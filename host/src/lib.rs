@@ -15,6 +15,7 @@
 //!   driver [`mqtt::session`]. Knows nothing about routes.
 //! - [`bridge`]: the only module that wires sessions to routes; owns the tasks and shutdown.
 //! - [`embedded`]: an in-process broker for `embedded://` endpoints.
+//! - [`policy`]: what each plugin may do (pure).
 //! - [`secret`]: values that never print.
 //! - [`tools`]: the `pub` / `sub` test clients of the command line.
 //!
@@ -38,6 +39,8 @@ pub mod bridge;
 pub mod config;
 pub mod embedded;
 pub mod model;
+pub mod plugin;
+pub mod policy;
 pub mod mqtt;
 pub mod routing;
 pub mod secret;

@@ -284,6 +284,8 @@ mod tests {
                 clients: n,
                 group: "g".into(),
             }),
+            plugins: vec![],
+            on_plugin_error: Default::default(),
             origin: crate::config::Origin {
                 file: "x".into(),
                 line: 1,

@@ -257,8 +257,34 @@ pub struct Route {
     pub target: Option<String>,
     /// `sharedSubscription`.
     pub shared: Option<SharedSubscription>,
+    /// Extension: `plugins`, the chain of WebAssembly plugins each message goes through.
+    pub plugins: Vec<PluginRef>,
+    /// Extension: `onPluginError` (default `drop`).
+    pub on_plugin_error: OnPluginError,
     /// Where the route is written.
     pub origin: Origin,
+}
+
+/// One plugin of a route's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginRef {
+    /// Plugin name: the file `<plugins-dir>/<name>.wasm`.
+    pub name: String,
+    /// Its `config`, as JSON text (`{}` when omitted).
+    pub config: String,
+}
+
+/// What happens to a message when a plugin traps, errs, or returns a refused decision.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum OnPluginError {
+    /// Acknowledge and drop it (logged at ERROR, counted).
+    #[default]
+    Drop,
+    /// Forward the original message as if the route had no plugins (fail open).
+    Pass,
+    /// Publish the original to this topic on the target broker, with the error in the user
+    /// property `edgebridge-error` (MQTT 5).
+    DeadLetter(String),
 }
 
 /// `sharedSubscription` of a route.

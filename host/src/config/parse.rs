@@ -71,14 +71,14 @@ enum Doc {
 }
 
 /// Error context: the file and the document being read.
-struct Cx<'a> {
-    file: &'a Path,
-    document: String,
-    errors: &'a mut Vec<ConfigError>,
+pub(crate) struct Cx<'a> {
+    pub(crate) file: &'a Path,
+    pub(crate) document: String,
+    pub(crate) errors: &'a mut Vec<ConfigError>,
 }
 
 impl Cx<'_> {
-    fn err(&mut self, line: usize, field: &str, message: impl Into<String>) {
+    pub(crate) fn err(&mut self, line: usize, field: &str, message: impl Into<String>) {
         self.errors.push(ConfigError {
             file: self.file.to_path_buf(),
             line: Some(line),
@@ -96,7 +96,7 @@ impl Cx<'_> {
     }
 }
 
-fn join(path: &str, key: &str) -> String {
+pub(crate) fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
     } else {
@@ -106,7 +106,7 @@ fn join(path: &str, key: &str) -> String {
 
 /// The entries of one YAML mapping, tracking which keys were read so that unknown (for
 /// example misspelled) keys are reported instead of silently ignored.
-struct Fields<'n> {
+pub(crate) struct Fields<'n> {
     path: String,
     line: usize,
     entries: Vec<(&'n str, &'n Node)>,
@@ -116,7 +116,7 @@ struct Fields<'n> {
 
 impl<'n> Fields<'n> {
     /// Reads a mapping; `null` counts as an empty mapping (e.g. `kubernetes:`).
-    fn of(cx: &mut Cx, node: &'n Node, path: &str) -> Option<Fields<'n>> {
+    pub(crate) fn of(cx: &mut Cx, node: &'n Node, path: &str) -> Option<Fields<'n>> {
         let mut entries = Vec::new();
         match &node.kind {
             NodeKind::Map(kv) => {
@@ -155,7 +155,11 @@ impl<'n> Fields<'n> {
 
     /// The value of the first of `names` present (all are accepted spellings of one field);
     /// giving two spellings at once is an error.
-    fn get(&mut self, cx: &mut Cx, names: &[&'static str]) -> Option<(String, &'n Node)> {
+    pub(crate) fn get(
+        &mut self,
+        cx: &mut Cx,
+        names: &[&'static str],
+    ) -> Option<(String, &'n Node)> {
         self.known.extend_from_slice(names);
         let mut found: Option<(String, &'n Node)> = None;
         for (i, (key, value)) in self.entries.iter().enumerate() {
@@ -177,7 +181,11 @@ impl<'n> Fields<'n> {
         found
     }
 
-    fn required(&mut self, cx: &mut Cx, names: &[&'static str]) -> Option<(String, &'n Node)> {
+    pub(crate) fn required(
+        &mut self,
+        cx: &mut Cx,
+        names: &[&'static str],
+    ) -> Option<(String, &'n Node)> {
         let found = self.get(cx, names);
         if found.is_none() {
             cx.err(
@@ -190,7 +198,7 @@ impl<'n> Fields<'n> {
     }
 
     /// Reports every key that no `get` asked for.
-    fn finish(self, cx: &mut Cx) {
+    pub(crate) fn finish(self, cx: &mut Cx) {
         for (i, (key, value)) in self.entries.iter().enumerate() {
             if !self.used[i] {
                 let mut known = self.known.clone();
@@ -209,7 +217,7 @@ impl<'n> Fields<'n> {
     }
 }
 
-fn string(cx: &mut Cx, (path, node): (String, &Node)) -> Option<String> {
+pub(crate) fn string(cx: &mut Cx, (path, node): (String, &Node)) -> Option<String> {
     match node.as_scalar() {
         Some(_) if node.is_null() => {
             cx.err(node.line, &path, "expected a string, found null");
@@ -227,7 +235,12 @@ fn string(cx: &mut Cx, (path, node): (String, &Node)) -> Option<String> {
     }
 }
 
-fn integer(cx: &mut Cx, (path, node): (String, &Node), min: i64, max: i64) -> Option<i64> {
+pub(crate) fn integer(
+    cx: &mut Cx,
+    (path, node): (String, &Node),
+    min: i64,
+    max: i64,
+) -> Option<i64> {
     let s = string(cx, (path.clone(), node))?;
     match s.trim().parse::<i64>() {
         Ok(v) if (min..=max).contains(&v) => Some(v),
@@ -250,7 +263,7 @@ fn integer(cx: &mut Cx, (path, node): (String, &Node), min: i64, max: i64) -> Op
     }
 }
 
-fn boolean(cx: &mut Cx, (path, node): (String, &Node)) -> Option<bool> {
+pub(crate) fn boolean(cx: &mut Cx, (path, node): (String, &Node)) -> Option<bool> {
     let s = string(cx, (path.clone(), node))?;
     match s.as_str() {
         "true" | "True" | "TRUE" => Some(true),
@@ -266,7 +279,7 @@ fn boolean(cx: &mut Cx, (path, node): (String, &Node)) -> Option<bool> {
     }
 }
 
-fn one_of<T: Copy>(cx: &mut Cx, field: (String, &Node), choices: &[(&str, T)]) -> Option<T> {
+pub(crate) fn one_of<T: Copy>(cx: &mut Cx, field: (String, &Node), choices: &[(&str, T)]) -> Option<T> {
     let line = field.1.line;
     let path = field.0.clone();
     let s = string(cx, field)?;
@@ -883,8 +896,85 @@ fn read_route(cx: &mut Cx, node: &Node, path: &str, map: &str) -> Option<Route> 
         }),
         None => Some(None),
     };
+    let plugins = match r.get(cx, &["plugins"]) {
+        None => Some(Vec::new()),
+        Some((p, n)) => match &n.kind {
+            NodeKind::Seq(items) => {
+                let mut list = Some(Vec::new());
+                for (i, item) in items.iter().enumerate() {
+                    let ip = format!("{p}[{i}]");
+                    let one = Fields::of(cx, item, &ip).and_then(|mut f| {
+                        let name = f.required(cx, &["name"]).and_then(|(np, nn)| {
+                            let s = string(cx, (np.clone(), nn))?;
+                            if s.is_empty()
+                                || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                            {
+                                cx.err(nn.line, &np, format!("\"{s}\" is not a plugin name (letters, digits, '-', '_'; the file is <name>.wasm)"));
+                                return None;
+                            }
+                            Some(s)
+                        });
+                        let config = match f.get(cx, &["config"]) {
+                            None => Some("{}".to_string()),
+                            Some((_, c)) if c.is_null() => Some("{}".to_string()),
+                            Some((cp, c)) => match &c.kind {
+                                NodeKind::Map(_) => Some(super::yaml::to_json(c).to_string()),
+                                _ => {
+                                    cx.err(c.line, &cp, format!("expected a mapping, found {}", c.type_name()));
+                                    None
+                                }
+                            },
+                        };
+                        f.finish(cx);
+                        Some(PluginRef { name: name?, config: config? })
+                    });
+                    match (one, list.as_mut()) {
+                        (Some(pr), Some(l)) => l.push(pr),
+                        _ => list = None,
+                    }
+                }
+                list
+            }
+            _ => {
+                cx.err(n.line, &p, format!("expected a list of plugins, found {}", n.type_name()));
+                None
+            }
+        },
+    };
+    let on_error = r.get(cx, &["onPluginError"]).and_then(|f| {
+        one_of(
+            cx,
+            f,
+            &[("drop", 0u8), ("pass", 1), ("dead-letter", 2)],
+        )
+    });
+    let dead_letter = r.get(cx, &["deadLetterTopic"]).and_then(|(p, n)| {
+        let s = string(cx, (p.clone(), n))?;
+        match topic::validate_name(&s) {
+            Ok(()) => Some((s, n.line, p)),
+            Err(e) => {
+                cx.err(n.line, &p, format!("invalid dead-letter topic \"{s}\": {e}"));
+                None
+            }
+        }
+    });
+    let on_plugin_error = match (on_error, dead_letter) {
+        (Some(1), None) => Some(OnPluginError::Pass),
+        (Some(2), Some((t, _, _))) => Some(OnPluginError::DeadLetter(t)),
+        (Some(2), None) => {
+            cx.err(node.line, &join(path, "deadLetterTopic"), "`onPluginError: dead-letter` needs `deadLetterTopic`");
+            None
+        }
+        (_, Some((_, line, p))) => {
+            cx.err(line, &p, "`deadLetterTopic` is only used with `onPluginError: dead-letter`");
+            None
+        }
+        (_, None) => Some(OnPluginError::Drop),
+    };
     r.finish(cx);
     Some(Route {
+        plugins: plugins?,
+        on_plugin_error: on_plugin_error?,
         name: name?,
         topic_map: map.to_string(),
         direction: direction?,

@@ -58,6 +58,32 @@ impl Node {
     }
 }
 
+/// The node as JSON: plain scalars become numbers, booleans or null where they read as
+/// such, quoted scalars stay strings; mapping keys are strings.
+pub fn to_json(node: &Node) -> serde_json::Value {
+    use serde_json::Value;
+    match &node.kind {
+        NodeKind::Scalar { value, quoted: true } => Value::String(value.clone()),
+        NodeKind::Scalar { .. } if node.is_null() => Value::Null,
+        NodeKind::Scalar { value, .. } => match value.as_str() {
+            "true" | "True" | "TRUE" => Value::Bool(true),
+            "false" | "False" | "FALSE" => Value::Bool(false),
+            v => v
+                .parse::<i64>()
+                .map(Value::from)
+                .or_else(|_| v.parse::<f64>().map(Value::from))
+                .unwrap_or_else(|_| Value::String(v.to_string())),
+        },
+        NodeKind::Seq(items) => Value::Array(items.iter().map(to_json).collect()),
+        NodeKind::Map(entries) => Value::Object(
+            entries
+                .iter()
+                .map(|(k, v)| (k.as_scalar().unwrap_or_default().to_string(), to_json(v)))
+                .collect(),
+        ),
+    }
+}
+
 /// A YAML syntax error with its position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyntaxError {
@@ -213,6 +239,15 @@ mod tests {
     fn syntax_errors_carry_a_position() {
         let err = parse_documents("a: [1, 2\nb: 3\n").unwrap_err();
         assert!(err.line >= 1, "{err:?}");
+    }
+
+    #[test]
+    fn nodes_convert_to_json_with_yaml_scalar_types() {
+        let docs = parse_documents("{field: severity, min: 3, ratio: 0.5, on: true, q: '3', n: ~, l: [a, 1]}").unwrap();
+        assert_eq!(
+            to_json(&docs[0]).to_string(),
+            r#"{"field":"severity","l":["a",1],"min":3,"n":null,"on":true,"q":"3","ratio":0.5}"#
+        );
     }
 
     #[test]

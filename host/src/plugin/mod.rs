@@ -1,0 +1,655 @@
+//! WebAssembly plugins: loading components, checking them against their policy, and running
+//! them under limits.
+//!
+//! - [`Runtime`]: one wasmtime `Engine` (epoch interruption, a 1 ms ticker thread), the
+//!   linkers, and the key-value state that outlives plugin reloads.
+//! - [`Runtime::load`]: compile, find the world, check imports and hash against the policy,
+//!   pre-instantiate. A file that fails any step is refused with the reason.
+//! - [`Registry`]: the running version of every plugin, swapped atomically on reload;
+//!   [`Registry::watch`] polls the plugins folder.
+//! - [`stage::Stage`]: one plugin in one route's chain, with its live instance, rebuilt after a
+//!   trap, behind a circuit breaker.
+
+pub mod bindings;
+pub mod stage;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use tracing::{error, info, warn};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use self::bindings::filter::{MessageFilter, MessageFilterPre};
+use self::bindings::mapper::edgebridge::plugin::{clock, kv, log, types};
+use self::bindings::mapper::{RouteMapper, RouteMapperPre};
+use crate::policy::{Import, Policies, Policy};
+
+/// How often the epoch advances; time budgets are counted in these ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// WIT package version this host implements.
+pub const WIT_VERSION: &str = "0.1.0";
+
+/// Which world a component targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum World {
+    /// `route-mapper`.
+    Mapper,
+    /// `message-filter`.
+    Filter,
+}
+
+impl World {
+    /// The world's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            World::Mapper => "route-mapper",
+            World::Filter => "message-filter",
+        }
+    }
+}
+
+/// Why a plugin could not be loaded or started; every message names the file or plugin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    /// Unreadable file.
+    #[error("{file}: cannot read: {message}")]
+    Read {
+        /// File.
+        file: PathBuf,
+        /// Cause.
+        message: String,
+    },
+    /// Not a valid WebAssembly component.
+    #[error("{file}: not a valid WebAssembly component: {message}")]
+    Compile {
+        /// File.
+        file: PathBuf,
+        /// Cause.
+        message: String,
+    },
+    /// Exports neither plugin world (or another version of it).
+    #[error("{file}: exports neither edgebridge:plugin/mapper@{WIT_VERSION} nor edgebridge:plugin/filter@{WIT_VERSION} (it exports: {exports})")]
+    WrongWorld {
+        /// File.
+        file: PathBuf,
+        /// What it exports.
+        exports: String,
+    },
+    /// Imports something its policy does not grant, or that no host provides.
+    #[error("{file}: imports {import}, which {reason}")]
+    Import {
+        /// File.
+        file: PathBuf,
+        /// The import.
+        import: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The file's hash is not the one its policy pins.
+    #[error("{file}: sha256 {actual} does not match the policy's pinned sha256 {expected}")]
+    Hash {
+        /// File.
+        file: PathBuf,
+        /// Hash of the file.
+        actual: String,
+        /// Pinned hash.
+        expected: String,
+    },
+    /// Instantiation or `init` failed.
+    #[error("plugin \"{plugin}\" on route \"{route}\": {message}")]
+    Init {
+        /// Plugin.
+        plugin: String,
+        /// Route.
+        route: String,
+        /// Cause.
+        message: String,
+    },
+    /// A route names a plugin that is not loaded.
+    #[error("route \"{route}\" uses plugin \"{plugin}\", but {dir} has no loadable {plugin}.wasm")]
+    Missing {
+        /// Route.
+        route: String,
+        /// Plugin.
+        plugin: String,
+        /// Plugins folder.
+        dir: String,
+    },
+}
+
+/// Per-plugin, per-route key-value state with its quota accounting.
+#[derive(Debug, Default)]
+pub struct KvStore {
+    map: HashMap<String, Vec<u8>>,
+    bytes: usize,
+}
+
+/// Everything a plugin instance's store holds.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    plugin: Arc<str>,
+    route: Arc<str>,
+    kv: Arc<Mutex<KvStore>>,
+    kv_granted: bool,
+    kv_max_keys: usize,
+    kv_max_bytes: usize,
+    stderr: MemoryOutputPipe,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl log::Host for HostState {
+    fn write(&mut self, level: log::Level, message: String) {
+        let mut message = message;
+        if message.len() > 4096 {
+            let mut cut = 4096;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let (plugin, route) = (&*self.plugin, &*self.route);
+        match level {
+            log::Level::Trace => tracing::trace!(plugin, route, "{message}"),
+            log::Level::Debug => tracing::debug!(plugin, route, "{message}"),
+            log::Level::Info => tracing::info!(plugin, route, "{message}"),
+            log::Level::Warn => tracing::warn!(plugin, route, "{message}"),
+            log::Level::Error => tracing::error!(plugin, route, "{message}"),
+        }
+    }
+}
+
+impl clock::Host for HostState {
+    fn now_millis(&mut self) -> u64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+}
+
+impl kv::Host for HostState {
+    fn get(&mut self, key: String) -> Option<Vec<u8>> {
+        if !self.kv_granted {
+            return None;
+        }
+        self.kv.lock().expect("kv lock").map.get(&key).cloned()
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        if !self.kv_granted {
+            return Err("kv is not granted by this plugin's policy".into());
+        }
+        let mut kv = self.kv.lock().expect("kv lock");
+        let old = kv.map.get(&key).map(|v| key.len() + v.len()).unwrap_or(0);
+        let new_bytes = kv.bytes - old + key.len() + value.len();
+        if old == 0 && kv.map.len() >= self.kv_max_keys {
+            return Err(format!("kv quota: {} keys used", self.kv_max_keys));
+        }
+        if new_bytes > self.kv_max_bytes {
+            return Err(format!("kv quota: {} bytes would be used, {} allowed", new_bytes, self.kv_max_bytes));
+        }
+        kv.bytes = new_bytes;
+        kv.map.insert(key, value);
+        Ok(())
+    }
+
+    fn delete(&mut self, key: String) {
+        if !self.kv_granted {
+            return;
+        }
+        let mut kv = self.kv.lock().expect("kv lock");
+        if let Some(v) = kv.map.remove(&key) {
+            kv.bytes -= key.len() + v.len();
+        }
+    }
+}
+
+enum Pre {
+    Mapper(RouteMapperPre<HostState>),
+    Filter(MessageFilterPre<HostState>),
+}
+
+/// One loaded (compiled, checked, pre-instantiated) version of a plugin.
+pub struct Loaded {
+    /// Plugin name (file stem).
+    pub name: String,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// sha256 of the file, lowercase hex.
+    pub sha256: String,
+    /// Its world.
+    pub world: World,
+    /// File size, bytes.
+    pub size: usize,
+    /// The policy it was checked against and runs under.
+    pub policy: Arc<Policy>,
+    /// Increases with every load in this process: the "version" shown in logs.
+    pub generation: u64,
+    pre: Pre,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("name", &self.name)
+            .field("sha256", &self.sha256)
+            .field("world", &self.world)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+/// A live instance of a plugin in a store.
+pub(crate) enum Instance {
+    Mapper(RouteMapper),
+    Filter(MessageFilter),
+}
+
+/// The wasmtime engine, linkers and shared plugin state of a process.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    filter_linker: Linker<HostState>,
+    kv: Mutex<HashMap<(String, String), Arc<Mutex<KvStore>>>>,
+    generation: AtomicU64,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    /// A runtime with its epoch ticker thread.
+    pub fn new() -> Result<Arc<Runtime>, String> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.max_wasm_stack(512 * 1024);
+        let engine = Engine::new(&config).map_err(|e| format!("wasmtime engine: {e}"))?;
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| format!("linking WASI: {e}"))?;
+        let mut filter_linker = linker.clone();
+        RouteMapper::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| format!("linking host interfaces: {e}"))?;
+        MessageFilter::add_to_linker::<_, HasSelf<HostState>>(&mut filter_linker, |s| s)
+            .map_err(|e| format!("linking host interfaces: {e}"))?;
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let (e, stop) = (engine.clone(), stop_ticker.clone());
+        std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    e.increment_epoch();
+                }
+            })
+            .map_err(|e| format!("epoch thread: {e}"))?;
+        Ok(Arc::new(Runtime {
+            engine,
+            linker,
+            filter_linker,
+            kv: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            stop_ticker,
+        }))
+    }
+
+    /// Compiles and checks a component (blocking: run it off the async threads).
+    pub fn load(&self, name: &str, file: &Path, bytes: &[u8], policy: Policy) -> Result<Loaded, PluginError> {
+        let sha256 = hex(&Sha256::digest(bytes));
+        if let Some(pinned) = &policy.sha256
+            && *pinned != sha256
+        {
+            return Err(PluginError::Hash {
+                file: file.to_path_buf(),
+                actual: sha256,
+                expected: pinned.clone(),
+            });
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
+            file: file.to_path_buf(),
+            message: format!("{e:#}"),
+        })?;
+        let ty = component.component_type();
+        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let world = if exports.iter().any(|e| e == &format!("edgebridge:plugin/mapper@{WIT_VERSION}")) {
+            World::Mapper
+        } else if exports.iter().any(|e| e == &format!("edgebridge:plugin/filter@{WIT_VERSION}")) {
+            World::Filter
+        } else {
+            return Err(PluginError::WrongWorld {
+                file: file.to_path_buf(),
+                exports: if exports.is_empty() { "nothing".into() } else { exports.join(", ") },
+            });
+        };
+        for (import, _) in ty.imports(&self.engine) {
+            let err = |reason: String| PluginError::Import {
+                file: file.to_path_buf(),
+                import: import.to_string(),
+                reason,
+            };
+            if let Some(i) = Import::from_interface(import) {
+                if !import.ends_with(&format!("@{WIT_VERSION}")) {
+                    return Err(err(format!("is not version {WIT_VERSION} of the plugin interface")));
+                }
+                if !policy.grants(i) {
+                    return Err(err(format!(
+                        "its policy does not grant (grants: {}; add `{}` to `imports` in the plugin's policy)",
+                        policy.imports.iter().map(|i| i.as_str()).collect::<Vec<_>>().join(", "),
+                        i.as_str()
+                    )));
+                }
+            } else if !import.starts_with("wasi:") {
+                return Err(err("the bridge does not provide".into()));
+            }
+        }
+        let pre = match world {
+            World::Mapper => self.linker.instantiate_pre(&component).and_then(|p| RouteMapperPre::new(p).map(Pre::Mapper)),
+            World::Filter => self
+                .filter_linker
+                .instantiate_pre(&component)
+                .and_then(|p| MessageFilterPre::new(p).map(Pre::Filter)),
+        }
+        .map_err(|e| PluginError::Import {
+            file: file.to_path_buf(),
+            import: "(linking)".into(),
+            reason: format!("cannot be linked: {e:#}"),
+        })?;
+        Ok(Loaded {
+            name: name.to_string(),
+            file: file.to_path_buf(),
+            sha256,
+            world,
+            size: bytes.len(),
+            policy: Arc::new(policy),
+            generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
+            pre,
+        })
+    }
+
+    fn kv_for(&self, plugin: &str, route: &str) -> Arc<Mutex<KvStore>> {
+        self.kv
+            .lock()
+            .expect("kv map lock")
+            .entry((plugin.to_string(), route.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// A fresh store for `loaded` on `route`, with the policy's limits.
+    pub(crate) fn store(&self, loaded: &Loaded, route: &str) -> Store<HostState> {
+        let stderr = MemoryOutputPipe::new(16 * 1024);
+        let wasi = WasiCtxBuilder::new()
+            .stderr(stderr.clone())
+            .stdout(stderr.clone())
+            .build();
+        let p = &loaded.policy;
+        let state = HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(p.memory)
+                .instances(64)
+                .tables(64)
+                .memories(16)
+                .trap_on_grow_failure(true)
+                .build(),
+            plugin: loaded.name.as_str().into(),
+            route: route.into(),
+            kv: self.kv_for(&loaded.name, route),
+            kv_granted: p.grants(Import::Kv),
+            kv_max_keys: p.kv_max_keys,
+            kv_max_bytes: p.kv_max_bytes,
+            stderr,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    /// Instantiates `loaded` and calls `init(config)` (budget: 100 × the per-message time).
+    pub(crate) async fn instantiate(
+        &self,
+        loaded: &Loaded,
+        route: &str,
+        config: &str,
+    ) -> Result<(Store<HostState>, Instance), PluginError> {
+        let mut store = self.store(loaded, route);
+        let fail = |message: String| PluginError::Init {
+            plugin: loaded.name.clone(),
+            route: route.to_string(),
+            message,
+        };
+        store.set_epoch_deadline(ticks(loaded.policy.time_per_message * 100));
+        let result = match &loaded.pre {
+            Pre::Mapper(pre) => {
+                let inst = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| fail(format!("instantiation failed: {e:#}")))?;
+                let r = inst.edgebridge_plugin_mapper().call_init(&mut store, config).await;
+                (r, Instance::Mapper(inst))
+            }
+            Pre::Filter(pre) => {
+                let inst = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| fail(format!("instantiation failed: {e:#}")))?;
+                let r = inst.edgebridge_plugin_filter().call_init(&mut store, config).await;
+                (r, Instance::Filter(inst))
+            }
+        };
+        match result {
+            (Ok(Ok(())), inst) => Ok((store, inst)),
+            (Ok(Err(types::InitError::InvalidConfig(m))), _) => Err(fail(format!("invalid config: {m}"))),
+            (Ok(Err(types::InitError::Other(m))), _) => Err(fail(format!("init failed: {m}"))),
+            (Err(trap), _) => Err(fail(format!("init trapped: {}", describe_trap(&trap, &store)))),
+        }
+    }
+}
+
+/// Epoch ticks for a time budget (at least 1, plus one for the tick in progress).
+pub(crate) fn ticks(budget: Duration) -> u64 {
+    (budget.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
+}
+
+/// A trap as one line: the cause (deadline, memory, panic message from stderr) first.
+pub(crate) fn describe_trap(trap: &wasmtime::Error, store: &Store<HostState>) -> String {
+    let stderr = store.data().stderr.contents();
+    let panic = String::from_utf8_lossy(&stderr);
+    let panic = panic.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let cause = match trap.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => "time budget exceeded (epoch deadline)".to_string(),
+        Some(t) => t.to_string(),
+        None => format!("{trap:#}").lines().next().unwrap_or("trap").to_string(),
+    };
+    let cause = if format!("{trap:#}").contains("forcing trap when growing memory") {
+        "memory limit reached".to_string()
+    } else {
+        cause
+    };
+    if panic.is_empty() { cause } else { format!("{cause}; guest said: {panic}") }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The running version of every plugin, swapped atomically on reload.
+#[derive(Default)]
+pub struct Registry {
+    plugins: RwLock<HashMap<String, Arc<Loaded>>>,
+    seen: Mutex<HashMap<PathBuf, (SystemTime, u64)>>,
+}
+
+/// A plugin route configuration needed to canary-test a new version: (route, JSON config).
+pub type Uses = HashMap<String, Vec<(String, String)>>;
+
+impl Registry {
+    /// The running version of `name`.
+    pub fn current(&self, name: &str) -> Option<Arc<Loaded>> {
+        self.plugins.read().expect("registry lock").get(name).cloned()
+    }
+
+    /// Every running plugin, by name.
+    pub fn list(&self) -> Vec<Arc<Loaded>> {
+        let mut v: Vec<_> = self.plugins.read().expect("registry lock").values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Scans `dir` once: loads new or changed `*.wasm` files (after a canary `init` with every
+    /// route configuration that uses them) and unloads removed ones. A file that fails keeps
+    /// the previous version running. Returns the errors, each naming its file.
+    pub async fn scan(&self, runtime: &Arc<Runtime>, dir: &Path, policies: &Policies, uses: &Uses) -> Vec<PluginError> {
+        let mut errors = Vec::new();
+        let mut present = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e.filter_map(|e| e.ok().map(|e| e.path())).collect::<Vec<_>>(),
+            Err(_) => Vec::new(),
+        };
+        for path in entries {
+            let Some(name) = plugin_name(&path) else { continue };
+            present.push(name.clone());
+            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+            if self.seen.lock().expect("seen lock").get(&path) == Some(&stamp) {
+                continue;
+            }
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    errors.push(PluginError::Read { file: path.clone(), message: e.to_string() });
+                    continue;
+                }
+            };
+            self.seen.lock().expect("seen lock").insert(path.clone(), stamp);
+            if let Some(cur) = self.current(&name)
+                && cur.sha256 == hex(&Sha256::digest(&bytes))
+            {
+                continue;
+            }
+            let policy = policies.for_plugin(&name);
+            let (rt, p, n) = (runtime.clone(), path.clone(), name.clone());
+            let loaded = tokio::task::spawn_blocking(move || rt.load(&n, &p, &bytes, policy))
+                .await
+                .unwrap_or_else(|e| Err(PluginError::Compile { file: path.clone(), message: e.to_string() }));
+            let loaded = match loaded {
+                Ok(l) => l,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            // Canary: every route that uses the plugin must accept the new version's init.
+            let mut ok = true;
+            for (route, config) in uses.get(&name).map(Vec::as_slice).unwrap_or_default() {
+                if let Err(e) = runtime.instantiate(&loaded, route, config).await {
+                    errors.push(e);
+                    ok = false;
+                    break;
+                }
+            }
+            if !ok {
+                continue;
+            }
+            let previous = self.plugins.write().expect("registry lock").insert(name.clone(), Arc::new(loaded));
+            let now = self.current(&name).expect("just inserted");
+            info!(
+                plugin = %name,
+                file = %now.file.display(),
+                sha256 = %now.sha256,
+                world = now.world.as_str(),
+                version = now.generation,
+                replaced = previous.as_ref().map(|p| p.generation),
+                "Plugin loaded"
+            );
+        }
+        let removed: Vec<String> = self
+            .plugins
+            .read()
+            .expect("registry lock")
+            .keys()
+            .filter(|n| !present.contains(n))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(old) = self.plugins.write().expect("registry lock").remove(&name) {
+                self.seen.lock().expect("seen lock").remove(&old.file);
+                warn!(plugin = %name, version = old.generation, "Plugin file removed: unloaded; routes using it apply their onPluginError policy");
+            }
+        }
+        errors
+    }
+
+    /// Polls `dir` every `interval` until `stop` turns true, logging refused files.
+    pub fn watch(
+        self: Arc<Self>,
+        runtime: Arc<Runtime>,
+        dir: PathBuf,
+        policies: Policies,
+        uses: Uses,
+        interval: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut reported: HashMap<String, String> = HashMap::new();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = stop.changed() => return,
+                }
+                for e in self.scan(&runtime, &dir, &policies, &uses).await {
+                    let text = e.to_string();
+                    let key = match &e {
+                        PluginError::Read { file, .. }
+                        | PluginError::Compile { file, .. }
+                        | PluginError::WrongWorld { file, .. }
+                        | PluginError::Import { file, .. }
+                        | PluginError::Hash { file, .. } => file.display().to_string(),
+                        PluginError::Init { plugin, .. } | PluginError::Missing { plugin, .. } => plugin.clone(),
+                    };
+                    if reported.get(&key) != Some(&text) {
+                        error!("Plugin refused, previous version keeps running: {text}");
+                        reported.insert(key, text);
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// `name` for `<dir>/name.wasm`; dotfiles and temporary files are ignored.
+pub fn plugin_name(path: &Path) -> Option<String> {
+    if path.extension().and_then(|e| e.to_str()) != Some("wasm") || !path.is_file() {
+        return None;
+    }
+    let stem = path.file_stem()?.to_str()?;
+    if stem.starts_with('.') || stem.is_empty() {
+        return None;
+    }
+    Some(stem.to_string())
+}

@@ -1,0 +1,433 @@
+//! One plugin in one route's chain: its live instance, the call under the policy's limits,
+//! validation of what it returns, rebuild after a trap, and a circuit breaker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+use wasmtime::Store;
+
+use super::bindings::types as wit;
+use super::{HostState, Instance, Loaded, Registry, Runtime, describe_trap, ticks};
+use crate::config::Direction;
+use crate::model::{Message, Properties, QoS};
+use crate::topic;
+
+/// What a stage decided about a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Forward unchanged.
+    Pass,
+    /// Do not forward (reason).
+    Drop(String),
+    /// Forward these instead; each message's `topic` is its target topic.
+    Emit(Vec<Message>),
+}
+
+/// Why a stage could not decide; the route's `onPluginError` applies.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StageError {
+    /// The plugin file is not loaded (yet, or any more).
+    #[error("plugin \"{0}\" is not loaded")]
+    Missing(String),
+    /// It trapped (panic, time budget, memory limit); the instance was discarded.
+    #[error("plugin \"{plugin}\" trapped: {message}")]
+    Trap {
+        /// Plugin.
+        plugin: String,
+        /// Cause.
+        message: String,
+    },
+    /// It returned an error.
+    #[error("plugin \"{plugin}\" returned an error: {message}")]
+    Returned {
+        /// Plugin.
+        plugin: String,
+        /// Its message.
+        message: String,
+    },
+    /// Its decision broke its policy or the route's limits.
+    #[error("plugin \"{plugin}\" returned a refused decision: {message}")]
+    Invalid {
+        /// Plugin.
+        plugin: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// Its instance could not be started.
+    #[error("{0}")]
+    Start(String),
+    /// Too many failures in a row: not called until the breaker closes again.
+    #[error("plugin \"{0}\" is paused after repeated failures (circuit breaker open)")]
+    CircuitOpen(String),
+}
+
+/// The route facts a stage needs.
+#[derive(Debug, Clone)]
+pub struct RouteInfo {
+    /// Route name.
+    pub name: String,
+    /// Direction.
+    pub direction: Direction,
+    /// Source filter.
+    pub source: String,
+    /// The route's QoS (ceiling for emitted messages).
+    pub qos: QoS,
+    /// The namespace `$target` in policies stands for: the static target, or the source
+    /// filter when the route keeps source topics.
+    pub target_namespace: String,
+}
+
+struct Live {
+    loaded: Arc<Loaded>,
+    store: Store<HostState>,
+    instance: Instance,
+}
+
+/// Consecutive failures before the breaker opens.
+const BREAKER_THRESHOLD: u32 = 5;
+
+/// One plugin of a route's chain.
+pub struct Stage {
+    runtime: Arc<Runtime>,
+    registry: Arc<Registry>,
+    /// Plugin name.
+    pub plugin: String,
+    config: String,
+    route: RouteInfo,
+    live: Option<Live>,
+    failures: u32,
+    open_until: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Stage {
+    /// A stage for `plugin` with its JSON `config` on `route`; instantiated on first use.
+    pub fn new(runtime: Arc<Runtime>, registry: Arc<Registry>, plugin: &str, config: &str, route: RouteInfo) -> Stage {
+        Stage {
+            runtime,
+            registry,
+            plugin: plugin.to_string(),
+            config: config.to_string(),
+            route,
+            live: None,
+            failures: 0,
+            open_until: None,
+            backoff: Duration::from_secs(1),
+        }
+    }
+
+    /// The version (generation) of the live instance, if any.
+    pub fn version(&self) -> Option<u64> {
+        self.live.as_ref().map(|l| l.loaded.generation)
+    }
+
+    async fn ensure_live(&mut self) -> Result<(), StageError> {
+        let current = self
+            .registry
+            .current(&self.plugin)
+            .ok_or_else(|| StageError::Missing(self.plugin.clone()))?;
+        if let Some(live) = &self.live
+            && Arc::ptr_eq(&live.loaded, &current)
+        {
+            return Ok(());
+        }
+        match self.runtime.instantiate(&current, &self.route.name, &self.config).await {
+            Ok((store, instance)) => {
+                if let Some(old) = &self.live {
+                    tracing::info!(route = %self.route.name, plugin = %self.plugin, from = old.loaded.generation, to = current.generation, "Route switched to the new plugin version");
+                }
+                self.live = Some(Live {
+                    loaded: current,
+                    store,
+                    instance,
+                });
+                Ok(())
+            }
+            // A new version that refuses this route's config: keep running the old one.
+            Err(e) if self.live.is_some() => {
+                tracing::error!(route = %self.route.name, plugin = %self.plugin, "New plugin version not used: {e}");
+                Ok(())
+            }
+            Err(e) => Err(StageError::Start(e.to_string())),
+        }
+    }
+
+    /// Runs the plugin on `msg` (whose topic is the source topic) going to `target`.
+    pub async fn run(&mut self, msg: &Message, target: &str) -> Result<Outcome, StageError> {
+        if let Some(until) = self.open_until {
+            if Instant::now() < until {
+                return Err(StageError::CircuitOpen(self.plugin.clone()));
+            }
+            self.open_until = None;
+        }
+        let result = self.call(msg, target).await;
+        match &result {
+            Ok(_) => {
+                self.failures = 0;
+                self.backoff = Duration::from_secs(1);
+            }
+            Err(StageError::Missing(_)) => {}
+            Err(_) => {
+                self.failures += 1;
+                if self.failures >= BREAKER_THRESHOLD {
+                    tracing::error!(route = %self.route.name, plugin = %self.plugin, failures = self.failures, pause = ?self.backoff, "Plugin keeps failing: circuit breaker open");
+                    self.open_until = Some(Instant::now() + self.backoff);
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(60));
+                    self.failures = 0;
+                }
+            }
+        }
+        result
+    }
+
+    async fn call(&mut self, msg: &Message, target: &str) -> Result<Outcome, StageError> {
+        self.ensure_live().await?;
+        let live = self.live.as_mut().expect("ensured");
+        let ctx = wit::Context {
+            route: self.route.name.clone(),
+            direction: match self.route.direction {
+                Direction::LocalToRemote => wit::Direction::LocalToRemote,
+                Direction::RemoteToLocal => wit::Direction::RemoteToLocal,
+            },
+            source_filter: self.route.source.clone(),
+            target: target.to_string(),
+        };
+        let input = to_wit(msg);
+        live.store
+            .set_epoch_deadline(ticks(live.loaded.policy.time_per_message));
+        let plugin = self.plugin.clone();
+        let result = match &live.instance {
+            Instance::Mapper(m) => m
+                .edgebridge_plugin_mapper()
+                .call_map_message(&mut live.store, &ctx, &input)
+                .await
+                .map(|r| r.map(Some)),
+            Instance::Filter(f) => f
+                .edgebridge_plugin_filter()
+                .call_keep(&mut live.store, &ctx, &input)
+                .await
+                .map(|r| {
+                    r.map(|keep| {
+                        if keep {
+                            Some(wit::Decision::Pass)
+                        } else {
+                            Some(wit::Decision::Drop("filtered out".into()))
+                        }
+                    })
+                }),
+        };
+        match result {
+            Err(trap) => {
+                let message = describe_trap(&trap, &live.store);
+                // A trapped instance cannot be entered again: the next call rebuilds it.
+                self.live = None;
+                Err(StageError::Trap { plugin, message })
+            }
+            Ok(Err(message)) => Err(StageError::Returned { plugin, message }),
+            Ok(Ok(None)) => Ok(Outcome::Pass),
+            Ok(Ok(Some(decision))) => {
+                let policy = live.loaded.policy.clone();
+                validate(decision, msg, target, &self.route, &policy)
+                    .map_err(|message| StageError::Invalid { plugin, message })
+            }
+        }
+    }
+}
+
+fn to_wit_qos(q: QoS) -> wit::Qos {
+    match q {
+        QoS::AtMostOnce => wit::Qos::AtMostOnce,
+        QoS::AtLeastOnce => wit::Qos::AtLeastOnce,
+        QoS::ExactlyOnce => wit::Qos::ExactlyOnce,
+    }
+}
+
+fn from_wit_qos(q: wit::Qos) -> QoS {
+    match q {
+        wit::Qos::AtMostOnce => QoS::AtMostOnce,
+        wit::Qos::AtLeastOnce => QoS::AtLeastOnce,
+        wit::Qos::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn to_wit_props(p: &Properties) -> wit::Properties {
+    wit::Properties {
+        payload_format: p.payload_format,
+        message_expiry: p.message_expiry,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.as_ref().map(|b| b.to_vec()),
+        user_properties: p.user_properties.clone(),
+    }
+}
+
+fn from_wit_props(p: wit::Properties) -> Properties {
+    Properties {
+        payload_format: p.payload_format,
+        message_expiry: p.message_expiry,
+        content_type: p.content_type,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data.map(Bytes::from),
+        user_properties: p.user_properties,
+    }
+}
+
+fn to_wit(m: &Message) -> wit::Message {
+    wit::Message {
+        topic: m.topic.clone(),
+        payload: m.payload.to_vec(),
+        qos: to_wit_qos(m.qos),
+        retain: m.retain,
+        properties: to_wit_props(&m.properties),
+    }
+}
+
+/// Checks a decision against the policy and the route, and resolves it into messages.
+/// `msg` is the stage's input (its payload is reused for `unchanged`).
+pub fn validate(
+    decision: wit::Decision,
+    msg: &Message,
+    target: &str,
+    route: &RouteInfo,
+    policy: &crate::policy::Policy,
+) -> Result<Outcome, String> {
+    let emitted = match decision {
+        wit::Decision::Pass => return Ok(Outcome::Pass),
+        wit::Decision::Drop(reason) => return Ok(Outcome::Drop(reason)),
+        wit::Decision::Emit(list) => list,
+    };
+    if emitted.len() > policy.max_emit {
+        return Err(format!(
+            "emitted {} messages, its policy allows {} per input (maxEmit)",
+            emitted.len(),
+            policy.max_emit
+        ));
+    }
+    let _ = target;
+    let mut out = Vec::with_capacity(emitted.len());
+    for e in emitted {
+        topic::validate_name(&e.topic).map_err(|err| format!("topic \"{}\" {err}", e.topic))?;
+        if !policy.may_emit_to(&e.topic, &route.target_namespace) {
+            return Err(format!(
+                "topic \"{}\" is outside what its policy allows (emitTopics: {})",
+                e.topic,
+                policy.emit_topics.join(", ").replace("$target", &format!("$target = {}", route.target_namespace))
+            ));
+        }
+        let payload = match e.payload {
+            wit::Payload::Unchanged => msg.payload.clone(),
+            wit::Payload::Replace(bytes) => {
+                if bytes.len() > policy.max_payload {
+                    return Err(format!(
+                        "payload of {} bytes is larger than its policy's maxPayload {}",
+                        bytes.len(),
+                        policy.max_payload
+                    ));
+                }
+                Bytes::from(bytes)
+            }
+        };
+        let qos = match e.qos.map(from_wit_qos) {
+            None => route.qos,
+            Some(q) if q == route.qos => q,
+            Some(q) if !policy.may_change_qos => {
+                return Err(format!("set QoS {} but its policy does not allow mayChangeQos", q.as_u8()));
+            }
+            Some(q) => q.min(route.qos),
+        };
+        let retain = match e.retain {
+            None => msg.retain,
+            Some(r) if r == msg.retain => r,
+            Some(_) if !policy.may_change_retain => {
+                return Err("changed the retain flag but its policy does not allow mayChangeRetain".into());
+            }
+            Some(r) => r,
+        };
+        out.push(Message {
+            topic: e.topic,
+            payload,
+            qos,
+            retain,
+            properties: e
+                .properties
+                .map(from_wit_props)
+                .unwrap_or_else(|| msg.properties.clone()),
+        });
+    }
+    Ok(Outcome::Emit(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+
+    fn route() -> RouteInfo {
+        RouteInfo {
+            name: "r".into(),
+            direction: Direction::LocalToRemote,
+            source: "factory/#".into(),
+            qos: QoS::AtLeastOnce,
+            target_namespace: "site".into(),
+        }
+    }
+
+    fn msg() -> Message {
+        Message {
+            topic: "factory/a".into(),
+            payload: Bytes::from_static(b"payload"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Properties::default(),
+        }
+    }
+
+    fn emit(topic: &str) -> wit::Emitted {
+        wit::Emitted {
+            topic: topic.into(),
+            payload: wit::Payload::Unchanged,
+            qos: None,
+            retain: None,
+            properties: None,
+        }
+    }
+
+    #[test]
+    fn an_unchanged_payload_is_the_input_buffer_not_a_copy() {
+        let m = msg();
+        let out = validate(wit::Decision::Emit(vec![emit("site/x")]), &m, "site", &route(), &Policy::default_for("p")).unwrap();
+        let Outcome::Emit(v) = out else { panic!() };
+        assert_eq!(v[0].payload.as_ptr(), m.payload.as_ptr());
+        assert_eq!(v[0].topic, "site/x");
+    }
+
+    #[test]
+    fn topics_outside_the_policy_wildcards_and_fan_out_are_refused() {
+        let p = Policy::default_for("p");
+        let r = route();
+        let e = validate(wit::Decision::Emit(vec![emit("elsewhere")]), &msg(), "site", &r, &p).unwrap_err();
+        assert!(e.contains("outside what its policy allows"), "{e}");
+        let e = validate(wit::Decision::Emit(vec![emit("site/+")]), &msg(), "site", &r, &p).unwrap_err();
+        assert!(e.contains("wildcard"), "{e}");
+        let many = (0..9).map(|_| emit("site")).collect();
+        let e = validate(wit::Decision::Emit(many), &msg(), "site", &r, &p).unwrap_err();
+        assert!(e.contains("maxEmit"), "{e}");
+    }
+
+    #[test]
+    fn qos_and_retain_changes_need_the_policy_and_qos_is_clamped() {
+        let r = route();
+        let mut e = emit("site");
+        e.qos = Some(wit::Qos::ExactlyOnce);
+        assert!(validate(wit::Decision::Emit(vec![e.clone()]), &msg(), "site", &r, &Policy::default_for("p")).is_err());
+        let mut p = Policy::default_for("p");
+        p.may_change_qos = true;
+        let Outcome::Emit(v) = validate(wit::Decision::Emit(vec![e]), &msg(), "site", &r, &p).unwrap() else { panic!() };
+        assert_eq!(v[0].qos, QoS::AtLeastOnce, "never above the route's QoS");
+        let mut e = emit("site");
+        e.retain = Some(true);
+        assert!(validate(wit::Decision::Emit(vec![e]), &msg(), "site", &r, &p).is_err());
+    }
+}
