@@ -4,6 +4,7 @@
 //! acknowledged the forwarded copy.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,12 +13,20 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, Connector, Protocol};
+use crate::config::{Config, Connector, OnPluginError, Protocol};
 use crate::model::{Message, Properties};
 use crate::mqtt::session::{self, SessionEvent, SessionOptions};
 use crate::mqtt::{AckToken, StateEvent, SubFilter, Token, Version};
+use crate::plugin::stage::{Outcome, RouteInfo, Stage};
+use crate::plugin::{PluginError, Registry, Runtime, Uses};
+use crate::policy::Policies;
 use crate::routing::{self, LoopGuard, LoopVerdict, Pipe, Side};
 use crate::{embedded, topic};
+
+/// Default plugins folder.
+pub const DEFAULT_PLUGINS_DIR: &str = "/etc/edgebridge/plugins";
+/// Default policies folder.
+pub const DEFAULT_POLICIES_DIR: &str = "/etc/edgebridge/policies";
 
 /// Runtime settings that are not part of the YAML.
 #[derive(Debug, Clone)]
@@ -39,6 +48,12 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     /// Largest packet accepted from a broker, bytes.
     pub max_packet: usize,
+    /// Folder of plugin components (`<name>.wasm`), watched for changes.
+    pub plugins_dir: PathBuf,
+    /// Folder of plugin policies (`*.yaml`).
+    pub policies_dir: PathBuf,
+    /// How often the plugins folder is checked for changes.
+    pub reload_interval: Duration,
 }
 
 impl Default for RunOptions {
@@ -52,6 +67,9 @@ impl Default for RunOptions {
             backoff: (Duration::from_millis(100), Duration::from_secs(30)),
             drain_timeout: Duration::from_secs(5),
             max_packet: 16 * 1024 * 1024,
+            plugins_dir: PathBuf::from(DEFAULT_PLUGINS_DIR),
+            policies_dir: PathBuf::from(DEFAULT_POLICIES_DIR),
+            reload_interval: Duration::from_secs(1),
         }
     }
 }
@@ -62,6 +80,15 @@ pub enum BridgeError {
     /// An embedded broker did not start.
     #[error(transparent)]
     Embedded(#[from] embedded::EmbeddedError),
+    /// A policy file is invalid.
+    #[error("invalid plugin policies:\n{0}")]
+    Policies(crate::config::ConfigReport),
+    /// A plugin that a route uses could not be loaded or refused the route's config.
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Plugins(Vec<PluginError>),
+    /// The plugin runtime could not start.
+    #[error("plugin runtime: {0}")]
+    Runtime(String),
     /// The instance index does not fit `bridgeInstances`.
     #[error("connector \"{connector}\": {message}")]
     Instance {
@@ -89,6 +116,14 @@ pub struct PipeStats {
     pub rejected: AtomicU64,
     /// Messages received flagged as redeliveries.
     pub redelivered: AtomicU64,
+    /// Dropped by a plugin's decision (filtered out), acknowledged.
+    pub dropped_by_plugin: AtomicU64,
+    /// Plugin failures (trap, error, refused decision, missing plugin, open breaker).
+    pub plugin_errors: AtomicU64,
+    /// Messages dropped because a plugin failed and the route's policy is `drop`.
+    pub dropped_plugin_error: AtomicU64,
+    /// Messages published to the dead-letter topic.
+    pub dead_lettered: AtomicU64,
     /// Successful SUBACKs on the source session (one per connect).
     pub subscribed: AtomicU64,
     /// Successful CONNACKs on the target session.
@@ -116,6 +151,10 @@ impl PipeStats {
             dropped_qos0_overflow: g(&self.dropped_qos0_overflow),
             rejected: g(&self.rejected),
             redelivered: g(&self.redelivered),
+            dropped_by_plugin: g(&self.dropped_by_plugin),
+            plugin_errors: g(&self.plugin_errors),
+            dropped_plugin_error: g(&self.dropped_plugin_error),
+            dead_lettered: g(&self.dead_lettered),
         }
     }
 }
@@ -137,6 +176,14 @@ pub struct Counts {
     pub rejected: u64,
     /// See [`PipeStats::redelivered`].
     pub redelivered: u64,
+    /// See [`PipeStats::dropped_by_plugin`].
+    pub dropped_by_plugin: u64,
+    /// See [`PipeStats::plugin_errors`].
+    pub plugin_errors: u64,
+    /// See [`PipeStats::dropped_plugin_error`].
+    pub dropped_plugin_error: u64,
+    /// See [`PipeStats::dead_lettered`].
+    pub dead_lettered: u64,
 }
 
 impl std::ops::Add for Counts {
@@ -150,6 +197,10 @@ impl std::ops::Add for Counts {
             dropped_qos0_overflow: self.dropped_qos0_overflow + o.dropped_qos0_overflow,
             rejected: self.rejected + o.rejected,
             redelivered: self.redelivered + o.redelivered,
+            dropped_by_plugin: self.dropped_by_plugin + o.dropped_by_plugin,
+            plugin_errors: self.plugin_errors + o.plugin_errors,
+            dropped_plugin_error: self.dropped_plugin_error + o.dropped_plugin_error,
+            dead_lettered: self.dead_lettered + o.dead_lettered,
         }
     }
 }
@@ -200,6 +251,8 @@ pub struct RunningBridge {
     pub stats: Arc<Stats>,
     /// The pipes this instance runs.
     pub pipes: Vec<Pipe>,
+    /// The running plugin versions (empty when no route uses plugins).
+    pub plugins: Arc<Registry>,
 }
 
 impl RunningBridge {
@@ -277,6 +330,8 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
     let mut tasks = Vec::new();
     let mut stats = Stats::default();
     let mut all_pipes = Vec::new();
+    let registry = Arc::new(Registry::default());
+    let runtime = start_plugins(config, opts, &registry, &stop_rx, &mut tasks).await?;
     for connector in &config.connectors {
         for conn in [&connector.local, &connector.remote] {
             if conn.endpoint.embedded {
@@ -316,6 +371,7 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
             opts: opts.clone(),
             guard,
             sessions: sessions.clone(),
+            plugins: runtime.clone().map(|rt| (rt, registry.clone())),
         });
         for pipe in pipes {
             let route_stats = Arc::new(PipeStats::default());
@@ -339,7 +395,72 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
         sessions,
         stats: Arc::new(stats),
         pipes: all_pipes,
+        plugins: registry,
     })
+}
+
+/// Loads policies and plugins when a route uses plugins, and starts watching the plugins
+/// folder. Every plugin a route names must load and accept the route's config, or nothing
+/// starts.
+async fn start_plugins(
+    config: &Config,
+    opts: &RunOptions,
+    registry: &Arc<Registry>,
+    stop_rx: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Option<Arc<Runtime>>, BridgeError> {
+    let mut uses: Uses = HashMap::new();
+    for c in &config.connectors {
+        for r in &c.routes {
+            for p in &r.plugins {
+                uses.entry(p.name.clone())
+                    .or_default()
+                    .push((r.name.clone(), p.config.clone()));
+            }
+        }
+    }
+    if uses.is_empty() {
+        return Ok(None);
+    }
+    let policies = Policies::load_dir(&opts.policies_dir).map_err(BridgeError::Policies)?;
+    let runtime = Runtime::new().map_err(BridgeError::Runtime)?;
+    let mut errors: Vec<PluginError> = registry
+        .scan(&runtime, &opts.plugins_dir, &policies, &uses)
+        .await
+        .into_iter()
+        .filter(|e| match e {
+            PluginError::Init { plugin, .. } => uses.contains_key(plugin),
+            other => uses
+                .keys()
+                .any(|name| other.to_string().contains(&format!("{name}.wasm"))),
+        })
+        .collect();
+    for (plugin, routes) in &uses {
+        if registry.current(plugin).is_none()
+            && !errors.iter().any(|e| {
+                e.to_string().contains(&format!("{plugin}.wasm"))
+                    || matches!(e, PluginError::Init { plugin: p, .. } if p == plugin)
+            })
+        {
+            errors.push(PluginError::Missing {
+                route: routes[0].0.clone(),
+                plugin: plugin.clone(),
+                dir: opts.plugins_dir.display().to_string(),
+            });
+        }
+    }
+    if !errors.is_empty() {
+        return Err(BridgeError::Plugins(errors));
+    }
+    tasks.push(registry.clone().watch(
+        runtime.clone(),
+        opts.plugins_dir.clone(),
+        policies,
+        uses,
+        opts.reload_interval,
+        stop_rx.clone(),
+    ));
+    Ok(Some(runtime))
 }
 
 /// Runs until `shutdown` completes, then drains and stops.
@@ -362,6 +483,7 @@ struct Shared {
     opts: RunOptions,
     guard: Arc<Mutex<LoopGuard>>,
     sessions: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    plugins: Option<(Arc<Runtime>, Arc<Registry>)>,
 }
 
 impl Shared {
@@ -429,8 +551,37 @@ async fn run_pipe(
         .expect("sessions lock")
         .extend([src_task.abort_handle(), dst_task.abort_handle()]);
 
-    let mut pending: HashMap<Token, Option<AckToken>> = HashMap::new();
+    let mut stages: Vec<Stage> = match &shared.plugins {
+        Some((runtime, registry)) => route
+            .plugins
+            .iter()
+            .map(|p| {
+                Stage::new(
+                    runtime.clone(),
+                    registry.clone(),
+                    &p.name,
+                    &p.config,
+                    RouteInfo {
+                        name: route.name.clone(),
+                        direction: route.direction,
+                        source: route.source.clone(),
+                        qos: route.qos,
+                        target_namespace: route
+                            .target
+                            .clone()
+                            .unwrap_or_else(|| route.source.clone()),
+                    },
+                )
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    // Every forwarded copy has a token; copies of one source message share a group, and the
+    // source message is acknowledged when the last copy of its group is.
+    let mut pending: HashMap<Token, u64> = HashMap::new();
+    let mut groups: HashMap<u64, (usize, Option<AckToken>)> = HashMap::new();
     let mut next_token: Token = 0;
+    let mut next_group: u64 = 0;
     let mut stopping: Option<tokio::time::Instant> = None;
     let max_pending = opts.max_inflight as usize;
     loop {
@@ -443,11 +594,20 @@ async fn run_pipe(
                     if dup {
                         PipeStats::add(&stats.redelivered);
                     }
-                    match prepare(&pipe, &shared, msg, v5) {
-                        Ok(out) => {
-                            next_token += 1;
-                            pending.insert(next_token, ack);
-                            dst.publish(out, next_token);
+                    match forward(&pipe, &shared, &mut stages, &stats, msg, v5).await {
+                        Ok(outputs) if !outputs.is_empty() => {
+                            next_group += 1;
+                            groups.insert(next_group, (outputs.len(), ack));
+                            for out in outputs {
+                                next_token += 1;
+                                pending.insert(next_token, next_group);
+                                dst.publish(out, next_token);
+                            }
+                        }
+                        Ok(_) => {
+                            if let Some(ack) = ack {
+                                src.ack(ack);
+                            }
                         }
                         Err(reason) => {
                             match reason {
@@ -479,20 +639,16 @@ async fn run_pipe(
             },
             ev = dst_ev.recv() => match ev {
                 Some(SessionEvent::State(StateEvent::Delivered(token))) => {
-                    if let Some(ack) = pending.remove(&token) {
+                    if let Some(group) = pending.remove(&token) {
                         PipeStats::add(&stats.forwarded);
-                        if let Some(ack) = ack {
-                            src.ack(ack);
-                        }
+                        complete(&mut groups, group, &src);
                     }
                 }
                 Some(SessionEvent::State(StateEvent::Rejected(token, code))) => {
-                    if let Some(ack) = pending.remove(&token) {
+                    if let Some(group) = pending.remove(&token) {
                         PipeStats::add(&stats.rejected);
                         error!(route = %route.name, client_id = %pipe.client_id, "Target broker refused a message (reason code {code:#04x}); it is acknowledged to the source and lost");
-                        if let Some(ack) = ack {
-                            src.ack(ack);
-                        }
+                        complete(&mut groups, group, &src);
                     }
                 }
                 Some(SessionEvent::State(StateEvent::Connected { .. })) => {
@@ -529,27 +685,149 @@ enum Skip {
     Unmatched,
 }
 
-fn prepare(pipe: &Pipe, shared: &Shared, msg: Message, v5: bool) -> Result<Message, Skip> {
+/// One copy of a group was acknowledged; the last one acknowledges the source message.
+fn complete(
+    groups: &mut HashMap<u64, (usize, Option<AckToken>)>,
+    group: u64,
+    src: &crate::mqtt::SessionHandle,
+) {
+    if let Some(entry) = groups.get_mut(&group) {
+        entry.0 -= 1;
+        if entry.0 == 0 {
+            if let Some((_, Some(ack))) = groups.remove(&group) {
+                src.ack(ack);
+            } else {
+                groups.remove(&group);
+            }
+        }
+    }
+}
+
+/// User property carrying the plugin error on dead-lettered messages (MQTT 5).
+pub const ERROR_PROPERTY: &str = "edgebridge-error";
+
+/// Everything between receiving a message and publishing it: source filter check, loop
+/// guard, the plugin chain and the route's plugin error policy, topic mapping and loop mark.
+/// Returns the messages to publish (empty: handled, nothing to send).
+async fn forward(
+    pipe: &Pipe,
+    shared: &Shared,
+    stages: &mut [Stage],
+    stats: &PipeStats,
+    msg: Message,
+    v5: bool,
+) -> Result<Vec<Message>, Skip> {
     let route = &pipe.route;
     if !topic::matches(&route.source, &msg.topic) {
         return Err(Skip::Unmatched);
     }
-    let now = Instant::now();
-    let mut guard = shared.guard.lock().expect("loop guard lock");
-    if guard.check(pipe.source, &msg, v5, now) != LoopVerdict::Forward {
+    if shared
+        .guard
+        .lock()
+        .expect("loop guard lock")
+        .check(pipe.source, &msg, v5, Instant::now())
+        != LoopVerdict::Forward
+    {
         return Err(Skip::Loop);
     }
-    let mut out = Message {
-        topic: routing::target_topic(route, &msg.topic).to_string(),
-        payload: msg.payload,
+    let msg = Message {
         qos: route.qos,
-        retain: msg.retain,
         properties: if v5 {
             msg.properties
         } else {
             Properties::default()
         },
+        ..msg
     };
-    guard.mark(pipe.target, &mut out, v5, now);
-    Ok(out)
+    let target = routing::target_topic(route, &msg.topic).to_string();
+    let mut outputs = if stages.is_empty() {
+        vec![Message {
+            topic: target,
+            ..msg
+        }]
+    } else {
+        match run_chain(stages, &msg, target.clone(), stats).await {
+            Ok(out) => out,
+            Err(e) => {
+                PipeStats::add(&stats.plugin_errors);
+                match &route.on_plugin_error {
+                    OnPluginError::Drop => {
+                        PipeStats::add(&stats.dropped_plugin_error);
+                        error!(route = %route.name, topic = %msg.topic, "{e}; message dropped (onPluginError: drop)");
+                        Vec::new()
+                    }
+                    OnPluginError::Pass => {
+                        warn!(route = %route.name, topic = %msg.topic, "{e}; forwarding the original (onPluginError: pass)");
+                        vec![Message {
+                            topic: target,
+                            ..msg
+                        }]
+                    }
+                    OnPluginError::DeadLetter(dlq) => {
+                        PipeStats::add(&stats.dead_lettered);
+                        warn!(route = %route.name, topic = %msg.topic, dead_letter = %dlq, "{e}; message dead-lettered");
+                        let mut m = Message {
+                            topic: dlq.clone(),
+                            ..msg
+                        };
+                        if v5 {
+                            m.properties
+                                .user_properties
+                                .push((ERROR_PROPERTY.to_string(), e.to_string()));
+                        }
+                        vec![m]
+                    }
+                }
+            }
+        }
+    };
+    let now = Instant::now();
+    let mut guard = shared.guard.lock().expect("loop guard lock");
+    for out in &mut outputs {
+        if !v5 {
+            out.properties = Properties::default();
+        }
+        guard.mark(pipe.target, out, v5, now);
+    }
+    Ok(outputs)
+}
+
+/// Runs the message through every stage. The message handed to each stage keeps the source
+/// topic; what it is going to is the `target` beside it.
+async fn run_chain(
+    stages: &mut [Stage],
+    msg: &Message,
+    target: String,
+    stats: &PipeStats,
+) -> Result<Vec<Message>, crate::plugin::stage::StageError> {
+    let mut current = vec![(msg.clone(), target)];
+    for stage in stages.iter_mut() {
+        let mut next = Vec::with_capacity(current.len());
+        for (m, target) in current {
+            match stage.run(&m, &target).await? {
+                Outcome::Pass => next.push((m, target)),
+                Outcome::Drop(reason) => {
+                    PipeStats::add(&stats.dropped_by_plugin);
+                    debug!(plugin = %stage.plugin, topic = %m.topic, %reason, "Dropped by plugin");
+                }
+                Outcome::Emit(list) => {
+                    for e in list {
+                        let target = e.topic;
+                        next.push((
+                            Message {
+                                topic: m.topic.clone(),
+                                ..e
+                            },
+                            target,
+                        ));
+                    }
+                }
+            }
+        }
+        current = next;
+    }
+    Ok(current
+        .into_iter()
+        .map(|(m, target)| Message { topic: target, ..m })
+        .collect())
 }

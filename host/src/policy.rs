@@ -174,12 +174,7 @@ impl Policies {
         };
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("yaml" | "yml")
-                )
-            })
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
             .collect();
         files.sort();
         for file in files {
@@ -302,7 +297,9 @@ fn bytes_field(cx: &mut Cx, s: &mut Fields, key: &'static str, target: &mut usiz
 
 fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Option<Policy> {
     let mut top = Fields::of(cx, node, "")?;
-    let api = top.required(cx, &["apiVersion"]).and_then(|f| string(cx, f));
+    let api = top
+        .required(cx, &["apiVersion"])
+        .and_then(|f| string(cx, f));
     let kind = top.required(cx, &["kind"]).and_then(|f| string(cx, f));
     let name = top.required(cx, &["metadata"]).and_then(|(p, m)| {
         let mut m = Fields::of(cx, m, &p)?;
@@ -329,11 +326,7 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
     if let Some(kind) = &kind
         && kind != "PluginPolicy"
     {
-        cx.err(
-            node.line,
-            "kind",
-            format!("\"{kind}\" is not PluginPolicy"),
-        );
+        cx.err(node.line, "kind", format!("\"{kind}\" is not PluginPolicy"));
         return None;
     }
     let name = name?;
@@ -348,7 +341,11 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
                 p.sha256 = Some(h.to_ascii_lowercase())
             }
             Some(h) => {
-                cx.err(n.line, &path, format!("\"{h}\" is not a sha256 (64 hex digits)"));
+                cx.err(
+                    n.line,
+                    &path,
+                    format!("\"{h}\" is not a sha256 (64 hex digits)"),
+                );
                 ok = false;
             }
             None => ok = false,
@@ -360,7 +357,11 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
         match string(cx, (path.clone(), n)).map(|t| (parse_duration(&t), t)) {
             Some((Some(d), _)) if !d.is_zero() => p.time_per_message = d,
             Some((_, t)) => {
-                cx.err(n.line, &path, format!("\"{t}\" is not a duration such as 10ms, 500us or 1s"));
+                cx.err(
+                    n.line,
+                    &path,
+                    format!("\"{t}\" is not a duration such as 10ms, 500us or 1s"),
+                );
                 ok = false;
             }
             None => ok = false,
@@ -383,7 +384,11 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
                         Some(f) => match topic::validate_filter(&f) {
                             Ok(()) => p.emit_topics.push(f),
                             Err(e) => {
-                                cx.err(item.line, &ip, format!("invalid topic filter \"{f}\": {e}"));
+                                cx.err(
+                                    item.line,
+                                    &ip,
+                                    format!("invalid topic filter \"{f}\": {e}"),
+                                );
                                 ok = false;
                             }
                         },
@@ -408,7 +413,13 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
                         Some("clock") => p.imports.push(Import::Clock),
                         Some("kv") => p.imports.push(Import::Kv),
                         Some(other) => {
-                            cx.err(item.line, &ip, format!("\"{other}\" is not a host import; expected log, clock or kv"));
+                            cx.err(
+                                item.line,
+                                &ip,
+                                format!(
+                                    "\"{other}\" is not a host import; expected log, clock or kv"
+                                ),
+                            );
                             ok = false;
                         }
                         None => ok = false,
@@ -500,9 +511,18 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(errs.len(), 4, "{errs:#?}");
-        assert!(errs[0].contains("p.yaml:5: PluginPolicy \"x\", spec.memory"), "{errs:?}");
-        assert!(errs.iter().any(|e| e.contains("\"net\" is not a host import")));
-        assert!(errs.iter().any(|e| e.contains("unknown field `timePerMessag`")));
+        assert!(
+            errs[0].contains("p.yaml:5: PluginPolicy \"x\", spec.memory"),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("\"net\" is not a host import"))
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("unknown field `timePerMessag`"))
+        );
     }
 
     #[test]

@@ -466,3 +466,28 @@ pub fn fixture(name: &str) -> PathBuf {
         .join("fixtures")
         .join(name)
 }
+
+/// The component built from `plugins/<name>` (e.g. `topic-template`, `fixtures/misbehave` as
+/// `misbehave`) by the tests' build script.
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    let p = Path::new(env!("EDGEBRIDGE_PLUGIN_ARTIFACTS"))
+        .join(format!("{}.wasm", name.replace('-', "_")));
+    let p = if p.exists() {
+        p
+    } else {
+        Path::new(env!("EDGEBRIDGE_PLUGIN_ARTIFACTS")).join(format!("{name}.wasm"))
+    };
+    assert!(p.exists(), "plugin component {} was not built", p.display());
+    p
+}
+
+/// Copies the component of `plugin` into `dir` as `<as_name>.wasm`, atomically (write to a
+/// dotfile, then rename), as an operator should.
+pub fn install_plugin(dir: &Path, plugin: &str, as_name: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let tmp = dir.join(format!(".{as_name}.wasm.tmp"));
+    std::fs::copy(plugin_wasm(plugin), &tmp).unwrap();
+    let dest = dir.join(format!("{as_name}.wasm"));
+    std::fs::rename(&tmp, &dest).unwrap();
+    dest
+}

@@ -279,7 +279,11 @@ pub(crate) fn boolean(cx: &mut Cx, (path, node): (String, &Node)) -> Option<bool
     }
 }
 
-pub(crate) fn one_of<T: Copy>(cx: &mut Cx, field: (String, &Node), choices: &[(&str, T)]) -> Option<T> {
+pub(crate) fn one_of<T: Copy>(
+    cx: &mut Cx,
+    field: (String, &Node),
+    choices: &[(&str, T)],
+) -> Option<T> {
     let line = field.1.line;
     let path = field.0.clone();
     let s = string(cx, field)?;
@@ -936,24 +940,28 @@ fn read_route(cx: &mut Cx, node: &Node, path: &str, map: &str) -> Option<Route> 
                 list
             }
             _ => {
-                cx.err(n.line, &p, format!("expected a list of plugins, found {}", n.type_name()));
+                cx.err(
+                    n.line,
+                    &p,
+                    format!("expected a list of plugins, found {}", n.type_name()),
+                );
                 None
             }
         },
     };
-    let on_error = r.get(cx, &["onPluginError"]).and_then(|f| {
-        one_of(
-            cx,
-            f,
-            &[("drop", 0u8), ("pass", 1), ("dead-letter", 2)],
-        )
-    });
+    let on_error = r
+        .get(cx, &["onPluginError"])
+        .and_then(|f| one_of(cx, f, &[("drop", 0u8), ("pass", 1), ("dead-letter", 2)]));
     let dead_letter = r.get(cx, &["deadLetterTopic"]).and_then(|(p, n)| {
         let s = string(cx, (p.clone(), n))?;
         match topic::validate_name(&s) {
             Ok(()) => Some((s, n.line, p)),
             Err(e) => {
-                cx.err(n.line, &p, format!("invalid dead-letter topic \"{s}\": {e}"));
+                cx.err(
+                    n.line,
+                    &p,
+                    format!("invalid dead-letter topic \"{s}\": {e}"),
+                );
                 None
             }
         }
@@ -962,11 +970,19 @@ fn read_route(cx: &mut Cx, node: &Node, path: &str, map: &str) -> Option<Route> 
         (Some(1), None) => Some(OnPluginError::Pass),
         (Some(2), Some((t, _, _))) => Some(OnPluginError::DeadLetter(t)),
         (Some(2), None) => {
-            cx.err(node.line, &join(path, "deadLetterTopic"), "`onPluginError: dead-letter` needs `deadLetterTopic`");
+            cx.err(
+                node.line,
+                &join(path, "deadLetterTopic"),
+                "`onPluginError: dead-letter` needs `deadLetterTopic`",
+            );
             None
         }
         (_, Some((_, line, p))) => {
-            cx.err(line, &p, "`deadLetterTopic` is only used with `onPluginError: dead-letter`");
+            cx.err(
+                line,
+                &p,
+                "`deadLetterTopic` is only used with `onPluginError: dead-letter`",
+            );
             None
         }
         (_, None) => Some(OnPluginError::Drop),

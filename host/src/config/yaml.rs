@@ -63,7 +63,10 @@ impl Node {
 pub fn to_json(node: &Node) -> serde_json::Value {
     use serde_json::Value;
     match &node.kind {
-        NodeKind::Scalar { value, quoted: true } => Value::String(value.clone()),
+        NodeKind::Scalar {
+            value,
+            quoted: true,
+        } => Value::String(value.clone()),
         NodeKind::Scalar { .. } if node.is_null() => Value::Null,
         NodeKind::Scalar { value, .. } => match value.as_str() {
             "true" | "True" | "TRUE" => Value::Bool(true),
@@ -243,7 +246,10 @@ mod tests {
 
     #[test]
     fn nodes_convert_to_json_with_yaml_scalar_types() {
-        let docs = parse_documents("{field: severity, min: 3, ratio: 0.5, on: true, q: '3', n: ~, l: [a, 1]}").unwrap();
+        let docs = parse_documents(
+            "{field: severity, min: 3, ratio: 0.5, on: true, q: '3', n: ~, l: [a, 1]}",
+        )
+        .unwrap();
         assert_eq!(
             to_json(&docs[0]).to_string(),
             r#"{"field":"severity","l":["a",1],"min":3,"n":null,"on":true,"q":"3","ratio":0.5}"#

@@ -75,7 +75,9 @@ pub enum PluginError {
         message: String,
     },
     /// Exports neither plugin world (or another version of it).
-    #[error("{file}: exports neither edgebridge:plugin/mapper@{WIT_VERSION} nor edgebridge:plugin/filter@{WIT_VERSION} (it exports: {exports})")]
+    #[error(
+        "{file}: exports neither edgebridge:plugin/mapper@{WIT_VERSION} nor edgebridge:plugin/filter@{WIT_VERSION} (it exports: {exports})"
+    )]
     WrongWorld {
         /// File.
         file: PathBuf,
@@ -130,6 +132,9 @@ pub struct KvStore {
     map: HashMap<String, Vec<u8>>,
     bytes: usize,
 }
+
+/// One (plugin, route)'s state, shared by its instances across rebuilds and reloads.
+type SharedKv = Arc<Mutex<KvStore>>;
 
 /// Everything a plugin instance's store holds.
 pub struct HostState {
@@ -205,7 +210,10 @@ impl kv::Host for HostState {
             return Err(format!("kv quota: {} keys used", self.kv_max_keys));
         }
         if new_bytes > self.kv_max_bytes {
-            return Err(format!("kv quota: {} bytes would be used, {} allowed", new_bytes, self.kv_max_bytes));
+            return Err(format!(
+                "kv quota: {} bytes would be used, {} allowed",
+                new_bytes, self.kv_max_bytes
+            ));
         }
         kv.bytes = new_bytes;
         kv.map.insert(key, value);
@@ -269,7 +277,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     filter_linker: Linker<HostState>,
-    kv: Mutex<HashMap<(String, String), Arc<Mutex<KvStore>>>>,
+    kv: Mutex<HashMap<(String, String), SharedKv>>,
     generation: AtomicU64,
     stop_ticker: Arc<AtomicBool>,
 }
@@ -317,7 +325,13 @@ impl Runtime {
     }
 
     /// Compiles and checks a component (blocking: run it off the async threads).
-    pub fn load(&self, name: &str, file: &Path, bytes: &[u8], policy: Policy) -> Result<Loaded, PluginError> {
+    pub fn load(
+        &self,
+        name: &str,
+        file: &Path,
+        bytes: &[u8],
+        policy: Policy,
+    ) -> Result<Loaded, PluginError> {
         let sha256 = hex(&Sha256::digest(bytes));
         if let Some(pinned) = &policy.sha256
             && *pinned != sha256
@@ -333,15 +347,28 @@ impl Runtime {
             message: format!("{e:#}"),
         })?;
         let ty = component.component_type();
-        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
-        let world = if exports.iter().any(|e| e == &format!("edgebridge:plugin/mapper@{WIT_VERSION}")) {
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let world = if exports
+            .iter()
+            .any(|e| e == &format!("edgebridge:plugin/mapper@{WIT_VERSION}"))
+        {
             World::Mapper
-        } else if exports.iter().any(|e| e == &format!("edgebridge:plugin/filter@{WIT_VERSION}")) {
+        } else if exports
+            .iter()
+            .any(|e| e == &format!("edgebridge:plugin/filter@{WIT_VERSION}"))
+        {
             World::Filter
         } else {
             return Err(PluginError::WrongWorld {
                 file: file.to_path_buf(),
-                exports: if exports.is_empty() { "nothing".into() } else { exports.join(", ") },
+                exports: if exports.is_empty() {
+                    "nothing".into()
+                } else {
+                    exports.join(", ")
+                },
             });
         };
         for (import, _) in ty.imports(&self.engine) {
@@ -350,14 +377,25 @@ impl Runtime {
                 import: import.to_string(),
                 reason,
             };
+            if import == format!("edgebridge:plugin/types@{WIT_VERSION}") {
+                // Type definitions only: no functions, nothing to grant.
+                continue;
+            }
             if let Some(i) = Import::from_interface(import) {
                 if !import.ends_with(&format!("@{WIT_VERSION}")) {
-                    return Err(err(format!("is not version {WIT_VERSION} of the plugin interface")));
+                    return Err(err(format!(
+                        "is not version {WIT_VERSION} of the plugin interface"
+                    )));
                 }
                 if !policy.grants(i) {
                     return Err(err(format!(
                         "its policy does not grant (grants: {}; add `{}` to `imports` in the plugin's policy)",
-                        policy.imports.iter().map(|i| i.as_str()).collect::<Vec<_>>().join(", "),
+                        policy
+                            .imports
+                            .iter()
+                            .map(|i| i.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         i.as_str()
                     )));
                 }
@@ -366,7 +404,10 @@ impl Runtime {
             }
         }
         let pre = match world {
-            World::Mapper => self.linker.instantiate_pre(&component).and_then(|p| RouteMapperPre::new(p).map(Pre::Mapper)),
+            World::Mapper => self
+                .linker
+                .instantiate_pre(&component)
+                .and_then(|p| RouteMapperPre::new(p).map(Pre::Mapper)),
             World::Filter => self
                 .filter_linker
                 .instantiate_pre(&component)
@@ -450,7 +491,10 @@ impl Runtime {
                     .instantiate_async(&mut store)
                     .await
                     .map_err(|e| fail(format!("instantiation failed: {e:#}")))?;
-                let r = inst.edgebridge_plugin_mapper().call_init(&mut store, config).await;
+                let r = inst
+                    .edgebridge_plugin_mapper()
+                    .call_init(&mut store, config)
+                    .await;
                 (r, Instance::Mapper(inst))
             }
             Pre::Filter(pre) => {
@@ -458,15 +502,23 @@ impl Runtime {
                     .instantiate_async(&mut store)
                     .await
                     .map_err(|e| fail(format!("instantiation failed: {e:#}")))?;
-                let r = inst.edgebridge_plugin_filter().call_init(&mut store, config).await;
+                let r = inst
+                    .edgebridge_plugin_filter()
+                    .call_init(&mut store, config)
+                    .await;
                 (r, Instance::Filter(inst))
             }
         };
         match result {
             (Ok(Ok(())), inst) => Ok((store, inst)),
-            (Ok(Err(types::InitError::InvalidConfig(m))), _) => Err(fail(format!("invalid config: {m}"))),
+            (Ok(Err(types::InitError::InvalidConfig(m))), _) => {
+                Err(fail(format!("invalid config: {m}")))
+            }
             (Ok(Err(types::InitError::Other(m))), _) => Err(fail(format!("init failed: {m}"))),
-            (Err(trap), _) => Err(fail(format!("init trapped: {}", describe_trap(&trap, &store)))),
+            (Err(trap), _) => Err(fail(format!(
+                "init trapped: {}",
+                describe_trap(&trap, &store)
+            ))),
         }
     }
 }
@@ -479,19 +531,44 @@ pub(crate) fn ticks(budget: Duration) -> u64 {
 /// A trap as one line: the cause (deadline, memory, panic message from stderr) first.
 pub(crate) fn describe_trap(trap: &wasmtime::Error, store: &Store<HostState>) -> String {
     let stderr = store.data().stderr.contents();
-    let panic = String::from_utf8_lossy(&stderr);
-    let panic = panic.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let text = String::from_utf8_lossy(&stderr);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("note: run with"))
+        .collect();
+    // Rust prints "thread '..' panicked at src/lib.rs:L:C:" and the message on the next line.
+    let panic = match lines.iter().rposition(|l| l.contains("panicked at")) {
+        Some(i) => {
+            let at = lines[i]
+                .split("panicked at ")
+                .nth(1)
+                .unwrap_or("")
+                .trim_end_matches(':');
+            let msg = lines.get(i + 1).copied().unwrap_or("");
+            format!("panicked at {at}: {msg}")
+        }
+        None => lines.last().copied().unwrap_or("").to_string(),
+    };
     let cause = match trap.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => "time budget exceeded (epoch deadline)".to_string(),
         Some(t) => t.to_string(),
-        None => format!("{trap:#}").lines().next().unwrap_or("trap").to_string(),
+        None => format!("{trap:#}")
+            .lines()
+            .next()
+            .unwrap_or("trap")
+            .to_string(),
     };
     let cause = if format!("{trap:#}").contains("forcing trap when growing memory") {
         "memory limit reached".to_string()
     } else {
         cause
     };
-    if panic.is_empty() { cause } else { format!("{cause}; guest said: {panic}") }
+    if panic.is_empty() {
+        cause
+    } else {
+        format!("{cause}; guest said: {panic}")
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -511,12 +588,22 @@ pub type Uses = HashMap<String, Vec<(String, String)>>;
 impl Registry {
     /// The running version of `name`.
     pub fn current(&self, name: &str) -> Option<Arc<Loaded>> {
-        self.plugins.read().expect("registry lock").get(name).cloned()
+        self.plugins
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .cloned()
     }
 
     /// Every running plugin, by name.
     pub fn list(&self) -> Vec<Arc<Loaded>> {
-        let mut v: Vec<_> = self.plugins.read().expect("registry lock").values().cloned().collect();
+        let mut v: Vec<_> = self
+            .plugins
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -524,29 +611,50 @@ impl Registry {
     /// Scans `dir` once: loads new or changed `*.wasm` files (after a canary `init` with every
     /// route configuration that uses them) and unloads removed ones. A file that fails keeps
     /// the previous version running. Returns the errors, each naming its file.
-    pub async fn scan(&self, runtime: &Arc<Runtime>, dir: &Path, policies: &Policies, uses: &Uses) -> Vec<PluginError> {
+    pub async fn scan(
+        &self,
+        runtime: &Arc<Runtime>,
+        dir: &Path,
+        policies: &Policies,
+        uses: &Uses,
+    ) -> Vec<PluginError> {
         let mut errors = Vec::new();
         let mut present = Vec::new();
         let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e.filter_map(|e| e.ok().map(|e| e.path())).collect::<Vec<_>>(),
+            Ok(e) => e
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect::<Vec<_>>(),
             Err(_) => Vec::new(),
         };
         for path in entries {
-            let Some(name) = plugin_name(&path) else { continue };
+            let Some(name) = plugin_name(&path) else {
+                continue;
+            };
             present.push(name.clone());
-            let Ok(meta) = std::fs::metadata(&path) else { continue };
-            let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let stamp = (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            );
             if self.seen.lock().expect("seen lock").get(&path) == Some(&stamp) {
                 continue;
             }
             let bytes = match std::fs::read(&path) {
                 Ok(b) => b,
                 Err(e) => {
-                    errors.push(PluginError::Read { file: path.clone(), message: e.to_string() });
+                    errors.push(PluginError::Read {
+                        file: path.clone(),
+                        message: e.to_string(),
+                    });
                     continue;
                 }
             };
-            self.seen.lock().expect("seen lock").insert(path.clone(), stamp);
+            self.seen
+                .lock()
+                .expect("seen lock")
+                .insert(path.clone(), stamp);
             if let Some(cur) = self.current(&name)
                 && cur.sha256 == hex(&Sha256::digest(&bytes))
             {
@@ -556,7 +664,12 @@ impl Registry {
             let (rt, p, n) = (runtime.clone(), path.clone(), name.clone());
             let loaded = tokio::task::spawn_blocking(move || rt.load(&n, &p, &bytes, policy))
                 .await
-                .unwrap_or_else(|e| Err(PluginError::Compile { file: path.clone(), message: e.to_string() }));
+                .unwrap_or_else(|e| {
+                    Err(PluginError::Compile {
+                        file: path.clone(),
+                        message: e.to_string(),
+                    })
+                });
             let loaded = match loaded {
                 Ok(l) => l,
                 Err(e) => {
@@ -576,7 +689,11 @@ impl Registry {
             if !ok {
                 continue;
             }
-            let previous = self.plugins.write().expect("registry lock").insert(name.clone(), Arc::new(loaded));
+            let previous = self
+                .plugins
+                .write()
+                .expect("registry lock")
+                .insert(name.clone(), Arc::new(loaded));
             let now = self.current(&name).expect("just inserted");
             info!(
                 plugin = %name,
@@ -630,7 +747,9 @@ impl Registry {
                         | PluginError::WrongWorld { file, .. }
                         | PluginError::Import { file, .. }
                         | PluginError::Hash { file, .. } => file.display().to_string(),
-                        PluginError::Init { plugin, .. } | PluginError::Missing { plugin, .. } => plugin.clone(),
+                        PluginError::Init { plugin, .. } | PluginError::Missing { plugin, .. } => {
+                            plugin.clone()
+                        }
                     };
                     if reported.get(&key) != Some(&text) {
                         error!("Plugin refused, previous version keeps running: {text}");

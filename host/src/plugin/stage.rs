@@ -104,7 +104,13 @@ pub struct Stage {
 
 impl Stage {
     /// A stage for `plugin` with its JSON `config` on `route`; instantiated on first use.
-    pub fn new(runtime: Arc<Runtime>, registry: Arc<Registry>, plugin: &str, config: &str, route: RouteInfo) -> Stage {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        registry: Arc<Registry>,
+        plugin: &str,
+        config: &str,
+        route: RouteInfo,
+    ) -> Stage {
         Stage {
             runtime,
             registry,
@@ -133,7 +139,11 @@ impl Stage {
         {
             return Ok(());
         }
-        match self.runtime.instantiate(&current, &self.route.name, &self.config).await {
+        match self
+            .runtime
+            .instantiate(&current, &self.route.name, &self.config)
+            .await
+        {
             Ok((store, instance)) => {
                 if let Some(old) = &self.live {
                     tracing::info!(route = %self.route.name, plugin = %self.plugin, from = old.loaded.generation, to = current.generation, "Route switched to the new plugin version");
@@ -313,7 +323,10 @@ pub fn validate(
             return Err(format!(
                 "topic \"{}\" is outside what its policy allows (emitTopics: {})",
                 e.topic,
-                policy.emit_topics.join(", ").replace("$target", &format!("$target = {}", route.target_namespace))
+                policy
+                    .emit_topics
+                    .join(", ")
+                    .replace("$target", &format!("$target = {}", route.target_namespace))
             ));
         }
         let payload = match e.payload {
@@ -333,7 +346,10 @@ pub fn validate(
             None => route.qos,
             Some(q) if q == route.qos => q,
             Some(q) if !policy.may_change_qos => {
-                return Err(format!("set QoS {} but its policy does not allow mayChangeQos", q.as_u8()));
+                return Err(format!(
+                    "set QoS {} but its policy does not allow mayChangeQos",
+                    q.as_u8()
+                ));
             }
             Some(q) => q.min(route.qos),
         };
@@ -341,7 +357,9 @@ pub fn validate(
             None => msg.retain,
             Some(r) if r == msg.retain => r,
             Some(_) if !policy.may_change_retain => {
-                return Err("changed the retain flag but its policy does not allow mayChangeRetain".into());
+                return Err(
+                    "changed the retain flag but its policy does not allow mayChangeRetain".into(),
+                );
             }
             Some(r) => r,
         };
@@ -397,7 +415,14 @@ mod tests {
     #[test]
     fn an_unchanged_payload_is_the_input_buffer_not_a_copy() {
         let m = msg();
-        let out = validate(wit::Decision::Emit(vec![emit("site/x")]), &m, "site", &route(), &Policy::default_for("p")).unwrap();
+        let out = validate(
+            wit::Decision::Emit(vec![emit("site/x")]),
+            &m,
+            "site",
+            &route(),
+            &Policy::default_for("p"),
+        )
+        .unwrap();
         let Outcome::Emit(v) = out else { panic!() };
         assert_eq!(v[0].payload.as_ptr(), m.payload.as_ptr());
         assert_eq!(v[0].topic, "site/x");
@@ -407,9 +432,23 @@ mod tests {
     fn topics_outside_the_policy_wildcards_and_fan_out_are_refused() {
         let p = Policy::default_for("p");
         let r = route();
-        let e = validate(wit::Decision::Emit(vec![emit("elsewhere")]), &msg(), "site", &r, &p).unwrap_err();
+        let e = validate(
+            wit::Decision::Emit(vec![emit("elsewhere")]),
+            &msg(),
+            "site",
+            &r,
+            &p,
+        )
+        .unwrap_err();
         assert!(e.contains("outside what its policy allows"), "{e}");
-        let e = validate(wit::Decision::Emit(vec![emit("site/+")]), &msg(), "site", &r, &p).unwrap_err();
+        let e = validate(
+            wit::Decision::Emit(vec![emit("site/+")]),
+            &msg(),
+            "site",
+            &r,
+            &p,
+        )
+        .unwrap_err();
         assert!(e.contains("wildcard"), "{e}");
         let many = (0..9).map(|_| emit("site")).collect();
         let e = validate(wit::Decision::Emit(many), &msg(), "site", &r, &p).unwrap_err();
@@ -421,10 +460,23 @@ mod tests {
         let r = route();
         let mut e = emit("site");
         e.qos = Some(wit::Qos::ExactlyOnce);
-        assert!(validate(wit::Decision::Emit(vec![e.clone()]), &msg(), "site", &r, &Policy::default_for("p")).is_err());
+        assert!(
+            validate(
+                wit::Decision::Emit(vec![e.clone()]),
+                &msg(),
+                "site",
+                &r,
+                &Policy::default_for("p")
+            )
+            .is_err()
+        );
         let mut p = Policy::default_for("p");
         p.may_change_qos = true;
-        let Outcome::Emit(v) = validate(wit::Decision::Emit(vec![e]), &msg(), "site", &r, &p).unwrap() else { panic!() };
+        let Outcome::Emit(v) =
+            validate(wit::Decision::Emit(vec![e]), &msg(), "site", &r, &p).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(v[0].qos, QoS::AtLeastOnce, "never above the route's QoS");
         let mut e = emit("site");
         e.retain = Some(true);

@@ -2,3 +2,4 @@
 
 mod config;
 mod e2e;
+mod plugins;
