@@ -330,8 +330,22 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
     let mut tasks = Vec::new();
     let mut stats = Stats::default();
     let mut all_pipes = Vec::new();
-    let registry = Arc::new(Registry::default());
-    let runtime = start_plugins(config, opts, &registry, &stop_rx, &mut tasks).await?;
+    let loaded = load_plugins(config, &opts.plugins_dir, &opts.policies_dir).await?;
+    let registry = loaded
+        .as_ref()
+        .map(|l| l.registry.clone())
+        .unwrap_or_default();
+    let runtime = loaded.map(|l| {
+        tasks.push(l.registry.clone().watch(
+            l.runtime.clone(),
+            opts.plugins_dir.clone(),
+            l.policies,
+            l.uses,
+            opts.reload_interval,
+            stop_rx.clone(),
+        ));
+        l.runtime
+    });
     for connector in &config.connectors {
         for conn in [&connector.local, &connector.remote] {
             if conn.endpoint.embedded {
@@ -399,16 +413,26 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
     })
 }
 
-/// Loads policies and plugins when a route uses plugins, and starts watching the plugins
-/// folder. Every plugin a route names must load and accept the route's config, or nothing
-/// starts.
-async fn start_plugins(
+/// Policies, runtime and loaded plugins of a configuration whose routes use plugins.
+pub struct LoadedPlugins {
+    /// The engine.
+    pub runtime: Arc<Runtime>,
+    /// The running versions.
+    pub registry: Arc<Registry>,
+    /// The policies they were checked against.
+    pub policies: Policies,
+    /// Which routes use which plugin, with which config.
+    pub uses: Uses,
+}
+
+/// Loads the policies and every plugin the routes use, canary-testing each with every route
+/// config that uses it. Any problem is an error naming the file, plugin or route; `Ok(None)`
+/// when no route uses plugins.
+pub async fn load_plugins(
     config: &Config,
-    opts: &RunOptions,
-    registry: &Arc<Registry>,
-    stop_rx: &watch::Receiver<bool>,
-    tasks: &mut Vec<JoinHandle<()>>,
-) -> Result<Option<Arc<Runtime>>, BridgeError> {
+    plugins_dir: &std::path::Path,
+    policies_dir: &std::path::Path,
+) -> Result<Option<LoadedPlugins>, BridgeError> {
     let mut uses: Uses = HashMap::new();
     for c in &config.connectors {
         for r in &c.routes {
@@ -422,45 +446,47 @@ async fn start_plugins(
     if uses.is_empty() {
         return Ok(None);
     }
-    let policies = Policies::load_dir(&opts.policies_dir).map_err(BridgeError::Policies)?;
+    let policies = Policies::load_dir(policies_dir).map_err(BridgeError::Policies)?;
     let runtime = Runtime::new().map_err(BridgeError::Runtime)?;
+    let registry = Arc::new(Registry::default());
+    let used = |e: &PluginError| match e {
+        PluginError::Init { plugin, .. } | PluginError::Missing { plugin, .. } => {
+            uses.contains_key(plugin)
+        }
+        other => uses
+            .keys()
+            .any(|name| other.to_string().contains(&format!("{name}.wasm:"))),
+    };
     let mut errors: Vec<PluginError> = registry
-        .scan(&runtime, &opts.plugins_dir, &policies, &uses)
+        .scan(&runtime, plugins_dir, &policies, &uses)
         .await
         .into_iter()
-        .filter(|e| match e {
-            PluginError::Init { plugin, .. } => uses.contains_key(plugin),
-            other => uses
-                .keys()
-                .any(|name| other.to_string().contains(&format!("{name}.wasm"))),
-        })
+        .filter(used)
         .collect();
-    for (plugin, routes) in &uses {
-        if registry.current(plugin).is_none()
-            && !errors.iter().any(|e| {
-                e.to_string().contains(&format!("{plugin}.wasm"))
-                    || matches!(e, PluginError::Init { plugin: p, .. } if p == plugin)
-            })
-        {
+    let mut names: Vec<&String> = uses.keys().collect();
+    names.sort();
+    for plugin in names {
+        let already = errors.iter().any(|e| match e {
+            PluginError::Init { plugin: p, .. } => p == plugin,
+            other => other.to_string().contains(&format!("{plugin}.wasm:")),
+        });
+        if registry.current(plugin).is_none() && !already {
             errors.push(PluginError::Missing {
-                route: routes[0].0.clone(),
+                route: uses[plugin][0].0.clone(),
                 plugin: plugin.clone(),
-                dir: opts.plugins_dir.display().to_string(),
+                dir: plugins_dir.display().to_string(),
             });
         }
     }
     if !errors.is_empty() {
         return Err(BridgeError::Plugins(errors));
     }
-    tasks.push(registry.clone().watch(
-        runtime.clone(),
-        opts.plugins_dir.clone(),
+    Ok(Some(LoadedPlugins {
+        runtime,
+        registry,
         policies,
         uses,
-        opts.reload_interval,
-        stop_rx.clone(),
-    ));
-    Ok(Some(runtime))
+    }))
 }
 
 /// Runs until `shutdown` completes, then drains and stops.

@@ -42,11 +42,26 @@ enum Command {
         /// Log level (overrides `logLevel`; RUST_LOG overrides both).
         #[arg(long)]
         log_level: Option<String>,
+        #[command(flatten)]
+        plugin_dirs: PluginDirs,
     },
-    /// Validate the configuration and print every problem.
+    /// List the plugins of a folder: world, size, sha256, policy; refused files and why.
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCommand,
+    },
+    /// Work with one plugin file.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+    /// Validate the configuration, and the plugins and policies its routes use; print every
+    /// problem.
     Check {
         #[command(flatten)]
         files: Files,
+        #[command(flatten)]
+        plugin_dirs: PluginDirs,
     },
     /// Publish test messages (a minimal MQTT client, for trying a bridge out).
     Pub {
@@ -76,6 +91,55 @@ enum Command {
         #[arg(short = 'C', long, default_value_t = 0)]
         count: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// Load every *.wasm of the plugins folder against its policy and describe it.
+    List {
+        #[command(flatten)]
+        plugin_dirs: PluginDirs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run a plugin on a sample message in the production engine, under its policy.
+    Test {
+        /// The component (.wasm); its file stem is the plugin name.
+        file: PathBuf,
+        /// The plugin's config, as JSON.
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// Topic of the sample message.
+        #[arg(long, default_value = "factory/line1/telemetry")]
+        topic: String,
+        /// Payload of the sample message.
+        #[arg(short, long, default_value = "{}")]
+        message: String,
+        /// The route's source filter.
+        #[arg(long, default_value = "#")]
+        source: String,
+        /// The route's static target (default: same as source).
+        #[arg(long)]
+        target: Option<String>,
+        /// Also time this many further calls and print the median.
+        #[arg(long, default_value_t = 0)]
+        repeat: u32,
+        /// Folder of plugin policies.
+        #[arg(long, default_value = edgebridge::bridge::DEFAULT_POLICIES_DIR, env = "EDGEBRIDGE_POLICIES_DIR")]
+        policies_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct PluginDirs {
+    /// Folder of plugin components (<name>.wasm), watched for changes.
+    #[arg(long, default_value = edgebridge::bridge::DEFAULT_PLUGINS_DIR, env = "EDGEBRIDGE_PLUGINS_DIR")]
+    plugins_dir: PathBuf,
+    /// Folder of plugin policies (*.yaml).
+    #[arg(long, default_value = edgebridge::bridge::DEFAULT_POLICIES_DIR, env = "EDGEBRIDGE_POLICIES_DIR")]
+    policies_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -165,6 +229,51 @@ fn init_logging(level: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Plugins {
+            command: PluginsCommand::List { plugin_dirs },
+        } => {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            match rt.block_on(edgebridge::tools::plugins_list(&plugin_dirs.plugins_dir, &plugin_dirs.policies_dir)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Plugin {
+            command:
+                PluginCommand::Test {
+                    file,
+                    config,
+                    topic,
+                    message,
+                    source,
+                    target,
+                    repeat,
+                    policies_dir,
+                },
+        } => {
+            let t = edgebridge::tools::PluginTest {
+                file,
+                policies_dir,
+                config,
+                topic,
+                payload: message.into_bytes(),
+                source,
+                target,
+                repeat,
+            };
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            match rt.block_on(edgebridge::tools::plugin_test(&t)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Pub {
             client,
             topic,
@@ -189,8 +298,18 @@ fn main() -> ExitCode {
         } => run_tool(async {
             edgebridge::tools::subscribe(&client.target(), &topic, client.qos(), count).await
         }),
-        Command::Check { files } => match files.load() {
+        Command::Check { files, plugin_dirs } => match files.load() {
             Ok(cfg) => {
+                let rt = tokio::runtime::Runtime::new().expect("runtime");
+                if let Err(e) = rt.block_on(edgebridge::bridge::load_plugins(
+                    &cfg,
+                    &plugin_dirs.plugins_dir,
+                    &plugin_dirs.policies_dir,
+                )) {
+                    eprintln!("{e}");
+                    eprintln!("Plugins or policies have problems.");
+                    return ExitCode::FAILURE;
+                }
                 for c in &cfg.connectors {
                     println!(
                         "MqttBridgeConnector \"{}\": {} route(s), {} instance(s), protocol {:?}, local {}, remote {}",
@@ -218,6 +337,7 @@ fn main() -> ExitCode {
             max_inflight,
             max_backoff,
             log_level,
+            plugin_dirs,
         } => {
             let cfg = match files.load() {
                 Ok(cfg) => cfg,
@@ -242,6 +362,8 @@ fn main() -> ExitCode {
                     Duration::from_millis(100),
                     Duration::from_secs(max_backoff.max(1)),
                 ),
+                plugins_dir: plugin_dirs.plugins_dir,
+                policies_dir: plugin_dirs.policies_dir,
                 ..RunOptions::default()
             };
             let runtime = match tokio::runtime::Runtime::new() {

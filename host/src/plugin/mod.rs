@@ -595,6 +595,14 @@ impl Registry {
             .cloned()
     }
 
+    /// Makes `loaded` the running version of its plugin (used by `edgebridge plugin test`).
+    pub fn install(&self, loaded: Loaded) {
+        self.plugins
+            .write()
+            .expect("registry lock")
+            .insert(loaded.name.clone(), Arc::new(loaded));
+    }
+
     /// Every running plugin, by name.
     pub fn list(&self) -> Vec<Arc<Loaded>> {
         let mut v: Vec<_> = self
