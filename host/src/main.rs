@@ -233,7 +233,10 @@ fn main() -> ExitCode {
             command: PluginsCommand::List { plugin_dirs },
         } => {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
-            match rt.block_on(edgebridge::tools::plugins_list(&plugin_dirs.plugins_dir, &plugin_dirs.policies_dir)) {
+            match rt.block_on(edgebridge::tools::plugins_list(
+                &plugin_dirs.plugins_dir,
+                &plugin_dirs.policies_dir,
+            )) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {

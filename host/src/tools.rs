@@ -132,12 +132,17 @@ pub async fn subscribe(t: &Target, filter: &str, qos: QoS, count: u64) -> Result
 
 /// `edgebridge plugins list`: loads every `*.wasm` of `dir` against its policy and describes
 /// it, one line each; returns false when any file is refused.
-pub async fn plugins_list(dir: &std::path::Path, policies_dir: &std::path::Path) -> Result<bool, String> {
+pub async fn plugins_list(
+    dir: &std::path::Path,
+    policies_dir: &std::path::Path,
+) -> Result<bool, String> {
     use crate::plugin::{Registry, Runtime};
     let policies = crate::policy::Policies::load_dir(policies_dir).map_err(|r| r.to_string())?;
     let runtime = Runtime::new()?;
     let registry = Registry::default();
-    let errors = registry.scan(&runtime, dir, &policies, &Default::default()).await;
+    let errors = registry
+        .scan(&runtime, dir, &policies, &Default::default())
+        .await;
     for p in registry.list() {
         let policy = match &p.policy.file {
             Some(f) => f.display().to_string(),
@@ -149,7 +154,12 @@ pub async fn plugins_list(dir: &std::path::Path, policies_dir: &std::path::Path)
             p.world.as_str(),
             p.size,
             p.sha256,
-            p.policy.imports.iter().map(|i| i.as_str()).collect::<Vec<_>>().join(", ")
+            p.policy
+                .imports
+                .iter()
+                .map(|i| i.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     for e in &errors {
@@ -188,12 +198,15 @@ pub async fn plugin_test(t: &PluginTest) -> Result<(), String> {
     use crate::config::Direction;
     use crate::plugin::stage::{Outcome, RouteInfo, Stage};
     use crate::plugin::{Registry, Runtime, plugin_name};
-    let name = plugin_name(&t.file).ok_or_else(|| format!("{}: not a .wasm file", t.file.display()))?;
+    let name =
+        plugin_name(&t.file).ok_or_else(|| format!("{}: not a .wasm file", t.file.display()))?;
     let policies = crate::policy::Policies::load_dir(&t.policies_dir).map_err(|r| r.to_string())?;
     let policy = policies.for_plugin(&name);
     let bytes = std::fs::read(&t.file).map_err(|e| format!("{}: {e}", t.file.display()))?;
     let runtime = Runtime::new()?;
-    let loaded = runtime.load(&name, &t.file, &bytes, policy).map_err(|e| e.to_string())?;
+    let loaded = runtime
+        .load(&name, &t.file, &bytes, policy)
+        .map_err(|e| e.to_string())?;
     println!(
         "plugin {} ({}), {} bytes, sha256 {}",
         loaded.name,
@@ -232,7 +245,12 @@ pub async fn plugin_test(t: &PluginTest) -> Result<(), String> {
                 } else {
                     format!("{:?}", String::from_utf8_lossy(&m.payload))
                 };
-                println!("  topic {}  qos {}  retain {}  payload {payload}", m.topic, m.qos.as_u8(), m.retain);
+                println!(
+                    "  topic {}  qos {}  retain {}  payload {payload}",
+                    m.topic,
+                    m.qos.as_u8(),
+                    m.retain
+                );
                 for (k, v) in &m.properties.user_properties {
                     println!("    user property {k}: {v}");
                 }

@@ -603,3 +603,37 @@ async fn removing_a_plugin_applies_the_route_policy() {
     );
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugins_example_loads_with_the_shipped_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    for p in [
+        "json-filter",
+        "topic-template",
+        "enrich",
+        "fan-out",
+        "dedupe",
+    ] {
+        install_plugin(dir.path(), p, p);
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cfg = config::load(
+        &[root.join("examples/plugins.yaml")],
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let loaded = bridge::load_plugins(&cfg, dir.path(), &root.join("policies"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("routes use plugins");
+    assert_eq!(loaded.registry.list().len(), 5);
+    // Without the shipped policies, dedupe's kv import is refused.
+    let e = match bridge::load_plugins(&cfg, dir.path(), &dir.path().join("none")).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("dedupe loaded without its kv grant"),
+    };
+    assert!(
+        e.contains("dedupe.wasm: imports edgebridge:plugin/kv@0.1.0"),
+        "{e}"
+    );
+}
