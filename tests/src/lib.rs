@@ -115,6 +115,9 @@ pub struct MosquittoOptions {
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
     /// Refuse anonymous clients; accept this user name and password.
     pub password: Option<(String, String)>,
+    /// Add a WebSocket listener (and, with `tls`, a secure WebSocket listener that does not
+    /// ask for client certificates).
+    pub websockets: bool,
 }
 
 /// A Mosquitto process with its own folder and ports.
@@ -125,6 +128,10 @@ pub struct Mosquitto {
     pub port: u16,
     /// TLS port, if configured.
     pub tls_port: Option<u16>,
+    /// WebSocket port, if configured.
+    pub ws_port: Option<u16>,
+    /// Secure WebSocket port, if configured.
+    pub wss_port: Option<u16>,
 }
 
 impl Mosquitto {
@@ -133,6 +140,8 @@ impl Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let tls_port = opts.tls.as_ref().map(|_| free_port());
+        let ws_port = opts.websockets.then(free_port);
+        let wss_port = (opts.websockets && opts.tls.is_some()).then(free_port);
         let mut conf = format!(
             // `user root`: when the tests run as root (CI), Mosquitto would otherwise drop to
             // user `mosquitto` and could not write its log and persistence file here.
@@ -170,12 +179,24 @@ impl Mosquitto {
                 key.display()
             ));
         }
+        if let Some(wp) = ws_port {
+            conf.push_str(&format!("listener {wp} 127.0.0.1\nprotocol websockets\n"));
+        }
+        if let (Some((_, cert, key)), Some(wp)) = (&opts.tls, wss_port) {
+            conf.push_str(&format!(
+                "listener {wp} 127.0.0.1\nprotocol websockets\ncertfile {}\nkeyfile {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
         std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
         let mut m = Mosquitto {
             child: None,
             dir,
             port,
             tls_port,
+            ws_port,
+            wss_port,
         };
         m.spawn();
         m

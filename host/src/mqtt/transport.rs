@@ -1,4 +1,6 @@
-//! Byte streams under MQTT: TCP, and TLS over TCP with rustls. Certificates and keys are
+//! Byte streams under MQTT: TCP, TLS over TCP with rustls, and WebSocket (`ws://` over TCP,
+//! `wss://` over TLS; subprotocol `mqtt`, path `/mqtt` unless the endpoint gives one, e.g.
+//! `broker:8080/ws`). Certificates and keys are
 //! read at every connect, so files rotated on disk (as Kubernetes does with mounted secrets)
 //! are picked up by the next connection without a restart.
 
@@ -51,18 +53,52 @@ pub enum TransportError {
     /// A host name that cannot be a TLS server name.
     #[error("\"{0}\" is not a valid TLS server name")]
     ServerName(String),
-    /// A transport this build cannot open yet.
-    #[error("{0}")]
-    Unsupported(String),
+    /// The WebSocket upgrade failed (wrong path, not a WebSocket listener, refused).
+    #[error("WebSocket handshake with {url} failed: {message}")]
+    WebSocket {
+        /// The URL requested.
+        url: String,
+        /// Cause.
+        message: String,
+    },
 }
 
 /// Opens the transport described by `conn`.
 pub async fn open(conn: &BrokerConnection) -> Result<Box<dyn Stream>, TransportError> {
-    if conn.transport == Transport::WebSocket {
-        return Err(TransportError::Unsupported(
-            "`protocol: webSocket` is accepted in the configuration but this build only speaks MQTT over TCP/TLS; use `protocol: mqtt`".into(),
-        ));
+    let stream = open_tls(conn).await?;
+    if conn.transport != Transport::WebSocket {
+        return Ok(stream);
     }
+    let scheme = if conn.tls.is_some() { "wss" } else { "ws" };
+    let host = &conn.endpoint.host;
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+    let path = conn.endpoint.path.as_deref().unwrap_or("/mqtt");
+    let url = format!("{scheme}://{host}:{}{path}", conn.endpoint.port);
+    let ws_err = |message: String| TransportError::WebSocket {
+        url: url.clone(),
+        message,
+    };
+    use async_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ws_err(e.to_string()))?;
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        async_tungstenite::tungstenite::http::HeaderValue::from_static("mqtt"),
+    );
+    let (ws, _response) = async_tungstenite::tokio::client_async(request, stream)
+        .await
+        .map_err(|e| ws_err(e.to_string()))?;
+    Ok(Box::new(ws_stream_tungstenite::WsStream::new(ws)))
+}
+
+/// TCP, then TLS when enabled.
+async fn open_tls(conn: &BrokerConnection) -> Result<Box<dyn Stream>, TransportError> {
     let host = conn.endpoint.host.as_str();
     let addr = conn.endpoint.to_string().replace("embedded://", "");
     let tcp = TcpStream::connect((host, conn.endpoint.port))

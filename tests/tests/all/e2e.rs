@@ -489,6 +489,86 @@ async fn tls_with_a_client_certificate_and_intermediate_chain() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_and_secure_websocket_transports() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let local = Mosquitto::start(MosquittoOptions {
+        tls: Some((
+            pki.ca.clone(),
+            pki.server_cert.clone(),
+            pki.server_key.clone(),
+        )),
+        websockets: true,
+        ..Default::default()
+    });
+    let remote = Mosquitto::start(MosquittoOptions {
+        websockets: true,
+        ..Default::default()
+    });
+    std::fs::create_dir_all(dir.path().join("configmaps/local-ca")).unwrap();
+    std::fs::copy(&pki.ca, dir.path().join("configmaps/local-ca/ca.crt")).unwrap();
+    // Remote over ws:// (plain), local over wss:// (TLS, trusting the test CA).
+    let yaml = format!(
+        "apiVersion: mq.iotoperations.azure.com/v1beta1
+kind: MqttBridgeConnector
+metadata:
+  name: ws-bridge
+spec:
+  protocol: v5
+  clientIdPrefix: edge-
+  remoteBrokerConnection:
+    endpoint: 127.0.0.1:{}
+    protocol: webSocket
+    tls:
+      tlsEnabled: false
+  localBrokerConnection:
+    endpoint: localhost:{}
+    protocol: webSocket
+    tls:
+      tlsEnabled: true
+      trustedCaCertificateConfigMap: local-ca
+---
+apiVersion: mq.iotoperations.azure.com/v1beta1
+kind: MqttBridgeTopicMap
+metadata:
+  name: ws-map
+spec:
+  mqttBridgeConnectorRef: ws-bridge
+  routes:
+    - {{direction: local-to-remote, name: up, source: \"ws/up/#\"}}
+    - {{direction: remote-to-local, name: down, source: \"ws/down/#\"}}
+",
+        remote.ws_port.unwrap(),
+        local.wss_port.unwrap()
+    );
+    let cfg = load(dir.path(), &yaml);
+    assert_eq!(
+        cfg.connectors[0].local.transport,
+        config::Transport::WebSocket
+    );
+    assert!(cfg.connectors[0].local.tls.is_some(), "{yaml}");
+    let b = start(&cfg, &opts()).await;
+    let at_remote = Collector::start(remote.port, "ws-remote", "ws/#", false).await;
+    let at_local = Collector::start(local.port, "ws-local", "ws/down/#", false).await;
+    let lp = Publisher::connect(local.port, "ws-lpub").await;
+    let rp = Publisher::connect(remote.port, "ws-rpub").await;
+    for i in 0..20 {
+        lp.publish("ws/up/x", 1, false, &format!("u{i}")).await;
+        rp.publish("ws/down/y", 1, false, &format!("d{i}")).await;
+    }
+    assert_eq!(at_local.wait_for(20, 10 * SECOND).await, 20);
+    assert!(
+        eventually(10 * SECOND, || payloads_on(&at_remote, "ws/up/x").len()
+            == 20)
+        .await
+    );
+    let log = remote.log();
+    assert!(log.contains("as edge-up (p5"), "{log}");
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn username_and_password_from_a_secret_folder() {
     init_tracing();
     let local = Mosquitto::start(MosquittoOptions::default());
