@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, Connector, OnPluginError, Protocol};
+use crate::credentials::Provider;
 use crate::model::{Message, Properties};
 use crate::mqtt::session::{self, SessionEvent, SessionOptions};
 use crate::mqtt::{AckToken, StateEvent, SubFilter, Token, Version};
@@ -54,6 +55,8 @@ pub struct RunOptions {
     pub policies_dir: PathBuf,
     /// How often the plugins folder is checked for changes.
     pub reload_interval: Duration,
+    /// Where managed-identity tokens come from.
+    pub identity: crate::credentials::IdentityOptions,
 }
 
 impl Default for RunOptions {
@@ -70,6 +73,7 @@ impl Default for RunOptions {
             plugins_dir: PathBuf::from(DEFAULT_PLUGINS_DIR),
             policies_dir: PathBuf::from(DEFAULT_POLICIES_DIR),
             reload_interval: Duration::from_secs(1),
+            identity: crate::credentials::IdentityOptions::from_env(),
         }
     }
 }
@@ -382,6 +386,14 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
             connector: connector.clone(),
             local: Arc::new(connector.local.clone()),
             remote: Arc::new(connector.remote.clone()),
+            local_credentials: Arc::new(Provider::new(
+                connector.local.auth.clone(),
+                opts.identity.clone(),
+            )),
+            remote_credentials: Arc::new(Provider::new(
+                connector.remote.auth.clone(),
+                opts.identity.clone(),
+            )),
             opts: opts.clone(),
             guard,
             sessions: sessions.clone(),
@@ -506,6 +518,8 @@ struct Shared {
     connector: Connector,
     local: Arc<crate::config::BrokerConnection>,
     remote: Arc<crate::config::BrokerConnection>,
+    local_credentials: Arc<Provider>,
+    remote_credentials: Arc<Provider>,
     opts: RunOptions,
     guard: Arc<Mutex<LoopGuard>>,
     sessions: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
@@ -517,6 +531,13 @@ impl Shared {
         match side {
             Side::Local => self.local.clone(),
             Side::Remote => self.remote.clone(),
+        }
+    }
+
+    fn credentials(&self, side: Side) -> Arc<Provider> {
+        match side {
+            Side::Local => self.local_credentials.clone(),
+            Side::Remote => self.remote_credentials.clone(),
         }
     }
 }
@@ -539,6 +560,7 @@ async fn run_pipe(
         label: String::new(),
         version,
         conn: shared.conn(pipe.source),
+        credentials: shared.credentials(pipe.source),
         client_id: pipe.client_id.clone(),
         clean_start: false,
         session_expiry: v5.then_some(opts.session_expiry),
@@ -564,6 +586,7 @@ async fn run_pipe(
     let target_opts = SessionOptions {
         label: format!("{label} target ({})", pipe.target.as_str()),
         conn: shared.conn(pipe.target),
+        credentials: shared.credentials(pipe.target),
         clean_start: true,
         session_expiry: None,
         ..base

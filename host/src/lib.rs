@@ -14,6 +14,7 @@
 //! - [`mqtt`]: client sessions — codec adapter, sans-I/O [`mqtt::state`], transports, the I/O
 //!   driver [`mqtt::session`]. Knows nothing about routes.
 //! - [`bridge`]: the only module that wires sessions to routes; owns the tasks and shutdown.
+//! - [`credentials`]: user/password, Kubernetes SAT and managed-identity tokens for CONNECT.
 //! - [`embedded`]: an in-process broker for `embedded://` endpoints.
 //! - [`policy`]: what each plugin may do (pure).
 //! - [`secret`]: values that never print.
@@ -37,6 +38,7 @@
 
 pub mod bridge;
 pub mod config;
+pub mod credentials;
 pub mod embedded;
 pub mod model;
 pub mod mqtt;

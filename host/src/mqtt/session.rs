@@ -16,9 +16,9 @@ use super::backoff::Backoff;
 use super::codec::{self, ConnectSpec, Incoming, Outgoing, SubFilter, Version};
 use super::state::{AckToken, SessionState, StateEvent, Token};
 use super::transport;
-use crate::config::{Auth, BrokerConnection};
+use crate::config::BrokerConnection;
+use crate::credentials::Provider;
 use crate::model::Message;
-use crate::secret::Secret;
 
 /// Everything one session needs.
 #[derive(Debug, Clone)]
@@ -29,6 +29,8 @@ pub struct SessionOptions {
     pub version: Version,
     /// Broker address, transport, TLS and credentials.
     pub conn: Arc<BrokerConnection>,
+    /// Where the CONNECT credentials come from (shared by the sessions of one broker side).
+    pub credentials: Arc<Provider>,
     /// Client identifier.
     pub client_id: String,
     /// Clean start / clean session.
@@ -120,7 +122,9 @@ enum SessionError {
     #[error("expected CONNACK, got {0}")]
     NotConnAck(String),
     #[error("credentials: {0}")]
-    Credentials(String),
+    Credentials(#[from] crate::credentials::CredentialError),
+    #[error("renewing the connection to present a fresh token")]
+    Renew,
 }
 
 enum End {
@@ -139,6 +143,18 @@ async fn run(
         let result = serve(&opts, &mut state, &mut cmd_rx, &ev_tx, &mut backoff).await;
         match result {
             Ok(End::Closed) => return,
+            Err(SessionError::Renew) => {
+                // A planned reconnect: the session resumes, unacknowledged publishes are sent
+                // again; no backoff.
+                state.on_disconnect();
+                info!(session = %opts.label, client_id = %opts.client_id, "Reconnecting to present a fresh token");
+                if emit(&ev_tx, SessionEvent::ConnectionLost("token renewal".into()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
             Err(e) => {
                 state.on_disconnect();
                 if emit(&ev_tx, SessionEvent::ConnectionLost(e.to_string()))
@@ -194,44 +210,22 @@ async fn forward_events(
     Ok(())
 }
 
-fn read_secret_file(path: &std::path::Path) -> Result<String, SessionError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-        .map_err(|e| SessionError::Credentials(format!("cannot read {}: {e}", path.display())))
-}
-
-fn connect_spec(opts: &SessionOptions) -> Result<ConnectSpec, SessionError> {
-    let mut spec = ConnectSpec {
+async fn connect_spec(
+    opts: &SessionOptions,
+) -> Result<(ConnectSpec, Option<tokio::time::Instant>), SessionError> {
+    let creds = opts.credentials.connect().await?;
+    let spec = ConnectSpec {
         client_id: opts.client_id.clone(),
         keep_alive: opts.keep_alive.as_secs().clamp(1, u16::MAX as u64) as u16,
         clean_start: opts.clean_start,
         session_expiry: opts.session_expiry,
         receive_maximum: Some(opts.receive_maximum),
-        username: None,
-        password: None,
-        auth_method: None,
-        auth_data: None,
+        username: creds.username,
+        password: creds.password,
+        auth_method: creds.auth_method,
+        auth_data: creds.auth_data,
     };
-    match &opts.conn.auth {
-        Auth::Anonymous | Auth::X509 { .. } => {}
-        Auth::UsernamePassword { dir } => {
-            spec.username = Some(read_secret_file(&dir.join("username"))?);
-            let pw = dir.join("password");
-            if pw.exists() {
-                spec.password = Some(Secret::new(read_secret_file(&pw)?));
-            }
-        }
-        Auth::Kubernetes { token_path } => {
-            spec.auth_method = Some("K8S-SAT".into());
-            spec.auth_data = Some(Secret::new(read_secret_file(token_path)?));
-        }
-        Auth::ManagedIdentity { audience } => {
-            return Err(SessionError::Credentials(format!(
-                "systemAssignedManagedIdentity (audience {audience}) is not implemented in this build yet; use x509 or usernamePassword"
-            )));
-        }
-    }
-    Ok(spec)
+    Ok((spec, creds.renew_at))
 }
 
 async fn serve(
@@ -242,7 +236,7 @@ async fn serve(
     backoff: &mut Backoff,
 ) -> Result<End, SessionError> {
     let connect_timeout = Duration::from_secs(10);
-    let spec = connect_spec(opts)?;
+    let (spec, renew_at) = connect_spec(opts).await?;
     let stream = tokio::time::timeout(connect_timeout, transport::open(&opts.conn))
         .await
         .map_err(|_| SessionError::Timeout(connect_timeout))??;
@@ -290,6 +284,9 @@ async fn serve(
     ping.tick().await;
     let mut ping_outstanding = false;
     let mut closing = false;
+    let mut renewing = false;
+    let renew_deadline =
+        renew_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400 * 365));
     loop {
         // Everything queued goes out in one write: acks, publishes and pings of this turn.
         if state.has_outgoing() {
@@ -308,10 +305,13 @@ async fn serve(
         if forward_events(state, ev_tx).await.is_err() {
             closing = true;
         }
-        if closing {
+        if closing || renewing {
             codec::encode(opts.version, &Outgoing::Disconnect, &mut wbuf, max_packet)?;
             let _ = wr.write_all(&wbuf).await;
             let _ = wr.shutdown().await;
+            if renewing {
+                return Err(SessionError::Renew);
+            }
             debug!(session = %opts.label, "Disconnected");
             return Ok(End::Closed);
         }
@@ -338,6 +338,7 @@ async fn serve(
                 }
                 None => closing = true,
             },
+            _ = tokio::time::sleep_until(renew_deadline), if renew_at.is_some() => renewing = true,
             _ = ping.tick() => {
                 if ping_outstanding {
                     return Err(SessionError::KeepAlive);

@@ -1,5 +1,6 @@
 //! The integration suite, compiled into one test binary (one link, shared harness).
 
+mod auth;
 mod config;
 mod e2e;
 mod plugins;

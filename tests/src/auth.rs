@@ -1,0 +1,348 @@
+//! Test peers for token authentication: an identity endpoint issuing real HS256-signed JWTs
+//! (IMDS and Azure Arc challenge modes), and an MQTT 5 proxy in front of Mosquitto that checks
+//! the CONNECT authentication method and token (Mosquitto cannot), rejects bad or expired
+//! tokens, disconnects a client when its token expires, and forwards everything else.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::BytesMut;
+use hmac::{Hmac, Mac};
+use rumqttc::v5::mqttbytes::v5::{ConnAck, ConnectReturnCode, Packet};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const KEY: &[u8] = b"edgebridge-test-signing-key";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A signed JWT for `audience` expiring `lifetime` from now.
+pub fn jwt(audience: &str, lifetime: Duration, serial: u64) -> String {
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let exp = now() + lifetime.as_secs();
+    let claims = URL_SAFE_NO_PAD.encode(
+        serde_json::json!({"aud": audience, "exp": exp, "iat": now(), "jti": serial}).to_string(),
+    );
+    let mut mac = Hmac::<Sha256>::new_from_slice(KEY).unwrap();
+    mac.update(format!("{header}.{claims}").as_bytes());
+    let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{header}.{claims}.{sig}")
+}
+
+/// Checks signature, audience and expiry; returns the expiry (Unix seconds).
+pub fn verify(token: &str, audience: &str) -> Result<u64, String> {
+    let parts: Vec<&str> = token.split('.').collect();
+    if parts.len() != 3 {
+        return Err("not a JWT".into());
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(KEY).unwrap();
+    mac.update(format!("{}.{}", parts[0], parts[1]).as_bytes());
+    let sig = URL_SAFE_NO_PAD
+        .decode(parts[2])
+        .map_err(|_| "bad signature encoding")?;
+    mac.verify_slice(&sig).map_err(|_| "bad signature")?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).map_err(|_| "bad claims")?)
+            .map_err(|_| "claims are not JSON")?;
+    if claims["aud"] != audience {
+        return Err(format!("audience {} is not {audience}", claims["aud"]));
+    }
+    let exp = claims["exp"].as_u64().ok_or("no exp")?;
+    if exp <= now() {
+        return Err("token expired".into());
+    }
+    Ok(exp)
+}
+
+/// How the identity endpoint behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityMode {
+    /// Azure IMDS: answer with a token.
+    Imds,
+    /// Azure Arc: challenge with this key file, then require `Authorization: Basic <its content>`.
+    Arc(PathBuf),
+    /// Answer 200 with a body that is not a token.
+    Garbage,
+}
+
+/// A local identity endpoint.
+pub struct IdentityServer {
+    /// `http://127.0.0.1:port/metadata/identity/oauth2/token`.
+    pub url: String,
+    issued: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl IdentityServer {
+    /// Starts one issuing tokens valid for `lifetime`.
+    pub async fn start(mode: IdentityMode, lifetime: Duration) -> IdentityServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/metadata/identity/oauth2/token",
+            listener.local_addr().unwrap()
+        );
+        let issued = Arc::new(Mutex::new(Vec::new()));
+        let store = issued.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 8192];
+                let mut n = 0;
+                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(m) => n += m,
+                    }
+                }
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let resource = req
+                    .split("resource=")
+                    .nth(1)
+                    .and_then(|r| r.split([' ', '&']).next())
+                    .unwrap_or("")
+                    .replace("%3A", ":")
+                    .replace("%2F", "/");
+                let (status, headers, body) = if !req.contains("Metadata: true") {
+                    (400, String::new(), "missing Metadata header".to_string())
+                } else {
+                    match &mode {
+                        IdentityMode::Garbage => {
+                            (200, String::new(), "<html>oops</html>".to_string())
+                        }
+                        IdentityMode::Arc(key) => {
+                            let expected = format!(
+                                "Authorization: Basic {}",
+                                std::fs::read_to_string(key).unwrap_or_default().trim()
+                            );
+                            if req.contains(&expected) {
+                                let t =
+                                    jwt(&resource, lifetime, store.lock().unwrap().len() as u64);
+                                store.lock().unwrap().push(t.clone());
+                                (200, String::new(), token_body(&t, lifetime))
+                            } else {
+                                (
+                                    401,
+                                    format!("WWW-Authenticate: Basic realm={}\r\n", key.display()),
+                                    String::new(),
+                                )
+                            }
+                        }
+                        IdentityMode::Imds => {
+                            let t = jwt(&resource, lifetime, store.lock().unwrap().len() as u64);
+                            store.lock().unwrap().push(t.clone());
+                            (200, String::new(), token_body(&t, lifetime))
+                        }
+                    }
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            }
+        });
+        IdentityServer { url, issued, task }
+    }
+
+    /// Tokens issued so far.
+    pub fn issued(&self) -> usize {
+        self.issued.lock().unwrap().len()
+    }
+}
+
+fn token_body(token: &str, lifetime: Duration) -> String {
+    serde_json::json!({
+        "access_token": token,
+        "expires_on": (now() + lifetime.as_secs()).to_string(),
+        "resource": "https://eventgrid.azure.net",
+        "token_type": "Bearer",
+    })
+    .to_string()
+}
+
+impl Drop for IdentityServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the checking proxy accepts.
+#[derive(Clone)]
+pub enum Check {
+    /// `OAUTH2-JWT` with a valid JWT for this audience.
+    Jwt(String),
+    /// `K8S-SAT` equal to the current content of this file.
+    SatFile(PathBuf),
+}
+
+/// One CONNECT the proxy saw.
+#[derive(Debug, Clone)]
+pub struct SeenConnect {
+    /// Client ID.
+    pub client_id: String,
+    /// The token presented.
+    pub token: String,
+    /// Accepted or the reason it was not.
+    pub verdict: Result<(), String>,
+}
+
+/// An MQTT 5 proxy that checks CONNECT authentication, then forwards to `upstream`.
+pub struct AuthProxy {
+    /// Port to connect to.
+    pub port: u16,
+    seen: Arc<Mutex<Vec<SeenConnect>>>,
+    kick: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AuthProxy {
+    /// Starts a proxy to the Mosquitto on `upstream`.
+    pub async fn start(upstream: u16, check: Check) -> AuthProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (kick, kick_rx) = tokio::sync::watch::channel(0u64);
+        let store = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let (check, store, mut kick_rx) = (check.clone(), store.clone(), kick_rx.clone());
+                tokio::spawn(async move {
+                    let _ = serve_one(client, upstream, check, store, &mut kick_rx).await;
+                });
+            }
+        });
+        AuthProxy {
+            port,
+            seen,
+            kick,
+            task,
+        }
+    }
+
+    /// Every CONNECT so far.
+    pub fn seen(&self) -> Vec<SeenConnect> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Drops every open connection (as a broker does when a credential is revoked).
+    pub fn kick_all(&self) {
+        self.kick.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for AuthProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_one(
+    mut client: tokio::net::TcpStream,
+    upstream: u16,
+    check: Check,
+    seen: Arc<Mutex<Vec<SeenConnect>>>,
+    kick: &mut tokio::sync::watch::Receiver<u64>,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    let packet = loop {
+        match Packet::read(&mut buf, None) {
+            Ok(p) => break p,
+            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {
+                if client.read_buf(&mut buf).await? == 0 {
+                    return Ok(());
+                }
+            }
+            Err(_) => return Ok(()),
+        }
+    };
+    let Packet::Connect(mut connect, will, login) = packet else {
+        return Ok(());
+    };
+    let props = connect.properties.clone().unwrap_or_default();
+    let token = props
+        .authentication_data
+        .as_ref()
+        .map(|d| String::from_utf8_lossy(d).to_string())
+        .unwrap_or_default();
+    let method = props.authentication_method.clone().unwrap_or_default();
+    let (verdict, expires) = match &check {
+        Check::Jwt(aud) if method == "OAUTH2-JWT" => match verify(&token, aud) {
+            Ok(exp) => (Ok(()), Some(exp)),
+            Err(e) => (Err(e), None),
+        },
+        Check::SatFile(path) if method == "K8S-SAT" => {
+            let current = std::fs::read_to_string(path).unwrap_or_default();
+            if current.trim() == token {
+                (Ok(()), None)
+            } else {
+                (Err("not the current service-account token".into()), None)
+            }
+        }
+        _ => (
+            Err(format!(
+                "authentication method \"{method}\" is not accepted"
+            )),
+            None,
+        ),
+    };
+    seen.lock().unwrap().push(SeenConnect {
+        client_id: connect.client_id.clone(),
+        token: token.clone(),
+        verdict: verdict.clone(),
+    });
+    if verdict.is_err() {
+        let mut out = BytesMut::new();
+        let code = if method.is_empty() {
+            ConnectReturnCode::BadAuthenticationMethod
+        } else {
+            ConnectReturnCode::NotAuthorized
+        };
+        Packet::ConnAck(ConnAck {
+            session_present: false,
+            code,
+            properties: None,
+        })
+        .write(&mut out, None)
+        .ok();
+        client.write_all(&out).await?;
+        return Ok(());
+    }
+    // Mosquitto knows no enhanced authentication: forward the CONNECT without it.
+    let mut p = props;
+    p.authentication_method = None;
+    p.authentication_data = None;
+    connect.properties = Some(p);
+    let mut out = BytesMut::new();
+    Packet::Connect(connect, will, login)
+        .write(&mut out, None)
+        .ok();
+    out.extend_from_slice(&buf);
+    let mut server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await?;
+    server.write_all(&out).await?;
+    let until_expiry = expires
+        .map(|e| Duration::from_secs(e.saturating_sub(now())))
+        .unwrap_or(Duration::from_secs(86_400));
+    kick.borrow_and_update();
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+        // Like Event Grid: the connection ends when its token expires.
+        _ = tokio::time::sleep(until_expiry) => {}
+        _ = kick.changed() => {}
+    }
+    Ok(())
+}

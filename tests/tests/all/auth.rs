@@ -1,0 +1,405 @@
+//! Token authentication and credential rotation: managed identity (IMDS and Azure Arc flows)
+//! against a local identity endpoint issuing signed JWTs and an MQTT 5 peer that checks them;
+//! Kubernetes SAT rotation; X.509 rotation against Mosquitto requiring client certificates.
+
+use std::path::Path;
+use std::time::Duration;
+
+use edgebridge::bridge::{self, RunOptions};
+use edgebridge::config::{self, Auth, LoadOptions};
+use edgebridge::credentials::{CredentialError, IdentityOptions, Provider};
+use edgebridge_tests::auth::{AuthProxy, Check, IdentityMode, IdentityServer, verify};
+use edgebridge_tests::{
+    Collector, Mosquitto, MosquittoOptions, Pki, Publisher, init_tracing, write_file,
+};
+
+const SECOND: Duration = Duration::from_secs(1);
+const AUDIENCE: &str = "https://eventgrid.azure.net";
+
+fn opts(identity: &IdentityServer, key_dir: &Path) -> RunOptions {
+    RunOptions {
+        backoff: (Duration::from_millis(50), Duration::from_millis(500)),
+        drain_timeout: Duration::from_secs(3),
+        identity: IdentityOptions {
+            endpoint: identity.url.clone(),
+            arc: false,
+            key_dir: key_dir.to_path_buf(),
+        },
+        ..RunOptions::default()
+    }
+}
+
+async fn eventually(timeout: Duration, cond: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
+fn load(dir: &Path, yaml: &str) -> config::Config {
+    let path = write_file(dir, "bridge.yaml", yaml);
+    config::load(
+        &[path],
+        &LoadOptions {
+            secrets_dir: dir.join("secrets"),
+            configmaps_dir: dir.join("configmaps"),
+        },
+    )
+    .unwrap_or_else(|r| panic!("{r}"))
+}
+
+fn connector(
+    local: &str,
+    local_auth: &str,
+    remote: &str,
+    remote_auth: &str,
+    routes: &str,
+) -> String {
+    format!(
+        "apiVersion: mq.iotoperations.azure.com/v1beta1
+kind: MqttBridgeConnector
+metadata:
+  name: auth-bridge
+spec:
+  protocol: v5
+  clientIdPrefix: auth-
+  remoteBrokerConnection:
+    endpoint: \"{remote}\"
+    tls:
+      tlsEnabled: false
+{remote_auth}  localBrokerConnection:
+    endpoint: \"{local}\"
+    tls:
+      tlsEnabled: false
+{local_auth}---
+apiVersion: mq.iotoperations.azure.com/v1beta1
+kind: MqttBridgeTopicMap
+metadata:
+  name: auth-map
+spec:
+  mqttBridgeConnectorRef: auth-bridge
+  routes:
+{routes}"
+    )
+}
+
+/// QoS 1 traffic keeps flowing across several managed-identity token refreshes (3 s tokens,
+/// renewed at 80 %), every CONNECT carries a valid, unexpired token, nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_identity_tokens_are_refreshed_under_traffic_without_loss() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions::default());
+    let identity = IdentityServer::start(IdentityMode::Imds, 3 * SECOND).await;
+    let peer = AuthProxy::start(remote.port, Check::Jwt(AUDIENCE.into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &connector(
+            &local.endpoint(),
+            "",
+            &format!("127.0.0.1:{}", peer.port),
+            "    authentication:\n      systemAssignedManagedIdentity:\n        audience: https://eventgrid.azure.net\n",
+            "    - {direction: local-to-remote, name: up, source: \"mi/#\"}\n",
+        ),
+    );
+    let b = bridge::start(&cfg, &opts(&identity, dir.path()))
+        .await
+        .unwrap();
+    assert!(b.wait_ready(10 * SECOND).await);
+    let at_remote = Collector::start(remote.port, "mi-sub", "mi/#", false).await;
+    let lp = Publisher::connect(local.port, "mi-pub").await;
+    let total = 1200;
+    for i in 0..total {
+        lp.publish("mi/t", 1, false, &i.to_string()).await;
+        if i % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(130)).await;
+        }
+    }
+    assert!(
+        eventually(20 * SECOND, || at_remote.distinct_and_duplicates().0.len()
+            == total)
+        .await,
+        "{} of {total}",
+        at_remote.distinct_and_duplicates().0.len()
+    );
+    let seen = peer.seen();
+    let accepted: Vec<_> = seen.iter().filter(|c| c.verdict.is_ok()).collect();
+    let mut tokens: Vec<&str> = accepted.iter().map(|c| c.token.as_str()).collect();
+    tokens.sort();
+    tokens.dedup();
+    println!(
+        "managed identity: {total} messages, {} distinct received, {} duplicates; {} tokens issued, {} connects accepted with {} distinct tokens, {} refused",
+        at_remote.distinct_and_duplicates().0.len(),
+        at_remote.distinct_and_duplicates().1,
+        identity.issued(),
+        accepted.len(),
+        tokens.len(),
+        seen.len() - accepted.len()
+    );
+    assert!(tokens.len() >= 3, "at least two refreshes: {seen:?}");
+    assert!(
+        seen.iter().all(|c| c.verdict.is_ok()),
+        "every CONNECT had a valid token: {seen:?}"
+    );
+    assert!(identity.issued() >= 3);
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_arc_challenge_flow_and_bad_identity_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_dir = dir.path().join("tokens");
+    std::fs::create_dir_all(&key_dir).unwrap();
+    let key = write_file(&key_dir, "challenge.key", "s3cret-key\n");
+    let provider = |endpoint: &str, arc: bool| {
+        Provider::new(
+            Auth::ManagedIdentity {
+                audience: AUDIENCE.into(),
+            },
+            IdentityOptions {
+                endpoint: endpoint.into(),
+                arc,
+                key_dir: key_dir.clone(),
+            },
+        )
+    };
+    // Arc: 401 challenge naming a key file in the allowed folder, then a token.
+    let arc = IdentityServer::start(IdentityMode::Arc(key), 60 * SECOND).await;
+    let creds = provider(&arc.url, true).connect().await.unwrap();
+    assert_eq!(creds.auth_method.as_deref(), Some("OAUTH2-JWT"));
+    assert!(verify(creds.auth_data.as_ref().unwrap().expose(), AUDIENCE).is_ok());
+    assert!(
+        !format!("{creds:?}").contains(creds.auth_data.as_ref().unwrap().expose()),
+        "tokens never print"
+    );
+    // A challenge pointing outside the allowed folder is refused.
+    let outside = write_file(dir.path(), "elsewhere.key", "x");
+    let evil = IdentityServer::start(IdentityMode::Arc(outside), 60 * SECOND).await;
+    let e = provider(&evil.url, true).connect().await.unwrap_err();
+    assert!(matches!(e, CredentialError::KeyFileOutside { .. }), "{e}");
+    assert!(e.to_string().contains("outside"), "{e}");
+    // An endpoint that answers garbage, and one that is down.
+    let garbage = IdentityServer::start(IdentityMode::Garbage, 60 * SECOND).await;
+    let e = provider(&garbage.url, false).connect().await.unwrap_err();
+    assert!(e.to_string().contains("not JSON"), "{e}");
+    let port = edgebridge_tests::free_port();
+    let e = provider(&format!("http://127.0.0.1:{port}/token"), false)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CredentialError::Endpoint { .. }), "{e}");
+    // A missing SAT file names the file.
+    let sat = Provider::new(
+        Auth::Kubernetes {
+            token_path: dir.path().join("no-such-token"),
+        },
+        IdentityOptions::from_env(),
+    );
+    let e = sat.connect().await.unwrap_err();
+    assert!(e.to_string().contains("no-such-token"), "{e}");
+}
+
+/// The bridge retries while the identity endpoint is down and starts forwarding once it is
+/// up; the message published meanwhile waits in the source broker and arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_endpoint_that_is_down_is_retried_and_nothing_is_lost() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions::default());
+    let peer = AuthProxy::start(remote.port, Check::Jwt(AUDIENCE.into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &connector(
+            &local.endpoint(),
+            "",
+            &format!("127.0.0.1:{}", peer.port),
+            "    authentication:\n      systemAssignedManagedIdentity:\n        audience: https://eventgrid.azure.net\n",
+            "    - {direction: local-to-remote, name: up, source: \"down/#\"}\n",
+        ),
+    );
+    // Reserve a port for the identity endpoint, start it later.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let mut o = opts(
+        &IdentityServer::start(IdentityMode::Imds, 60 * SECOND).await,
+        dir.path(),
+    );
+    o.identity.endpoint = format!("http://127.0.0.1:{port}/metadata/identity/oauth2/token");
+    let b = bridge::start(&cfg, &o).await.unwrap();
+    let at_remote = Collector::start(remote.port, "down-sub", "down/#", false).await;
+    let lp = Publisher::connect(local.port, "down-pub").await;
+    tokio::time::sleep(SECOND).await;
+    lp.publish("down/x", 1, false, "waited").await;
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(at_remote.count(), 0, "no token, no forwarding");
+    // Now the endpoint comes up on that port.
+    let server = IdentityServerOnPort::start(port).await;
+    assert!(
+        eventually(15 * SECOND, || at_remote.count() == 1).await,
+        "forwarded after the endpoint came up"
+    );
+    assert_eq!(at_remote.messages()[0].payload, "waited");
+    drop(server);
+    b.shutdown().await;
+}
+
+/// An IMDS-mode identity endpoint on a given port (for the retry test).
+struct IdentityServerOnPort(tokio::task::JoinHandle<()>);
+
+impl IdentityServerOnPort {
+    async fn start(port: u16) -> IdentityServerOnPort {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        IdentityServerOnPort(tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let token = edgebridge_tests::auth::jwt(AUDIENCE, 60 * SECOND, 0);
+                let body = format!("{{\"access_token\":\"{token}\",\"expires_in\":\"60\"}}");
+                let _ = s
+                    .write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+                    .await;
+            }
+        }))
+    }
+}
+
+impl Drop for IdentityServerOnPort {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Kubernetes SAT: the token file is re-read at every connect; after it rotates (and the
+/// broker drops connections holding the old one) the bridge presents the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_service_account_token_is_used_at_the_next_connect() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sat_dir = dir.path().join("sat");
+    std::fs::create_dir_all(&sat_dir).unwrap();
+    let token = write_file(&sat_dir, "sat-token", "token-one\n");
+    let peer = AuthProxy::start(local.port, Check::SatFile(token.clone())).await;
+    let cfg = load(
+        dir.path(),
+        &connector(
+            &format!("127.0.0.1:{}", peer.port),
+            &format!(
+                "    authentication:\n      kubernetes:\n        secretPath: {}\n        serviceAccountTokenName: sat-token\n",
+                sat_dir.display()
+            ),
+            &remote.endpoint(),
+            "",
+            "    - {direction: local-to-remote, name: up, source: \"sat/#\"}\n",
+        ),
+    );
+    let b = bridge::start(
+        &cfg,
+        &opts(
+            &IdentityServer::start(IdentityMode::Imds, SECOND).await,
+            dir.path(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(b.wait_ready(10 * SECOND).await);
+    let at_remote = Collector::start(remote.port, "sat-sub", "sat/#", false).await;
+    let lp = Publisher::connect(local.port, "sat-pub").await;
+    lp.publish("sat/x", 1, false, "one").await;
+    assert!(eventually(10 * SECOND, || at_remote.count() == 1).await);
+    std::fs::write(&token, "token-two\n").unwrap();
+    peer.kick_all();
+    assert!(
+        eventually(10 * SECOND, || peer
+            .seen()
+            .iter()
+            .any(|c| c.token == "token-two" && c.verdict.is_ok()))
+        .await,
+        "{:?}",
+        peer.seen()
+    );
+    lp.publish("sat/x", 1, false, "two").await;
+    assert!(eventually(10 * SECOND, || at_remote.count() == 2).await);
+    assert!(
+        peer.seen().iter().all(|c| c.verdict.is_ok()),
+        "{:?}",
+        peer.seen()
+    );
+    b.shutdown().await;
+}
+
+/// X.509: rotate the client certificate files; the next connection uses the new certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_certificate_is_used_at_the_next_connect() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions {
+        tls: Some((
+            pki.ca.clone(),
+            pki.server_cert.clone(),
+            pki.server_key.clone(),
+        )),
+        ..Default::default()
+    });
+    std::fs::create_dir_all(dir.path().join("configmaps/ca")).unwrap();
+    std::fs::copy(&pki.ca, dir.path().join("configmaps/ca/ca.crt")).unwrap();
+    let secret = dir.path().join("secrets/client");
+    pki.client_secret(&secret, "bridge-one");
+    let yaml = connector(
+        &local.endpoint(),
+        "",
+        &format!("localhost:{}", remote.tls_port.unwrap()),
+        "    authentication:\n      x509:\n        secretName: client\n",
+        "    - {direction: local-to-remote, name: up, source: \"x509/#\"}\n",
+    )
+    .replacen(
+        "      tlsEnabled: false\n",
+        "      tlsEnabled: true\n      trustedCaCertificateConfigMap: ca\n",
+        1,
+    );
+    let cfg = load(dir.path(), &yaml);
+    let b = bridge::start(
+        &cfg,
+        &opts(
+            &IdentityServer::start(IdentityMode::Imds, SECOND).await,
+            dir.path(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(b.wait_ready(10 * SECOND).await);
+    assert!(remote.log().contains("u'bridge-one'"), "{}", remote.log());
+    pki.client_secret(&secret, "bridge-two");
+    // The broker restarts (as after a CA or policy change): the reconnect uses the new files.
+    let remote = tokio::task::spawn_blocking(move || {
+        let mut r = remote;
+        r.restart();
+        r
+    })
+    .await
+    .unwrap();
+    assert!(
+        eventually(15 * SECOND, || remote.log().contains("u'bridge-two'")).await,
+        "{}",
+        remote.log()
+    );
+    let at_remote = Collector::start(remote.port, "x509-sub", "x509/#", false).await;
+    let lp = Publisher::connect(local.port, "x509-pub").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lp.publish("x509/x", 1, false, "rotated").await;
+    assert!(eventually(10 * SECOND, || at_remote.count() == 1).await);
+    b.shutdown().await;
+}
