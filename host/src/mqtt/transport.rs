@@ -43,7 +43,7 @@ pub enum TransportError {
     #[error("TLS configuration: {0}")]
     Config(String),
     /// The TLS handshake failed (untrusted server, hostname mismatch, expired certificate).
-    #[error("TLS handshake with {addr} failed: {source}")]
+    #[error("TLS handshake with {addr} failed: {source}{}", handshake_hint(source))]
     Handshake {
         /// host:port.
         addr: String,
@@ -61,6 +61,22 @@ pub enum TransportError {
         /// Cause.
         message: String,
     },
+}
+
+/// What to check for the common handshake failures.
+fn handshake_hint(e: &io::Error) -> &'static str {
+    let text = e.to_string();
+    if text.contains("NotValidForName") {
+        "; the broker's certificate is not issued for this host name: use the name it was issued for in `endpoint`"
+    } else if text.contains("Expired") {
+        "; a certificate has expired: renew it"
+    } else if text.contains("invalid peer certificate") {
+        "; the broker's certificate is not trusted: `trustedCaCertificateConfigMap` must hold the CA that issued it (without one, the OS trust store is used)"
+    } else if text.contains("alert") {
+        "; the broker refused the handshake: check the client certificate (x509 secret) and that the broker trusts its issuer"
+    } else {
+        ""
+    }
 }
 
 /// Opens the transport described by `conn`.

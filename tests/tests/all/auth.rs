@@ -403,3 +403,72 @@ async fn a_rotated_client_certificate_is_used_at_the_next_connect() {
     assert!(eventually(10 * SECOND, || at_remote.count() == 1).await);
     b.shutdown().await;
 }
+
+/// TLS failures name what to fix: an untrusted server, a key that does not match its
+/// certificate, a missing file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_failures_are_clear() {
+    use edgebridge::config::{BrokerConnection, Tls, Transport, parse::parse_endpoint};
+    use edgebridge::mqtt::transport;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let other = Pki::new(&dir.path().join("other"));
+    let remote = Mosquitto::start(MosquittoOptions {
+        tls: Some((
+            pki.ca.clone(),
+            pki.server_cert.clone(),
+            pki.server_key.clone(),
+        )),
+        ..Default::default()
+    });
+    let ca_dir = |p: &Pki, name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(&p.ca, d.join("ca.crt")).unwrap();
+        d
+    };
+    let good_ca = ca_dir(&pki, "good-ca");
+    let wrong_ca = ca_dir(&other, "wrong-ca");
+    pki.client_secret(&dir.path().join("client"), "c1");
+    other.client_secret(&dir.path().join("other-client"), "c2");
+    let conn = |ca: &Path, cert: &Path, key: &Path| BrokerConnection {
+        endpoint: parse_endpoint(&format!("localhost:{}", remote.tls_port.unwrap())).unwrap(),
+        transport: Transport::Mqtt,
+        tls: Some(Tls {
+            trusted_ca_dir: Some(ca.to_path_buf()),
+        }),
+        auth: Auth::X509 {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            intermediates: None,
+        },
+    };
+    let cert = dir.path().join("client/client_cert.pem");
+    let key = dir.path().join("client/client_key.pem");
+    let err = |c: BrokerConnection| async move {
+        match transport::open(&c).await {
+            Ok(_) => "connected".to_string(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = err(conn(&wrong_ca, &cert, &key)).await;
+    assert!(
+        e.contains("TLS handshake with localhost:")
+            && e.contains("invalid peer certificate")
+            && e.contains("`trustedCaCertificateConfigMap` must hold the CA"),
+        "{e}"
+    );
+    let e = err(conn(
+        &good_ca,
+        &cert,
+        &dir.path().join("other-client/client_key.pem"),
+    ))
+    .await;
+    assert!(
+        e.contains("client certificate") && e.contains("client_cert.pem"),
+        "{e}"
+    );
+    let e = err(conn(&good_ca, &dir.path().join("nope.pem"), &key)).await;
+    assert!(e.contains("nope.pem: cannot read certificates"), "{e}");
+    assert_eq!(err(conn(&good_ca, &cert, &key)).await, "connected");
+}
