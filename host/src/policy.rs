@@ -23,8 +23,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::parse::{Cx, Fields, boolean, integer, string};
-use crate::config::yaml::{NodeKind, parse_documents};
+use crate::config::parse::{Cx, Fields, boolean, for_each_document, integer, string};
+use crate::config::yaml::NodeKind;
 use crate::config::{ConfigError, ConfigReport};
 use crate::topic;
 
@@ -201,45 +201,25 @@ impl Policies {
     }
 
     fn parse_into(&mut self, file: &Path, text: &str, errors: &mut Vec<ConfigError>) {
-        let docs = match parse_documents(text) {
-            Ok(d) => d,
-            Err(e) => {
-                errors.push(ConfigError {
-                    file: file.to_path_buf(),
-                    line: Some(e.line),
-                    document: None,
-                    field: None,
-                    message: format!("YAML syntax error at column {}: {}", e.col, e.message),
-                });
+        for_each_document(file, text, errors, |cx, node| {
+            let Some(p) = read_policy(cx, node, file) else {
                 return;
-            }
-        };
-        for (i, node) in docs.iter().enumerate() {
-            if node.is_null() {
-                continue;
-            }
-            let mut cx = Cx {
-                file,
-                document: format!("document {}", i + 1),
-                errors,
             };
-            if let Some(p) = read_policy(&mut cx, node, file) {
-                if let Some(first) = self.by_plugin.get(&p.plugin) {
-                    let first_file = first.file.clone().unwrap_or_default();
-                    cx.err(
-                        node.line,
-                        "metadata.name",
-                        format!(
-                            "plugin \"{}\" already has a policy in {}",
-                            p.plugin,
-                            first_file.display()
-                        ),
-                    );
-                } else {
-                    self.by_plugin.insert(p.plugin.clone(), p);
-                }
+            if let Some(first) = self.by_plugin.get(&p.plugin) {
+                let first_file = first.file.clone().unwrap_or_default();
+                cx.err(
+                    node.line,
+                    "metadata.name",
+                    format!(
+                        "plugin \"{}\" already has a policy in {}",
+                        p.plugin,
+                        first_file.display()
+                    ),
+                );
+            } else {
+                self.by_plugin.insert(p.plugin.clone(), p);
             }
-        }
+        });
     }
 }
 

@@ -474,6 +474,17 @@ impl Drop for Publisher {
     }
 }
 
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held. (Counters are
+/// bumped when the target's PUBACK is processed, which can be after a test client already saw
+/// the forwarded message: wait for them, do not sleep.)
+pub async fn eventually(timeout: Duration, cond: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
 /// Writes `text` to `dir/name` and returns the path.
 pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);

@@ -20,41 +20,54 @@ pub fn parse_sources(
     // reported again as referencing an unknown connector.
     let mut broken: Vec<String> = Vec::new();
     for (file, text) in sources {
-        let docs = match parse_documents(text) {
-            Ok(d) => d,
-            Err(e) => {
-                errors.push(ConfigError {
-                    file: file.to_path_buf(),
-                    line: Some(e.line),
-                    document: None,
-                    field: None,
-                    message: format!("YAML syntax error at column {}: {}", e.col, e.message),
-                });
-                continue;
-            }
-        };
-        for (index, node) in docs.iter().enumerate() {
-            if node.is_null() {
-                continue;
-            }
-            let mut cx = Cx {
-                file,
-                document: format!("document {}", index + 1),
-                errors: &mut errors,
-            };
-            match read_document(&mut cx, node, opts) {
+        for_each_document(file, text, &mut errors, |cx, node| {
+            match read_document(cx, node, opts) {
                 Ok(Doc::Connector(c)) => connectors.push(*c),
                 Ok(Doc::TopicMap(m)) => maps.push(m),
                 Err(Some(name)) => broken.push(name),
                 Err(None) => {}
             }
-        }
+        });
     }
     link(&mut connectors, maps, &broken, &mut errors);
     if errors.is_empty() {
         Ok(Config { connectors })
     } else {
         Err(ConfigReport { errors })
+    }
+}
+
+/// Parses `text` and calls `read` with an error context for every non-empty document; a
+/// YAML syntax error is reported once for the file.
+pub(crate) fn for_each_document(
+    file: &Path,
+    text: &str,
+    errors: &mut Vec<ConfigError>,
+    mut read: impl FnMut(&mut Cx, &Node),
+) {
+    let docs = match parse_documents(text) {
+        Ok(d) => d,
+        Err(e) => {
+            errors.push(ConfigError {
+                file: file.to_path_buf(),
+                line: Some(e.line),
+                document: None,
+                field: None,
+                message: format!("YAML syntax error at column {}: {}", e.col, e.message),
+            });
+            return;
+        }
+    };
+    for (index, node) in docs.iter().enumerate() {
+        if node.is_null() {
+            continue;
+        }
+        let mut cx = Cx {
+            file,
+            document: format!("document {}", index + 1),
+            errors,
+        };
+        read(&mut cx, node);
     }
 }
 

@@ -10,7 +10,7 @@ use edgebridge::config::{self, Auth, LoadOptions};
 use edgebridge::credentials::{CredentialError, IdentityOptions, Provider};
 use edgebridge_tests::auth::{AuthProxy, Check, IdentityMode, IdentityServer, verify};
 use edgebridge_tests::{
-    Collector, Mosquitto, MosquittoOptions, Pki, Publisher, init_tracing, write_file,
+    Collector, Mosquitto, MosquittoOptions, Pki, Publisher, eventually, init_tracing, write_file,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -27,14 +27,6 @@ fn opts(identity: &IdentityServer, key_dir: &Path) -> RunOptions {
         },
         ..RunOptions::default()
     }
-}
-
-async fn eventually(timeout: Duration, cond: impl Fn() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !cond() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    cond()
 }
 
 fn load(dir: &Path, yaml: &str) -> config::Config {

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use edgebridge::bridge::{self, RunOptions, RunningBridge};
 use edgebridge::config::{self, Config, LoadOptions};
 use edgebridge_tests::{
-    Collector, Mosquitto, MosquittoOptions, Pki, Publisher, free_port, init_tracing, write_file,
+    Collector, Mosquitto, MosquittoOptions, Pki, Publisher, eventually, free_port, init_tracing,
+    write_file,
 };
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
@@ -74,17 +75,6 @@ async fn start(cfg: &Config, opts: &RunOptions) -> RunningBridge {
         b.stats.all()
     );
     b
-}
-
-/// Polls `cond` until it holds or `timeout` passes; returns whether it held. Counters are
-/// bumped when the target's PUBACK is processed, which can be after a test client already saw
-/// the forwarded message.
-async fn eventually(timeout: Duration, cond: impl Fn() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !cond() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    cond()
 }
 
 fn payloads_on(c: &Collector, topic: &str) -> Vec<String> {

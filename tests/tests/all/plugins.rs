@@ -5,7 +5,8 @@ use std::time::Duration;
 use edgebridge::bridge::{self, BridgeError, RunOptions, RunningBridge};
 use edgebridge::config::{self, Config, LoadOptions};
 use edgebridge_tests::{
-    Collector, Mosquitto, MosquittoOptions, Publisher, init_tracing, install_plugin, write_file,
+    Collector, Mosquitto, MosquittoOptions, Publisher, eventually, init_tracing, install_plugin,
+    write_file,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -90,14 +91,6 @@ spec:
         );
         b
     }
-}
-
-async fn eventually(timeout: Duration, cond: impl Fn() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !cond() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    cond()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
