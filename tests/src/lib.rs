@@ -45,8 +45,13 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// Makes a CA and a server certificate in `dir`.
+    /// Makes a CA and a server certificate (for localhost and 127.0.0.1) in `dir`.
     pub fn new(dir: &Path) -> Pki {
+        Pki::with_server(dir, &["localhost", "127.0.0.1"], false)
+    }
+
+    /// Makes a CA and a server certificate for `names`, already expired if `expired`.
+    pub fn with_server(dir: &Path, names: &[&str], expired: bool) -> Pki {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         std::fs::create_dir_all(dir).unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -58,10 +63,14 @@ impl Pki {
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = Issuer::new(ca_params, ca_key);
         let server_key = KeyPair::generate().unwrap();
-        let server = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-            .unwrap()
-            .signed_by(&server_key, &issuer)
-            .unwrap();
+        let mut server_params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        if expired {
+            server_params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            server_params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let server = server_params.signed_by(&server_key, &issuer).unwrap();
         let pki = Pki {
             dir: dir.to_path_buf(),
             ca: dir.join("ca.pem"),

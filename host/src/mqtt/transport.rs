@@ -66,9 +66,9 @@ pub enum TransportError {
 /// What to check for the common handshake failures.
 fn handshake_hint(e: &io::Error) -> &'static str {
     let text = e.to_string();
-    if text.contains("NotValidForName") {
+    if text.contains("NotValidForName") || text.contains("not valid for name") {
         "; the broker's certificate is not issued for this host name: use the name it was issued for in `endpoint`"
-    } else if text.contains("Expired") {
+    } else if text.contains("Expired") || text.contains("expired") {
         "; a certificate has expired: renew it"
     } else if text.contains("invalid peer certificate") {
         "; the broker's certificate is not trusted: `trustedCaCertificateConfigMap` must hold the CA that issued it (without one, the OS trust store is used)"

@@ -463,4 +463,41 @@ async fn tls_failures_are_clear() {
     let e = err(conn(&good_ca, &dir.path().join("nope.pem"), &key)).await;
     assert!(e.contains("nope.pem: cannot read certificates"), "{e}");
     assert_eq!(err(conn(&good_ca, &cert, &key)).await, "connected");
+
+    // A broker whose certificate names another host, and one whose certificate has expired.
+    for (names, expired, expect) in [
+        (
+            &["other.example"][..],
+            false,
+            "not issued for this host name",
+        ),
+        (&["localhost"][..], true, "has expired"),
+    ] {
+        let sub = dir.path().join(format!("pki-{expired}"));
+        let bad = Pki::with_server(&sub, names, expired);
+        let broker = Mosquitto::start(MosquittoOptions {
+            tls: Some((
+                bad.ca.clone(),
+                bad.server_cert.clone(),
+                bad.server_key.clone(),
+            )),
+            ..Default::default()
+        });
+        let ca = ca_dir(&bad, &format!("ca-{expired}"));
+        bad.client_secret(&sub.join("client"), "c3");
+        let c = BrokerConnection {
+            endpoint: parse_endpoint(&format!("localhost:{}", broker.tls_port.unwrap())).unwrap(),
+            transport: Transport::Mqtt,
+            tls: Some(Tls {
+                trusted_ca_dir: Some(ca),
+            }),
+            auth: Auth::X509 {
+                cert: sub.join("client/client_cert.pem"),
+                key: sub.join("client/client_key.pem"),
+                intermediates: Some(sub.join("client/client_intermediate_certs.pem")),
+            },
+        };
+        let e = err(c).await;
+        assert!(e.contains(expect), "{e}");
+    }
 }
