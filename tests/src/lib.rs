@@ -247,6 +247,11 @@ impl Mosquitto {
         self.spawn();
     }
 
+    /// The broker's configuration file (edit, then [`Mosquitto::restart`]).
+    pub fn conf_path(&self) -> PathBuf {
+        self.dir.path().join("mosquitto.conf")
+    }
+
     /// The broker's log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()

@@ -1,0 +1,451 @@
+//! End-to-end benchmark: edgebridge beside Mosquitto's own bridge, in one run, on loopback.
+//!
+//! `bash bench/run` (builds the release binary, then runs this). Cases, in turns:
+//! (a) publish and subscribe on one broker (baseline, no bridge); (b) Mosquitto's built-in
+//! bridge; (c) edgebridge, one same-topic route; (d) the same through one plugin
+//! (topic-template); (e) through two (topic-template, json-filter). For QoS 0 and 1 and 64 B and
+//! 4 KiB payloads: throughput (first publish to last receive, loss and duplicates), latency
+//! p50/p99 at a fixed rate, and the bridge process's peak RSS and CPU seconds per million
+//! messages. Each case repeats; medians are printed with ratios against (a) and (b).
+//! `-- --quick` for fewer messages and repeats. Bounded: every wait has a timeout.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgebridge_tests::{Mosquitto, MosquittoOptions, free_port, install_plugin};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Case {
+    Baseline,
+    MosquittoBridge,
+    Edgebridge,
+    OnePlugin,
+    TwoPlugins,
+}
+
+impl Case {
+    fn label(self) -> &'static str {
+        match self {
+            Case::Baseline => "(a) same broker",
+            Case::MosquittoBridge => "(b) mosquitto bridge",
+            Case::Edgebridge => "(c) edgebridge",
+            Case::OnePlugin => "(d) edgebridge + 1 plugin",
+            Case::TwoPlugins => "(e) edgebridge + 2 plugins",
+        }
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Run {
+    rate: f64,
+    lost: u64,
+    dups: u64,
+    p50_us: f64,
+    p99_us: f64,
+    rss_kib: u64,
+    cpu_s_per_m: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn tuned_mosquitto(bridge_to: Option<(u16, u8)>) -> Mosquitto {
+    let m = Mosquitto::start(MosquittoOptions::default());
+    if let Some((remote, qos)) = bridge_to {
+        // Restart with a bridge section appended. Its default protocol (3.1.1): with
+        // `max_inflight_messages 0` Mosquitto 2.0.11's MQTT 5 bridge announces Receive Maximum 0,
+        // which the remote refuses as a protocol error.
+        let conf = m.conf_path();
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(&format!(
+            "connection bench-bridge\naddress 127.0.0.1:{remote}\ntopic bench/# out {qos}\ncleansession true\n"
+        ));
+        std::fs::write(&conf, text).unwrap();
+        let mut m = m;
+        m.restart();
+        std::thread::sleep(Duration::from_millis(500));
+        return m;
+    }
+    m
+}
+
+fn bridge_yaml(local: u16, remote: u16, qos: u8, plugins: &str) -> String {
+    format!(
+        "apiVersion: mq.iotoperations.azure.com/v1beta1
+kind: MqttBridgeConnector
+metadata: {{name: bench}}
+spec:
+  protocol: v5
+  clientIdPrefix: bench-
+  remoteBrokerConnection: {{endpoint: \"127.0.0.1:{remote}\", tls: {{tlsEnabled: false}}}}
+  localBrokerConnection: {{endpoint: \"127.0.0.1:{local}\", tls: {{tlsEnabled: false}}}}
+---
+apiVersion: mq.iotoperations.azure.com/v1beta1
+kind: MqttBridgeTopicMap
+metadata: {{name: bench}}
+spec:
+  mqttBridgeConnectorRef: bench
+  routes:
+    - direction: local-to-remote
+      name: bench
+      source: \"bench/#\"
+      qos: {qos}
+{plugins}"
+    )
+}
+
+fn edgebridge_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("edgebridge");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `bash bench/run` (it builds the release binary first)",
+        bin.display()
+    );
+    bin
+}
+
+fn proc_stats(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    (rss, ticks as f64 / 100.0)
+}
+
+/// A subscriber recording (sequence, latency) of every message.
+async fn subscriber(
+    port: u16,
+    qos: QoS,
+) -> (
+    AsyncClient,
+    Arc<Mutex<Vec<(u64, u64)>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut opts = MqttOptions::new(format!("bench-sub-{}", free_port()), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(Some(1 << 20));
+    let (client, mut el) = AsyncClient::new(opts, 10_000);
+    let seen = Arc::new(Mutex::new(Vec::with_capacity(200_000)));
+    let s = seen.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut ready = Some(tx);
+    let c = client.clone();
+    let start = *EPOCH;
+    let task = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = c.subscribe("bench/#", qos).await;
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let now = start.elapsed().as_micros() as u64;
+                    if p.payload.len() >= 16 {
+                        let seq = u64::from_le_bytes(p.payload[0..8].try_into().unwrap());
+                        let sent = u64::from_le_bytes(p.payload[8..16].try_into().unwrap());
+                        s.lock().unwrap().push((seq, now.saturating_sub(sent)));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("subscribed")
+        .unwrap();
+    (client, seen, task)
+}
+
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+fn payload(seq: u64, size: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(size);
+    p.extend_from_slice(&seq.to_le_bytes());
+    p.extend_from_slice(&(EPOCH.elapsed().as_micros() as u64).to_le_bytes());
+    // JSON-ish tail so json-filter has something to parse: bytes 16.. are `{"k":1,"p":"xxx"}`.
+    let tail = b"{\"k\":1,\"p\":\"";
+    p.extend_from_slice(tail);
+    while p.len() + 2 < size {
+        p.push(b'x');
+    }
+    p.extend_from_slice(b"\"}");
+    p.truncate(size.max(16));
+    p
+}
+
+/// Publishes `n` messages (`rate` per second, or as fast as the client goes) and waits for them.
+async fn publish(port: u16, qos: QoS, n: u64, size: usize, rate: Option<u64>) -> f64 {
+    let mut opts = MqttOptions::new(format!("bench-pub-{}", free_port()), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_outgoing_inflight_upper_limit(1000);
+    let (client, mut el) = AsyncClient::new(opts, 10_000);
+    let acks = Arc::new(Mutex::new(0u64));
+    let a = acks.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => *a.lock().unwrap() += 1,
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let start = Instant::now();
+    for seq in 0..n {
+        if let Some(r) = rate {
+            let due = start + Duration::from_micros(seq * 1_000_000 / r);
+            let now = Instant::now();
+            if due > now {
+                tokio::time::sleep(due - now).await;
+            }
+        }
+        client
+            .publish("bench/t", qos, false, payload(seq, size))
+            .await
+            .unwrap();
+    }
+    if qos == QoS::AtLeastOnce {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while *acks.lock().unwrap() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    task.abort();
+    secs
+}
+
+async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path) -> Run {
+    let qos = if qos_n == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let remote = tuned_mosquitto(None);
+    let local = match case {
+        Case::MosquittoBridge => tuned_mosquitto(Some((remote.port, qos_n))),
+        _ => tuned_mosquitto(None),
+    };
+    let sub_port = if case == Case::Baseline {
+        local.port
+    } else {
+        remote.port
+    };
+    if case == Case::MosquittoBridge {
+        // The bridge connects on its own schedule: measure only once it is connected.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !remote.log().contains(".bench-bridge") && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !remote.log().contains(".bench-bridge") {
+            eprintln!(
+                "mosquitto's bridge did not connect\n--- local conf:\n{}\n--- local log:\n{}\n--- remote log:\n{}",
+                std::fs::read_to_string(local.conf_path()).unwrap_or_default(),
+                local.log(),
+                remote.log()
+            );
+            return Run::default();
+        }
+    }
+    let mut bridge: Option<Child> = None;
+    if matches!(case, Case::Edgebridge | Case::OnePlugin | Case::TwoPlugins) {
+        let plugins = match case {
+            Case::OnePlugin => {
+                "      plugins:\n        - {name: topic-template, config: {template: \"{#}\"}}\n"
+            }
+            Case::TwoPlugins => {
+                "      plugins:\n        - {name: topic-template, config: {template: \"{#}\"}}\n        - {name: json-filter, config: {field: k, exists: true, onInvalid: keep}}\n"
+            }
+            _ => "",
+        };
+        let dir = tempfile::tempdir().unwrap().keep();
+        let cfg = dir.join("bench.yaml");
+        std::fs::write(&cfg, bridge_yaml(local.port, remote.port, qos_n, plugins)).unwrap();
+        let child = Command::new(edgebridge_binary())
+            .args(["run", "-f"])
+            .arg(&cfg)
+            .arg("--plugins-dir")
+            .arg(plugins_dir)
+            .arg("--policies-dir")
+            .arg(dir.join("none"))
+            .arg("--log-level")
+            .arg("error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        bridge = Some(child);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let (_c, seen, task) = subscriber(sub_port, qos).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = bridge.as_ref().map(|b| proc_stats(b.id()));
+
+    // Throughput: as fast as the publisher goes.
+    let t0 = Instant::now();
+    publish(local.port, qos, n, size, None).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last_len = 0;
+    let mut last_change = Instant::now();
+    loop {
+        let len = seen.lock().unwrap().len();
+        if len as u64 >= n
+            || Instant::now() > deadline
+            || last_change.elapsed() > Duration::from_secs(5)
+        {
+            break;
+        }
+        if len != last_len {
+            last_len = len;
+            last_change = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = t0.elapsed().as_secs_f64()
+        - if (seen.lock().unwrap().len() as u64) < n {
+            5.0
+        } else {
+            0.0
+        };
+    let got: Vec<(u64, u64)> = std::mem::take(&mut *seen.lock().unwrap());
+    let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
+    let mut run = Run {
+        rate: distinct.len() as f64 / elapsed.max(1e-9),
+        lost: n - distinct.len() as u64,
+        dups: got.len() as u64 - distinct.len() as u64,
+        ..Run::default()
+    };
+    if let (Some(b), Some((_, cpu0))) = (&bridge, before) {
+        let (rss, cpu1) = proc_stats(b.id());
+        run.rss_kib = rss;
+        run.cpu_s_per_m = (cpu1 - cpu0) / (n as f64 / 1e6);
+    }
+
+    // Latency at a fixed rate of 5,000 msg/s.
+    let m = (n / 4).clamp(2_000, 10_000);
+    publish(local.port, qos, m, size, Some(5_000)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut lat: Vec<f64> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, l)| *l as f64)
+        .collect();
+    if !lat.is_empty() {
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        run.p50_us = lat[lat.len() / 2];
+        run.p99_us = lat[(lat.len() * 99) / 100];
+    }
+    task.abort();
+    if let Some(mut b) = bridge {
+        let _ = b.kill();
+        let _ = b.wait();
+    }
+    run
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (n, repeats) = if quick {
+        (10_000u64, 1)
+    } else {
+        (50_000u64, 3)
+    };
+    let plugins_dir = tempfile::tempdir().unwrap().keep();
+    install_plugin(&plugins_dir, "topic-template", "topic-template");
+    install_plugin(&plugins_dir, "json-filter", "json-filter");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cases = [
+        Case::Baseline,
+        Case::MosquittoBridge,
+        Case::Edgebridge,
+        Case::OnePlugin,
+        Case::TwoPlugins,
+    ];
+    println!(
+        "edgebridge end-to-end benchmark: {n} messages per throughput run, {repeats} repeat(s), medians"
+    );
+    for qos in [0u8, 1] {
+        for size in [64usize, 4096] {
+            println!();
+            println!("### QoS {qos}, {size} B");
+            println!(
+                "| case | msg/s | vs (a) | vs (b) | lost | dup | p50 µs @5k/s | p99 µs | bridge RSS MiB | CPU s / M msgs |"
+            );
+            println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+            let mut base = (0.0, 0.0);
+            for case in cases {
+                let runs: Vec<Run> = (0..repeats)
+                    .map(|_| rt.block_on(run_case(case, qos, size, n, &plugins_dir)))
+                    .collect();
+                let rate = median(runs.iter().map(|r| r.rate).collect());
+                match case {
+                    Case::Baseline => base.0 = rate,
+                    Case::MosquittoBridge => base.1 = rate,
+                    _ => {}
+                }
+                let ratio = |b: f64| {
+                    if b > 0.0 {
+                        format!("{:.2}", rate / b)
+                    } else {
+                        "-".into()
+                    }
+                };
+                let rss = median(runs.iter().map(|r| r.rss_kib as f64).collect());
+                let cpu = median(runs.iter().map(|r| r.cpu_s_per_m).collect());
+                println!(
+                    "| {} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} |",
+                    case.label(),
+                    rate,
+                    ratio(base.0),
+                    ratio(base.1),
+                    runs.iter().map(|r| r.lost).max().unwrap_or(0),
+                    runs.iter().map(|r| r.dups).max().unwrap_or(0),
+                    median(runs.iter().map(|r| r.p50_us).collect()),
+                    median(runs.iter().map(|r| r.p99_us).collect()),
+                    if rss > 0.0 {
+                        format!("{:.1}", rss / 1024.0)
+                    } else {
+                        "-".into()
+                    },
+                    if rss > 0.0 {
+                        format!("{cpu:.2}")
+                    } else {
+                        "-".into()
+                    },
+                );
+            }
+        }
+    }
+}
