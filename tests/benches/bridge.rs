@@ -15,10 +15,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edgebridge::config::parse::parse_endpoint;
+use edgebridge::config::{Auth, BrokerConnection, Transport};
+use edgebridge::credentials::{IdentityOptions, Provider};
+use edgebridge::model::{Message, Properties, QoS};
+use edgebridge::mqtt::session::{self, SessionEvent, SessionOptions};
+use edgebridge::mqtt::{StateEvent, SubFilter, Version};
 use edgebridge_tests::{Mosquitto, MosquittoOptions, free_port, install_plugin};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Case {
@@ -132,46 +135,69 @@ fn proc_stats(pid: u32) -> (u64, f64) {
     (rss, ticks as f64 / 100.0)
 }
 
-/// A subscriber recording (sequence, latency) of every message.
+fn session_options(port: u16, client_id: String, subscriptions: Vec<SubFilter>) -> SessionOptions {
+    SessionOptions {
+        label: client_id.clone(),
+        version: Version::V5,
+        conn: Arc::new(BrokerConnection {
+            endpoint: parse_endpoint(&format!("127.0.0.1:{port}")).unwrap(),
+            transport: Transport::Mqtt,
+            tls: None,
+            auth: Auth::Anonymous,
+        }),
+        credentials: Arc::new(Provider::new(Auth::Anonymous, IdentityOptions::from_env())),
+        client_id,
+        clean_start: true,
+        session_expiry: None,
+        subscriptions,
+        max_inflight: 1000,
+        receive_maximum: 1000,
+        keep_alive: Duration::from_secs(30),
+        backoff: (Duration::from_millis(50), Duration::from_millis(500)),
+        max_packet: 1 << 20,
+    }
+}
+
+/// A subscriber recording (sequence, latency) of every message. The load generator is
+/// edgebridge's own session driver (every packet of a turn in one write, reads in batches),
+/// the same for every case.
 async fn subscriber(
     port: u16,
     qos: QoS,
-) -> (
-    AsyncClient,
-    Arc<Mutex<Vec<(u64, u64)>>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let mut opts = MqttOptions::new(format!("bench-sub-{}", free_port()), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_max_packet_size(Some(1 << 20));
-    let (client, mut el) = AsyncClient::new(opts, 10_000);
+) -> (Arc<Mutex<Vec<(u64, u64)>>>, tokio::task::JoinHandle<()>) {
+    let subs = vec![SubFilter {
+        filter: "bench/#".into(),
+        qos,
+    }];
+    let (handle, mut events, _task) = session::spawn(
+        session_options(port, format!("bench-sub-{}", free_port()), subs),
+        4096,
+    );
     let seen = Arc::new(Mutex::new(Vec::with_capacity(200_000)));
     let s = seen.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let mut ready = Some(tx);
-    let c = client.clone();
     let start = *EPOCH;
     let task = tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = c.subscribe("bench/#", qos).await;
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                SessionEvent::State(StateEvent::Subscribed(_)) => {
                     if let Some(r) = ready.take() {
                         let _ = r.send(());
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
+                SessionEvent::State(StateEvent::Message { msg, ack, .. }) => {
                     let now = start.elapsed().as_micros() as u64;
-                    if p.payload.len() >= 16 {
-                        let seq = u64::from_le_bytes(p.payload[0..8].try_into().unwrap());
-                        let sent = u64::from_le_bytes(p.payload[8..16].try_into().unwrap());
+                    if msg.payload.len() >= 16 {
+                        let seq = u64::from_le_bytes(msg.payload[0..8].try_into().unwrap());
+                        let sent = u64::from_le_bytes(msg.payload[8..16].try_into().unwrap());
                         s.lock().unwrap().push((seq, now.saturating_sub(sent)));
                     }
+                    if let Some(ack) = ack {
+                        handle.ack(ack);
+                    }
                 }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ => {}
             }
         }
     });
@@ -179,7 +205,7 @@ async fn subscriber(
         .await
         .expect("subscribed")
         .unwrap();
-    (client, seen, task)
+    (seen, task)
 }
 
 static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
@@ -199,24 +225,15 @@ fn payload(seq: u64, size: usize) -> Vec<u8> {
     p
 }
 
-/// Publishes `n` messages (`rate` per second, or as fast as the client goes) and waits for them.
+/// Publishes `n` messages (`rate` per second, or as fast as the broker takes them) and
+/// waits until the broker acknowledged them (QoS 1) or they were written (QoS 0).
 async fn publish(port: u16, qos: QoS, n: u64, size: usize, rate: Option<u64>) -> f64 {
-    let mut opts = MqttOptions::new(format!("bench-pub-{}", free_port()), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_outgoing_inflight_upper_limit(1000);
-    let (client, mut el) = AsyncClient::new(opts, 10_000);
-    let acks = Arc::new(Mutex::new(0u64));
-    let a = acks.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => *a.lock().unwrap() += 1,
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
+    let (handle, mut events, task) = session::spawn(
+        session_options(port, format!("bench-pub-{}", free_port()), vec![]),
+        4096,
+    );
     let start = Instant::now();
+    let mut done = 0u64;
     for seq in 0..n {
         if let Some(r) = rate {
             let due = start + Duration::from_micros(seq * 1_000_000 / r);
@@ -225,20 +242,32 @@ async fn publish(port: u16, qos: QoS, n: u64, size: usize, rate: Option<u64>) ->
                 tokio::time::sleep(due - now).await;
             }
         }
-        client
-            .publish("bench/t", qos, false, payload(seq, size))
-            .await
-            .unwrap();
+        let msg = Message {
+            topic: "bench/t".into(),
+            payload: payload(seq, size).into(),
+            qos,
+            retain: false,
+            properties: Properties::default(),
+        };
+        handle.publish(msg, seq);
+        // Keep the queue bounded: at most 2,000 unconfirmed publishes.
+        while seq + 1 - done > 2_000 {
+            if let Some(SessionEvent::State(StateEvent::Delivered(_))) = events.recv().await {
+                done += 1;
+            }
+        }
     }
-    if qos == QoS::AtLeastOnce {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while *acks.lock().unwrap() < n && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while done < n {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(SessionEvent::State(StateEvent::Delivered(_)))) => done += 1,
+            Ok(Some(_)) => {}
+            _ => break,
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    task.abort();
+    drop(handle);
+    let _ = task.await;
     secs
 }
 
@@ -304,7 +333,7 @@ async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path
         bridge = Some(child);
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
-    let (_c, seen, task) = subscriber(sub_port, qos).await;
+    let (seen, task) = subscriber(sub_port, qos).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = bridge.as_ref().map(|b| proc_stats(b.id()));
 
