@@ -461,27 +461,17 @@ pub async fn load_plugins(
     let policies = Policies::load_dir(policies_dir).map_err(BridgeError::Policies)?;
     let runtime = Runtime::new().map_err(BridgeError::Runtime)?;
     let registry = Arc::new(Registry::default());
-    let used = |e: &PluginError| match e {
-        PluginError::Init { plugin, .. } | PluginError::Missing { plugin, .. } => {
-            uses.contains_key(plugin)
-        }
-        other => uses
-            .keys()
-            .any(|name| other.to_string().contains(&format!("{name}.wasm:"))),
-    };
+    // Files in the folder that no route uses do not stop the bridge.
     let mut errors: Vec<PluginError> = registry
         .scan(&runtime, plugins_dir, &policies, &uses)
         .await
         .into_iter()
-        .filter(used)
+        .filter(|e| uses.contains_key(&e.plugin()))
         .collect();
     let mut names: Vec<&String> = uses.keys().collect();
     names.sort();
     for plugin in names {
-        let already = errors.iter().any(|e| match e {
-            PluginError::Init { plugin: p, .. } => p == plugin,
-            other => other.to_string().contains(&format!("{plugin}.wasm:")),
-        });
+        let already = errors.iter().any(|e| e.plugin() == *plugin);
         if registry.current(plugin).is_none() && !already {
             errors.push(PluginError::Missing {
                 route: uses[plugin][0].0.clone(),

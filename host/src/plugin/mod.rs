@@ -126,6 +126,25 @@ pub enum PluginError {
     },
 }
 
+impl PluginError {
+    /// The plugin the error is about: the file stem for file errors, else the named plugin.
+    pub fn plugin(&self) -> String {
+        match self {
+            PluginError::Read { file, .. }
+            | PluginError::Compile { file, .. }
+            | PluginError::WrongWorld { file, .. }
+            | PluginError::Import { file, .. }
+            | PluginError::Hash { file, .. } => file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            PluginError::Init { plugin, .. } | PluginError::Missing { plugin, .. } => {
+                plugin.clone()
+            }
+        }
+    }
+}
+
 /// Per-plugin, per-route key-value state with its quota accounting.
 #[derive(Debug, Default)]
 pub struct KvStore {
@@ -749,16 +768,7 @@ impl Registry {
                 }
                 for e in self.scan(&runtime, &dir, &policies, &uses).await {
                     let text = e.to_string();
-                    let key = match &e {
-                        PluginError::Read { file, .. }
-                        | PluginError::Compile { file, .. }
-                        | PluginError::WrongWorld { file, .. }
-                        | PluginError::Import { file, .. }
-                        | PluginError::Hash { file, .. } => file.display().to_string(),
-                        PluginError::Init { plugin, .. } | PluginError::Missing { plugin, .. } => {
-                            plugin.clone()
-                        }
-                    };
+                    let key = e.plugin();
                     if reported.get(&key) != Some(&text) {
                         error!("Plugin refused, previous version keeps running: {text}");
                         reported.insert(key, text);

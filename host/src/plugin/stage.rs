@@ -239,7 +239,7 @@ impl Stage {
             Ok(Ok(None)) => Ok(Outcome::Pass),
             Ok(Ok(Some(decision))) => {
                 let policy = live.loaded.policy.clone();
-                validate(decision, msg, target, &self.route, &policy)
+                validate(decision, msg, &self.route, &policy)
                     .map_err(|message| StageError::Invalid { plugin, message })
             }
         }
@@ -295,11 +295,11 @@ fn to_wit(m: &Message) -> wit::Message {
 }
 
 /// Checks a decision against the policy and the route, and resolves it into messages.
-/// `msg` is the stage's input (its payload is reused for `unchanged`).
+/// `msg` is the stage's input (its payload is reused for `unchanged`); emitted topics are
+/// checked against the route's target namespace.
 pub fn validate(
     decision: wit::Decision,
     msg: &Message,
-    target: &str,
     route: &RouteInfo,
     policy: &crate::policy::Policy,
 ) -> Result<Outcome, String> {
@@ -315,7 +315,6 @@ pub fn validate(
             policy.max_emit
         ));
     }
-    let _ = target;
     let mut out = Vec::with_capacity(emitted.len());
     for e in emitted {
         topic::validate_name(&e.topic).map_err(|err| format!("topic \"{}\" {err}", e.topic))?;
@@ -418,7 +417,6 @@ mod tests {
         let out = validate(
             wit::Decision::Emit(vec![emit("site/x")]),
             &m,
-            "site",
             &route(),
             &Policy::default_for("p"),
         )
@@ -432,26 +430,12 @@ mod tests {
     fn topics_outside_the_policy_wildcards_and_fan_out_are_refused() {
         let p = Policy::default_for("p");
         let r = route();
-        let e = validate(
-            wit::Decision::Emit(vec![emit("elsewhere")]),
-            &msg(),
-            "site",
-            &r,
-            &p,
-        )
-        .unwrap_err();
+        let e = validate(wit::Decision::Emit(vec![emit("elsewhere")]), &msg(), &r, &p).unwrap_err();
         assert!(e.contains("outside what its policy allows"), "{e}");
-        let e = validate(
-            wit::Decision::Emit(vec![emit("site/+")]),
-            &msg(),
-            "site",
-            &r,
-            &p,
-        )
-        .unwrap_err();
+        let e = validate(wit::Decision::Emit(vec![emit("site/+")]), &msg(), &r, &p).unwrap_err();
         assert!(e.contains("wildcard"), "{e}");
         let many = (0..9).map(|_| emit("site")).collect();
-        let e = validate(wit::Decision::Emit(many), &msg(), "site", &r, &p).unwrap_err();
+        let e = validate(wit::Decision::Emit(many), &msg(), &r, &p).unwrap_err();
         assert!(e.contains("maxEmit"), "{e}");
     }
 
@@ -464,7 +448,6 @@ mod tests {
             validate(
                 wit::Decision::Emit(vec![e.clone()]),
                 &msg(),
-                "site",
                 &r,
                 &Policy::default_for("p")
             )
@@ -472,14 +455,13 @@ mod tests {
         );
         let mut p = Policy::default_for("p");
         p.may_change_qos = true;
-        let Outcome::Emit(v) =
-            validate(wit::Decision::Emit(vec![e]), &msg(), "site", &r, &p).unwrap()
+        let Outcome::Emit(v) = validate(wit::Decision::Emit(vec![e]), &msg(), &r, &p).unwrap()
         else {
             panic!()
         };
         assert_eq!(v[0].qos, QoS::AtLeastOnce, "never above the route's QoS");
         let mut e = emit("site");
         e.retain = Some(true);
-        assert!(validate(wit::Decision::Emit(vec![e]), &msg(), "site", &r, &p).is_err());
+        assert!(validate(wit::Decision::Emit(vec![e]), &msg(), &r, &p).is_err());
     }
 }
