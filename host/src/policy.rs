@@ -17,6 +17,7 @@
 //!   kv: {maxKeys: 10000, maxBytes: 1Mi}
 //!   mayChangeQos: false
 //!   mayChangeRetain: false
+//!   circuitBreaker: {failures: 5, pause: 1s, maxPause: 60s}
 //! ```
 
 use std::collections::HashMap;
@@ -93,6 +94,30 @@ pub struct Policy {
     pub may_change_qos: bool,
     /// May emitted messages set their own retain flag.
     pub may_change_retain: bool,
+    /// When a failing plugin stops being called.
+    pub breaker: Breaker,
+}
+
+/// Circuit breaker of a plugin stage: after `failures` failed calls in a row the plugin is not
+/// called for `pause`, doubling on each reopening up to `max_pause`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Breaker {
+    /// Consecutive failures that open the breaker.
+    pub failures: u32,
+    /// First pause.
+    pub pause: Duration,
+    /// Longest pause.
+    pub max_pause: Duration,
+}
+
+impl Default for Breaker {
+    fn default() -> Breaker {
+        Breaker {
+            failures: 5,
+            pause: Duration::from_secs(1),
+            max_pause: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Policy {
@@ -113,6 +138,7 @@ impl Policy {
             kv_max_bytes: 1 << 20,
             may_change_qos: false,
             may_change_retain: false,
+            breaker: Breaker::default(),
         }
     }
 
@@ -275,6 +301,28 @@ fn bytes_field(cx: &mut Cx, s: &mut Fields, key: &'static str, target: &mut usiz
     }
 }
 
+/// Reads an optional non-zero duration field into `target`; false when given but invalid.
+fn duration_field(cx: &mut Cx, s: &mut Fields, key: &'static str, target: &mut Duration) -> bool {
+    let Some((path, n)) = s.get(cx, &[key]) else {
+        return true;
+    };
+    match string(cx, (path.clone(), n)).map(|t| (parse_duration(&t), t)) {
+        Some((Some(d), _)) if !d.is_zero() => {
+            *target = d;
+            true
+        }
+        Some((_, t)) => {
+            cx.err(
+                n.line,
+                &path,
+                format!("\"{t}\" is not a duration such as 10ms, 500us or 1s"),
+            );
+            false
+        }
+        None => false,
+    }
+}
+
 fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Option<Policy> {
     let mut top = Fields::of(cx, node, "")?;
     let api = top
@@ -333,20 +381,7 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
     }
     ok &= bytes_field(cx, &mut s, "memory", &mut p.memory);
     ok &= bytes_field(cx, &mut s, "maxPayload", &mut p.max_payload);
-    if let Some((path, n)) = s.get(cx, &["timePerMessage"]) {
-        match string(cx, (path.clone(), n)).map(|t| (parse_duration(&t), t)) {
-            Some((Some(d), _)) if !d.is_zero() => p.time_per_message = d,
-            Some((_, t)) => {
-                cx.err(
-                    n.line,
-                    &path,
-                    format!("\"{t}\" is not a duration such as 10ms, 500us or 1s"),
-                );
-                ok = false;
-            }
-            None => ok = false,
-        }
-    }
+    ok &= duration_field(cx, &mut s, "timePerMessage", &mut p.time_per_message);
     if let Some(f) = s.get(cx, &["maxEmit"]) {
         match integer(cx, f, 0, 10_000) {
             Some(v) => p.max_emit = v as usize,
@@ -438,6 +473,35 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
             None => ok = false,
         }
     }
+    if let Some((path, n)) = s.get(cx, &["circuitBreaker"]) {
+        if let Some(mut b) = Fields::of(cx, n, &path) {
+            if let Some(f) = b.get(cx, &["failures"]) {
+                match integer(cx, f, 1, 1_000_000) {
+                    Some(v) => p.breaker.failures = v as u32,
+                    None => ok = false,
+                }
+            }
+            ok &= duration_field(cx, &mut b, "pause", &mut p.breaker.pause);
+            let mut max_pause = Duration::ZERO;
+            ok &= duration_field(cx, &mut b, "maxPause", &mut max_pause);
+            if max_pause.is_zero() {
+                // Not given: at least the first pause.
+                p.breaker.max_pause = p.breaker.max_pause.max(p.breaker.pause);
+            } else if max_pause < p.breaker.pause {
+                cx.err(
+                    n.line,
+                    &format!("{path}.maxPause"),
+                    "must not be shorter than pause",
+                );
+                ok = false;
+            } else {
+                p.breaker.max_pause = max_pause;
+            }
+            b.finish(cx);
+        } else {
+            ok = false;
+        }
+    }
     s.finish(cx);
     ok.then_some(p)
 }
@@ -502,6 +566,42 @@ mod tests {
         assert!(
             errs.iter()
                 .any(|e| e.contains("unknown field `timePerMessag`"))
+        );
+    }
+
+    #[test]
+    fn the_circuit_breaker_is_configurable_and_checked() {
+        let p = parse(
+            "apiVersion: edgebridge.dev/v1alpha1\nkind: PluginPolicy\nmetadata: {name: x}\nspec:\n  circuitBreaker: {failures: 3, pause: 30s, maxPause: 5m}\n",
+        );
+        // Minutes are not a unit: the error names the field.
+        let errs = p.unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("spec.circuitBreaker.maxPause") && e.contains("\"5m\"")),
+            "{errs:?}"
+        );
+        let p = parse(
+            "apiVersion: edgebridge.dev/v1alpha1\nkind: PluginPolicy\nmetadata: {name: x}\nspec:\n  circuitBreaker: {failures: 3, pause: 30s, maxPause: 300s}\n",
+        )
+        .unwrap()
+        .for_plugin("x");
+        assert_eq!(
+            p.breaker,
+            Breaker {
+                failures: 3,
+                pause: Duration::from_secs(30),
+                max_pause: Duration::from_secs(300)
+            }
+        );
+        let errs = parse(
+            "apiVersion: edgebridge.dev/v1alpha1\nkind: PluginPolicy\nmetadata: {name: x}\nspec:\n  circuitBreaker: {failures: 0, pause: 2s, maxPause: 1s}\n",
+        )
+        .unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("must not be shorter than pause"))
         );
     }
 

@@ -167,6 +167,68 @@ pub struct HostState {
     kv_max_keys: usize,
     kv_max_bytes: usize,
     stderr: MemoryOutputPipe,
+    budget: Option<CallBudget>,
+}
+
+/// The time budget of the call in progress: CPU time of the calling thread, so a busy machine
+/// that deschedules the thread does not make a well-behaved plugin trap; wall time only as a
+/// backstop.
+#[derive(Debug, Clone, Copy)]
+struct CallBudget {
+    cpu: Duration,
+    cpu_start: Duration,
+    thread: std::thread::ThreadId,
+    wall_start: std::time::Instant,
+}
+
+impl CallBudget {
+    /// Wall time allowed per unit of CPU budget before the call is stopped regardless.
+    const WALL_FACTOR: u32 = 100;
+    /// Smallest wall-time backstop.
+    const WALL_MIN: Duration = Duration::from_secs(2);
+
+    fn start(cpu: Duration) -> CallBudget {
+        CallBudget {
+            cpu,
+            cpu_start: thread_cpu_time(),
+            thread: std::thread::current().id(),
+            wall_start: std::time::Instant::now(),
+        }
+    }
+
+    /// Called when the epoch deadline is reached: trap, or extend by the CPU time left.
+    fn on_deadline(&self) -> wasmtime::UpdateDeadline {
+        let wall = self.wall_start.elapsed();
+        if wall >= (self.cpu * Self::WALL_FACTOR).max(Self::WALL_MIN) {
+            return wasmtime::UpdateDeadline::Interrupt;
+        }
+        // Calls are not suspended by host imports, but if the fiber ever resumed on another
+        // thread its CPU time is not comparable: count wall time then.
+        let used = if std::thread::current().id() == self.thread {
+            thread_cpu_time().saturating_sub(self.cpu_start)
+        } else {
+            wall
+        };
+        match self.cpu.checked_sub(used) {
+            Some(left) if !left.is_zero() => wasmtime::UpdateDeadline::Continue(ticks(left)),
+            _ => wasmtime::UpdateDeadline::Interrupt,
+        }
+    }
+}
+
+/// CPU time consumed by the current thread.
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
+/// Arms the time budget of the next call into `store`.
+pub(crate) fn arm_budget(store: &mut Store<HostState>, cpu: Duration) {
+    store.data_mut().budget = Some(CallBudget::start(cpu));
+    store.set_epoch_deadline(ticks(cpu));
 }
 
 impl WasiView for HostState {
@@ -483,10 +545,16 @@ impl Runtime {
             kv_max_keys: p.kv_max_keys,
             kv_max_bytes: p.kv_max_bytes,
             stderr,
+            budget: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(|ctx| {
+            Ok(match &ctx.data().budget {
+                Some(b) => b.on_deadline(),
+                None => wasmtime::UpdateDeadline::Interrupt,
+            })
+        });
         store
     }
 
@@ -503,7 +571,7 @@ impl Runtime {
             route: route.to_string(),
             message,
         };
-        store.set_epoch_deadline(ticks(loaded.policy.time_per_message * 100));
+        arm_budget(&mut store, loaded.policy.time_per_message * 100);
         let result = match &loaded.pre {
             Pre::Mapper(pre) => {
                 let inst = pre
@@ -789,4 +857,36 @@ pub fn plugin_name(path: &Path) -> Option<String> {
         return None;
     }
     Some(stem.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_time_budget_counts_cpu_time_not_waiting() {
+        let budget = CallBudget::start(Duration::from_millis(5));
+        // Descheduled (here: asleep) for 6x the budget: not the plugin's fault.
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(matches!(
+            budget.on_deadline(),
+            wasmtime::UpdateDeadline::Continue(_)
+        ));
+        let t0 = thread_cpu_time();
+        while thread_cpu_time().saturating_sub(t0) < Duration::from_millis(6) {}
+        assert!(matches!(
+            budget.on_deadline(),
+            wasmtime::UpdateDeadline::Interrupt
+        ));
+    }
+
+    #[test]
+    fn the_wall_clock_backstop_still_stops_a_call() {
+        let mut budget = CallBudget::start(Duration::from_millis(1));
+        budget.wall_start -= CallBudget::WALL_MIN;
+        assert!(matches!(
+            budget.on_deadline(),
+            wasmtime::UpdateDeadline::Interrupt
+        ));
+    }
 }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use wasmtime::Store;
 
 use super::bindings::types as wit;
-use super::{HostState, Instance, Loaded, Registry, Runtime, describe_trap, ticks};
+use super::{HostState, Instance, Loaded, Registry, Runtime, arm_budget, describe_trap};
 use crate::config::Direction;
 use crate::model::{Message, Properties, QoS};
 use crate::topic;
@@ -85,9 +85,6 @@ struct Live {
     instance: Instance,
 }
 
-/// Consecutive failures before the breaker opens.
-const BREAKER_THRESHOLD: u32 = 5;
-
 /// One plugin of a route's chain.
 pub struct Stage {
     runtime: Arc<Runtime>,
@@ -99,7 +96,8 @@ pub struct Stage {
     live: Option<Live>,
     failures: u32,
     open_until: Option<Instant>,
-    backoff: Duration,
+    /// Next breaker pause; `None` until the first opening (then the policy's `pause`).
+    backoff: Option<Duration>,
 }
 
 impl Stage {
@@ -120,7 +118,7 @@ impl Stage {
             live: None,
             failures: 0,
             open_until: None,
-            backoff: Duration::from_secs(1),
+            backoff: None,
         }
     }
 
@@ -176,15 +174,21 @@ impl Stage {
         match &result {
             Ok(_) => {
                 self.failures = 0;
-                self.backoff = Duration::from_secs(1);
+                self.backoff = None;
             }
             Err(StageError::Missing(_)) => {}
             Err(_) => {
                 self.failures += 1;
-                if self.failures >= BREAKER_THRESHOLD {
-                    tracing::error!(route = %self.route.name, plugin = %self.plugin, failures = self.failures, pause = ?self.backoff, "Plugin keeps failing: circuit breaker open");
-                    self.open_until = Some(Instant::now() + self.backoff);
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(60));
+                let breaker = self
+                    .registry
+                    .current(&self.plugin)
+                    .map(|l| l.policy.breaker)
+                    .unwrap_or_default();
+                if self.failures >= breaker.failures {
+                    let pause = self.backoff.unwrap_or(breaker.pause);
+                    tracing::error!(route = %self.route.name, plugin = %self.plugin, failures = self.failures, ?pause, "Plugin keeps failing: circuit breaker open");
+                    self.open_until = Some(Instant::now() + pause);
+                    self.backoff = Some((pause * 2).min(breaker.max_pause));
                     self.failures = 0;
                 }
             }
@@ -205,8 +209,7 @@ impl Stage {
             target: target.to_string(),
         };
         let input = to_wit(msg);
-        live.store
-            .set_epoch_deadline(ticks(live.loaded.policy.time_per_message));
+        arm_budget(&mut live.store, live.loaded.policy.time_per_message);
         let plugin = self.plugin.clone();
         let result = match &live.instance {
             Instance::Mapper(m) => m
