@@ -160,8 +160,8 @@ async fn route_matrix(protocol: &str) {
         ["f1"],
         "remote-to-local, static, QoS 2"
     );
-    assert!(eventually(5 * SECOND, || b.stats.route("alerts").forwarded == 1).await);
-    assert!(eventually(5 * SECOND, || b.stats.route("cfg").forwarded == 1).await);
+    assert!(eventually(15 * SECOND, || b.stats.route("alerts").forwarded == 1).await);
+    assert!(eventually(15 * SECOND, || b.stats.route("cfg").forwarded == 1).await);
     b.shutdown().await;
 }
 
@@ -293,7 +293,7 @@ async fn a_shared_subscription_route_runs_n_clients_that_split_the_messages() {
             .map(|id| b.stats.client(id).unwrap().forwarded)
             .collect()
     };
-    eventually(5 * SECOND, || per_client().iter().sum::<u64>() == n as u64).await;
+    eventually(15 * SECOND, || per_client().iter().sum::<u64>() == n as u64).await;
     let per_client = per_client();
     assert_eq!(per_client.iter().sum::<u64>(), n as u64);
     assert!(
@@ -368,11 +368,11 @@ async fn two_instances_split_the_routes_and_cover_each_once() {
         "every route forwarded exactly once"
     );
     let forwarded = |name: &str| b0.stats.route(name).forwarded + b1.stats.route(name).forwarded;
-    assert!(eventually(5 * SECOND, || forwarded("sh") == 20).await);
+    assert!(eventually(15 * SECOND, || forwarded("sh") == 20).await);
     for i in 0..6 {
         let name = format!("r{i}");
         assert!(
-            eventually(5 * SECOND, || forwarded(&name) == 1).await,
+            eventually(15 * SECOND, || forwarded(&name) == 1).await,
             "{name}"
         );
     }
