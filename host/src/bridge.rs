@@ -16,6 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Config, Connector, OnPluginError, Protocol};
 use crate::credentials::Provider;
 use crate::model::{Message, Properties};
+use crate::mqtt::SessionHandle;
 use crate::mqtt::session::{self, SessionEvent, SessionOptions};
 use crate::mqtt::{AckToken, StateEvent, SubFilter, Token, Version};
 use crate::plugin::stage::{Outcome, RouteInfo, Stage};
@@ -378,7 +379,7 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
             .clone()
             .unwrap_or_else(|| format!("{}-{:08x}", connector.name, fastrand::u32(..)));
         let guard = Arc::new(Mutex::new(LoopGuard::new(
-            bridge_id,
+            bridge_id.clone(),
             Duration::from_secs(10),
             100_000,
         )));
@@ -395,6 +396,7 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
                 opts.identity.clone(),
             )),
             opts: opts.clone(),
+            bridge_id,
             guard,
             sessions: sessions.clone(),
             plugins: runtime.clone().map(|rt| (rt, registry.clone())),
@@ -511,6 +513,9 @@ struct Shared {
     local_credentials: Arc<Provider>,
     remote_credentials: Arc<Provider>,
     opts: RunOptions,
+    /// This process's id in MQTT 5 loop marks.
+    bridge_id: String,
+    /// MQTT 3.1.1 loop prevention (remembers what was published).
     guard: Arc<Mutex<LoopGuard>>,
     sessions: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     plugins: Option<(Arc<Runtime>, Arc<Registry>)>,
@@ -560,6 +565,7 @@ async fn run_pipe(
         keep_alive: opts.keep_alive,
         backoff: opts.backoff,
         max_packet: opts.max_packet,
+        stamp: None,
     };
     // Source: a persistent session, so that whatever the bridge has not acknowledged stays
     // with the source broker across remote outages and bridge restarts.
@@ -579,6 +585,7 @@ async fn run_pipe(
         credentials: shared.credentials(pipe.target),
         clean_start: true,
         session_expiry: None,
+        stamp: v5.then(|| (routing::VIA_PROPERTY.to_string(), shared.bridge_id.clone())),
         ..base
     };
     let capacity = opts.max_inflight as usize * 2 + 64;
@@ -615,96 +622,42 @@ async fn run_pipe(
             .collect(),
         None => Vec::new(),
     };
-    // Every forwarded copy has a token; copies of one source message share a group, and the
-    // source message is acknowledged when the last copy of its group is.
-    let mut pending: HashMap<Token, u64> = HashMap::new();
-    let mut groups: HashMap<u64, (usize, Option<AckToken>)> = HashMap::new();
-    let mut next_token: Token = 0;
-    let mut next_group: u64 = 0;
-    let mut stopping: Option<tokio::time::Instant> = None;
+    let mut book = Book::default();
+    let mut stopping = false;
+    let drain = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+    tokio::pin!(drain);
     let max_pending = opts.max_inflight as usize;
     loop {
-        let can_take = stopping.is_none() && pending.len() < max_pending;
-        let drain_deadline = stopping.unwrap_or_else(tokio::time::Instant::now);
+        let can_take = !stopping && book.pending.len() < max_pending;
         tokio::select! {
-            ev = src_ev.recv(), if can_take => match ev {
-                Some(SessionEvent::State(StateEvent::Message { msg, ack, dup })) => {
-                    PipeStats::add(&stats.received);
-                    if dup {
-                        PipeStats::add(&stats.redelivered);
-                    }
-                    match forward(&pipe, &shared, &mut stages, &stats, msg, v5).await {
-                        Ok(outputs) if !outputs.is_empty() => {
-                            next_group += 1;
-                            groups.insert(next_group, (outputs.len(), ack));
-                            for out in outputs {
-                                next_token += 1;
-                                pending.insert(next_token, next_group);
-                                dst.publish(out, next_token);
-                            }
-                        }
-                        Ok(_) => {
-                            if let Some(ack) = ack {
-                                src.ack(ack);
-                            }
-                        }
-                        Err(reason) => {
-                            match reason {
-                                Skip::Loop => PipeStats::add(&stats.dropped_loop),
-                                Skip::Unmatched => PipeStats::add(&stats.dropped_unmatched),
-                            }
-                            debug!(route = %route.name, ?reason, "Message not forwarded");
-                            if let Some(ack) = ack {
-                                src.ack(ack);
-                            }
-                        }
+            ev = src_ev.recv(), if can_take => {
+                let Some(ev) = ev else { break };
+                on_source_event(ev, &pipe, &shared, &mut stages, &stats, v5, &src, &dst, &mut book).await;
+                // Take what else is already there in the same turn.
+                while book.pending.len() < max_pending {
+                    match src_ev.try_recv() {
+                        Ok(ev) => on_source_event(ev, &pipe, &shared, &mut stages, &stats, v5, &src, &dst, &mut book).await,
+                        Err(_) => break,
                     }
                 }
-                Some(SessionEvent::State(StateEvent::Subscribed(result))) => {
-                    for (filter, code) in result {
-                        if code >= 0x80 {
-                            error!(route = %route.name, client_id = %pipe.client_id, filter = %filter, "Source broker refused the subscription (code {code:#04x}); no messages flow on this client until it reconnects");
-                        } else {
-                            PipeStats::add(&stats.subscribed);
-                            info!(route = %route.name, client_id = %pipe.client_id, filter = %filter, granted_qos = code, "Subscribed");
-                        }
-                    }
-                }
-                Some(SessionEvent::DroppedQos0) => {
-                    PipeStats::add(&stats.dropped_qos0_overflow);
-                }
-                Some(_) => {}
-                None => break,
-            },
-            ev = dst_ev.recv() => match ev {
-                Some(SessionEvent::State(StateEvent::Delivered(token))) => {
-                    if let Some(group) = pending.remove(&token) {
-                        PipeStats::add(&stats.forwarded);
-                        complete(&mut groups, group, &src);
-                    }
-                }
-                Some(SessionEvent::State(StateEvent::Rejected(token, code))) => {
-                    if let Some(group) = pending.remove(&token) {
-                        PipeStats::add(&stats.rejected);
-                        error!(route = %route.name, client_id = %pipe.client_id, "Target broker refused a message (reason code {code:#04x}); it is acknowledged to the source and lost");
-                        complete(&mut groups, group, &src);
-                    }
-                }
-                Some(SessionEvent::State(StateEvent::Connected { .. })) => {
-                    PipeStats::add(&stats.target_connects);
-                }
-                Some(_) => {}
-                None => break,
-            },
-            _ = stop.changed(), if stopping.is_none() => {
-                stopping = Some(tokio::time::Instant::now() + opts.drain_timeout);
             }
-            _ = tokio::time::sleep_until(drain_deadline), if stopping.is_some() => {
-                warn!(route = %route.name, in_flight = pending.len(), "Shutdown: in-flight messages not acknowledged in time; the source broker redelivers them");
+            ev = dst_ev.recv() => {
+                let Some(ev) = ev else { break };
+                on_target_event(ev, &pipe, &stats, &src, &mut book);
+                while let Ok(ev) = dst_ev.try_recv() {
+                    on_target_event(ev, &pipe, &stats, &src, &mut book);
+                }
+            }
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                drain.as_mut().reset(tokio::time::Instant::now() + opts.drain_timeout);
+            }
+            _ = &mut drain, if stopping => {
+                warn!(route = %route.name, in_flight = book.pending.len(), "Shutdown: in-flight messages not acknowledged in time; the source broker redelivers them");
                 break;
             }
         }
-        if stopping.is_some() && pending.is_empty() {
+        if stopping && book.pending.is_empty() {
             break;
         }
     }
@@ -718,6 +671,137 @@ async fn run_pipe(
     let _ = dst_task.await;
 }
 
+/// What a pipe is waiting for: every forwarded copy has a token; a source message forwarded
+/// as one copy (the usual case) waits on that token alone, the copies of a fanned-out message
+/// share a group, and the source message is acknowledged when the last copy of its group is.
+#[derive(Default)]
+struct Book {
+    pending: HashMap<Token, Waiting>,
+    groups: HashMap<u64, (usize, Option<AckToken>)>,
+    next_token: Token,
+    next_group: u64,
+}
+
+enum Waiting {
+    /// The only copy of a source message (with its ack, if it has one).
+    Single(Option<AckToken>),
+    /// One copy of a group.
+    Group(u64),
+}
+
+impl Book {
+    fn send(&mut self, dst: &SessionHandle, outputs: Vec<Message>, ack: Option<AckToken>) {
+        if outputs.len() == 1 {
+            self.next_token += 1;
+            self.pending.insert(self.next_token, Waiting::Single(ack));
+            for out in outputs {
+                dst.publish(out, self.next_token);
+            }
+            return;
+        }
+        self.next_group += 1;
+        self.groups.insert(self.next_group, (outputs.len(), ack));
+        for out in outputs {
+            self.next_token += 1;
+            self.pending
+                .insert(self.next_token, Waiting::Group(self.next_group));
+            dst.publish(out, self.next_token);
+        }
+    }
+
+    /// A copy was acknowledged (or refused) by the target: true if it was ours.
+    fn done(&mut self, token: Token, src: &SessionHandle) -> bool {
+        match self.pending.remove(&token) {
+            None => false,
+            Some(Waiting::Single(ack)) => {
+                if let Some(ack) = ack {
+                    src.ack(ack);
+                }
+                true
+            }
+            Some(Waiting::Group(group)) => {
+                complete(&mut self.groups, group, src);
+                true
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn on_source_event(
+    ev: SessionEvent,
+    pipe: &Pipe,
+    shared: &Shared,
+    stages: &mut [Stage],
+    stats: &PipeStats,
+    v5: bool,
+    src: &SessionHandle,
+    dst: &SessionHandle,
+    book: &mut Book,
+) {
+    let route = &pipe.route;
+    match ev {
+        SessionEvent::State(StateEvent::Message { msg, ack, dup }) => {
+            PipeStats::add(&stats.received);
+            if dup {
+                PipeStats::add(&stats.redelivered);
+            }
+            match forward(pipe, shared, stages, stats, msg, v5).await {
+                Ok(outputs) if !outputs.is_empty() => book.send(dst, outputs, ack),
+                Ok(_) => {
+                    if let Some(ack) = ack {
+                        src.ack(ack);
+                    }
+                }
+                Err(reason) => {
+                    match reason {
+                        Skip::Loop => PipeStats::add(&stats.dropped_loop),
+                        Skip::Unmatched => PipeStats::add(&stats.dropped_unmatched),
+                    }
+                    debug!(route = %route.name, ?reason, "Message not forwarded");
+                    if let Some(ack) = ack {
+                        src.ack(ack);
+                    }
+                }
+            }
+        }
+        SessionEvent::State(StateEvent::Subscribed(result)) => {
+            for (filter, code) in result {
+                if code >= 0x80 {
+                    error!(route = %route.name, client_id = %pipe.client_id, filter = %filter, "Source broker refused the subscription (code {code:#04x}); no messages flow on this client until it reconnects");
+                } else {
+                    PipeStats::add(&stats.subscribed);
+                    info!(route = %route.name, client_id = %pipe.client_id, filter = %filter, granted_qos = code, "Subscribed");
+                }
+            }
+        }
+        SessionEvent::DroppedQos0 => PipeStats::add(&stats.dropped_qos0_overflow),
+        _ => {}
+    }
+}
+
+fn on_target_event(
+    ev: SessionEvent,
+    pipe: &Pipe,
+    stats: &PipeStats,
+    src: &SessionHandle,
+    book: &mut Book,
+) {
+    match ev {
+        SessionEvent::State(StateEvent::Delivered(token)) if book.done(token, src) => {
+            PipeStats::add(&stats.forwarded);
+        }
+        SessionEvent::State(StateEvent::Rejected(token, code)) if book.done(token, src) => {
+            PipeStats::add(&stats.rejected);
+            error!(route = %pipe.route.name, client_id = %pipe.client_id, "Target broker refused a message (reason code {code:#04x}); it is acknowledged to the source and lost");
+        }
+        SessionEvent::State(StateEvent::Connected { .. }) => {
+            PipeStats::add(&stats.target_connects);
+        }
+        _ => {}
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Skip {
     Loop,
@@ -725,11 +809,7 @@ enum Skip {
 }
 
 /// One copy of a group was acknowledged; the last one acknowledges the source message.
-fn complete(
-    groups: &mut HashMap<u64, (usize, Option<AckToken>)>,
-    group: u64,
-    src: &crate::mqtt::SessionHandle,
-) {
+fn complete(groups: &mut HashMap<u64, (usize, Option<AckToken>)>, group: u64, src: &SessionHandle) {
     if let Some(entry) = groups.get_mut(&group) {
         entry.0 -= 1;
         if entry.0 == 0 {
@@ -760,13 +840,17 @@ async fn forward(
     if !topic::matches(&route.source, &msg.topic) {
         return Err(Skip::Unmatched);
     }
-    if shared
-        .guard
-        .lock()
-        .expect("loop guard lock")
-        .check(pipe.source, &msg, v5, Instant::now())
-        != LoopVerdict::Forward
-    {
+    // MQTT 5 needs no shared state (the mark travels in the message): no lock, no clock.
+    let verdict = if v5 {
+        routing::check_via(&shared.bridge_id, &msg)
+    } else {
+        shared
+            .guard
+            .lock()
+            .expect("loop guard lock")
+            .check(pipe.source, &msg, v5, Instant::now())
+    };
+    if verdict != LoopVerdict::Forward {
         return Err(Skip::Loop);
     }
     let msg = Message {
@@ -778,13 +862,15 @@ async fn forward(
         },
         ..msg
     };
-    let target = routing::target_topic(route, &msg.topic).to_string();
     let mut outputs = if stages.is_empty() {
-        vec![Message {
-            topic: target,
-            ..msg
-        }]
+        // Same-as-source routes keep the received topic string: no copy.
+        let topic = match &route.target {
+            Some(t) => t.clone(),
+            None => msg.topic,
+        };
+        vec![Message { topic, ..msg }]
     } else {
+        let target = routing::target_topic(route, &msg.topic).to_string();
         match run_chain(stages, &msg, target.clone(), stats).await {
             Ok(out) => out,
             Err(e) => {
@@ -820,13 +906,14 @@ async fn forward(
             }
         }
     };
-    let now = Instant::now();
-    let mut guard = shared.guard.lock().expect("loop guard lock");
-    for out in &mut outputs {
-        if !v5 {
+    // MQTT 5: the target session stamps the loop mark as it encodes (`SessionOptions::stamp`).
+    if !v5 {
+        let now = Instant::now();
+        let mut guard = shared.guard.lock().expect("loop guard lock");
+        for out in &mut outputs {
             out.properties = Properties::default();
+            guard.mark(pipe.target, out, v5, now);
         }
-        guard.mark(pipe.target, out, v5, now);
     }
     Ok(outputs)
 }

@@ -138,6 +138,31 @@ pub enum LoopVerdict {
     TooManyHops,
 }
 
+/// MQTT 5 loop check of a message received by the bridge `id` (stateless, no lock needed).
+pub fn check_via(id: &str, msg: &Message) -> LoopVerdict {
+    let mut hops = 0;
+    for (k, v) in &msg.properties.user_properties {
+        if k == VIA_PROPERTY {
+            if v == id {
+                return LoopVerdict::OwnEcho;
+            }
+            hops += 1;
+        }
+    }
+    if hops >= MAX_HOPS {
+        LoopVerdict::TooManyHops
+    } else {
+        LoopVerdict::Forward
+    }
+}
+
+/// MQTT 5 loop mark of a message the bridge `id` is about to publish.
+pub fn mark_via(id: &str, msg: &mut Message) {
+    msg.properties
+        .user_properties
+        .push((VIA_PROPERTY.to_string(), id.to_string()));
+}
+
 /// Loop prevention.
 ///
 /// MQTT 5: every forwarded message gets a `edgebridge-via: <bridge id>` user property; a
@@ -195,22 +220,7 @@ impl LoopGuard {
     /// Checks a message received from `from`.
     pub fn check(&mut self, from: Side, msg: &Message, v5: bool, now: Instant) -> LoopVerdict {
         if v5 {
-            let vias = msg
-                .properties
-                .user_properties
-                .iter()
-                .filter(|(k, _)| k == VIA_PROPERTY);
-            let mut hops = 0;
-            for (_, v) in vias {
-                if *v == self.id {
-                    return LoopVerdict::OwnEcho;
-                }
-                hops += 1;
-            }
-            if hops >= MAX_HOPS {
-                return LoopVerdict::TooManyHops;
-            }
-            return LoopVerdict::Forward;
+            return check_via(&self.id, msg);
         }
         self.expire(now);
         let key = (from, Self::key(&msg.topic, &msg.payload));
@@ -229,9 +239,7 @@ impl LoopGuard {
     /// Marks a message about to be published to `to`.
     pub fn mark(&mut self, to: Side, msg: &mut Message, v5: bool, now: Instant) {
         if v5 {
-            msg.properties
-                .user_properties
-                .push((VIA_PROPERTY.to_string(), self.id.clone()));
+            mark_via(&self.id, msg);
             return;
         }
         self.expire(now);

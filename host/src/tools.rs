@@ -46,6 +46,7 @@ fn options(t: &Target, subscriptions: Vec<SubFilter>) -> Result<SessionOptions, 
         keep_alive: Duration::from_secs(30),
         backoff: (Duration::from_millis(200), Duration::from_secs(2)),
         max_packet: 16 * 1024 * 1024,
+        stamp: None,
     })
 }
 

@@ -7,9 +7,12 @@
 //! 4 KiB payloads: throughput (first publish to last receive, loss and duplicates), latency
 //! p50/p99 at a fixed rate, and the bridge process's peak RSS and CPU seconds per million
 //! messages. Each case repeats; medians are printed with ratios against (a) and (b).
-//! `-- --quick` for fewer messages and repeats. Bounded: every wait has a timeout.
+//! `-- --quick` for fewer messages and repeats; `--only qos0-64` and `--cases bc` pick sections and
+//! cases (letters a-e), `--n 200000` sets the message count.
+//! Bounded: every wait has a timeout.
 
 use std::collections::HashSet;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -81,12 +84,14 @@ fn tuned_mosquitto(bridge_to: Option<(u16, u8)>) -> Mosquitto {
 }
 
 fn bridge_yaml(local: u16, remote: u16, qos: u8, plugins: &str) -> String {
+    // `BENCH_PROTOCOL=v3` runs edgebridge on MQTT 3.1.1, as Mosquitto's bridge is.
+    let protocol = std::env::var("BENCH_PROTOCOL").unwrap_or_else(|_| "v5".into());
     format!(
         "apiVersion: mq.iotoperations.azure.com/v1beta1
 kind: MqttBridgeConnector
 metadata: {{name: bench}}
 spec:
-  protocol: v5
+  protocol: {protocol}
   clientIdPrefix: bench-
   remoteBrokerConnection: {{endpoint: \"127.0.0.1:{remote}\", tls: {{tlsEnabled: false}}}}
   localBrokerConnection: {{endpoint: \"127.0.0.1:{local}\", tls: {{tlsEnabled: false}}}}
@@ -155,6 +160,7 @@ fn session_options(port: u16, client_id: String, subscriptions: Vec<SubFilter>) 
         keep_alive: Duration::from_secs(30),
         backoff: (Duration::from_millis(50), Duration::from_millis(500)),
         max_packet: 1 << 20,
+        stamp: None,
     }
 }
 
@@ -317,7 +323,12 @@ async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path
         let dir = tempfile::tempdir().unwrap().keep();
         let cfg = dir.join("bench.yaml");
         std::fs::write(&cfg, bridge_yaml(local.port, remote.port, qos_n, plugins)).unwrap();
-        let child = Command::new(edgebridge_binary())
+        // BENCH_BRIDGE_WRAP="perf record -g -o /tmp/p.data --" runs the bridge under a profiler.
+        let wrap = std::env::var("BENCH_BRIDGE_WRAP").unwrap_or_default();
+        let mut words: Vec<String> = wrap.split_whitespace().map(String::from).collect();
+        words.push(edgebridge_binary().display().to_string());
+        let child = Command::new(&words[0])
+            .args(&words[1..])
             .args(["run", "-f"])
             .arg(&cfg)
             .arg("--plugins-dir")
@@ -328,6 +339,7 @@ async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path
             .arg("error")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .unwrap();
         bridge = Some(child);
@@ -394,6 +406,14 @@ async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path
     }
     task.abort();
     if let Some(mut b) = bridge {
+        // SIGTERM first, so a profiler wrapped around the bridge can write its data.
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{}", b.id())])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(b.try_wait(), Ok(None)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = b.kill();
         let _ = b.wait();
     }
@@ -401,12 +421,23 @@ async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only qos1-64` (or `qos0`, `4096`): run only the sections whose name contains it;
+    // `--cases ce`: only those cases (letters a-e).
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let only = flag("--only").unwrap_or_default();
+    let letters = flag("--cases").unwrap_or_else(|| "abcde".into());
     let (n, repeats) = if quick {
         (10_000u64, 1)
     } else {
         (50_000u64, 3)
     };
+    let n = flag("--n").and_then(|v| v.parse().ok()).unwrap_or(n);
     let plugins_dir = tempfile::tempdir().unwrap().keep();
     install_plugin(&plugins_dir, "topic-template", "topic-template");
     install_plugin(&plugins_dir, "json-filter", "json-filter");
@@ -415,18 +446,25 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let cases = [
-        Case::Baseline,
-        Case::MosquittoBridge,
-        Case::Edgebridge,
-        Case::OnePlugin,
-        Case::TwoPlugins,
-    ];
+    let cases: Vec<Case> = [
+        ('a', Case::Baseline),
+        ('b', Case::MosquittoBridge),
+        ('c', Case::Edgebridge),
+        ('d', Case::OnePlugin),
+        ('e', Case::TwoPlugins),
+    ]
+    .into_iter()
+    .filter(|(l, _)| letters.contains(*l))
+    .map(|(_, c)| c)
+    .collect();
     println!(
         "edgebridge end-to-end benchmark: {n} messages per throughput run, {repeats} repeat(s), medians"
     );
     for qos in [0u8, 1] {
         for size in [64usize, 4096] {
+            if !format!("qos{qos}-{size}").contains(&only) {
+                continue;
+            }
             println!();
             println!("### QoS {qos}, {size} B");
             println!(
@@ -434,7 +472,7 @@ fn main() {
             );
             println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
             let mut base = (0.0, 0.0);
-            for case in cases {
+            for &case in &cases {
                 let runs: Vec<Run> = (0..repeats)
                     .map(|_| rt.block_on(run_case(case, qos, size, n, &plugins_dir)))
                     .collect();

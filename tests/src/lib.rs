@@ -127,6 +127,8 @@ pub struct MosquittoOptions {
     /// Add a WebSocket listener (and, with `tls`, a secure WebSocket listener that does not
     /// ask for client certificates).
     pub websockets: bool,
+    /// More configuration lines, e.g. `max_packet_size 2000\n`.
+    pub extra: String,
 }
 
 /// A Mosquitto process with its own folder and ports.
@@ -198,6 +200,7 @@ impl Mosquitto {
                 key.display()
             ));
         }
+        conf.push_str(&opts.extra);
         std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
         let mut m = Mosquitto {
             child: None,

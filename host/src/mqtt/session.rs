@@ -49,6 +49,9 @@ pub struct SessionOptions {
     pub backoff: (Duration, Duration),
     /// Largest incoming packet accepted.
     pub max_packet: usize,
+    /// A user property added to every PUBLISH this session sends (MQTT 5), written by the
+    /// encoder so that no message is copied for it: the bridge's loop mark.
+    pub stamp: Option<(String, String)>,
 }
 
 /// Commands from the application to the session task.
@@ -187,19 +190,35 @@ async fn emit(ev_tx: &mpsc::Sender<SessionEvent>, ev: SessionEvent) -> Result<()
     ev_tx.send(ev).await.map_err(|_| ())
 }
 
-/// Forwards state events; QoS 0 messages are dropped (and counted) instead of blocking when
-/// the owner is behind, QoS 1/2 messages wait (the broker's inflight window bounds them).
+/// MQTT 5 reason code "Packet too large".
+const PACKET_TOO_LARGE: u8 = 0x95;
+
+/// How long a QoS 0 message waits for room before it is dropped. While it waits the session
+/// does not read, so a burst slows the broker down (TCP backpressure) instead of losing
+/// messages; only an owner stalled for longer (e.g. its target broker is down) drops them.
+const QOS0_WAIT: Duration = Duration::from_millis(500);
+
+/// Forwards state events. QoS 1/2 messages wait for room (the broker's inflight window bounds
+/// them); QoS 0 messages wait up to [`QOS0_WAIT`], then are dropped and counted.
 async fn forward_events(
     state: &mut SessionState,
+    events: &mut Vec<StateEvent>,
     ev_tx: &mpsc::Sender<SessionEvent>,
 ) -> Result<(), ()> {
-    for ev in state.take_events() {
+    state.swap_events(events);
+    for ev in events.drain(..) {
         match ev {
             StateEvent::Message { ack: None, .. } => {
                 match ev_tx.try_send(SessionEvent::State(ev)) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        let _ = ev_tx.try_send(SessionEvent::DroppedQos0);
+                    Err(mpsc::error::TrySendError::Full(ev)) => {
+                        match ev_tx.send_timeout(ev, QOS0_WAIT).await {
+                            Ok(()) => {}
+                            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                                let _ = ev_tx.try_send(SessionEvent::DroppedQos0);
+                            }
+                            Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(()),
+                        }
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => return Err(()),
                 }
@@ -287,22 +306,37 @@ async fn serve(
     let mut renewing = false;
     let renew_deadline =
         renew_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400 * 365));
+    // One timer for the whole connection (not a new one per turn of the loop).
+    let renew = tokio::time::sleep_until(renew_deadline);
+    tokio::pin!(renew);
+    let stamp = opts.stamp.as_ref().map(|(k, v)| (k.as_str(), v.as_str()));
+    // Reused every turn.
+    let (mut outgoing, mut written, mut events) = (Vec::new(), Vec::new(), Vec::new());
     loop {
         // Everything queued goes out in one write: acks, publishes and pings of this turn.
         if state.has_outgoing() {
-            let mut written = Vec::new();
-            for (packet, token) in state.take_outgoing() {
-                codec::encode(opts.version, &packet, &mut wbuf, max_packet)?;
-                written.extend(token);
+            state.swap_outgoing(&mut outgoing);
+            for (packet, token) in outgoing.drain(..) {
+                match codec::encode_stamped(opts.version, &packet, &mut wbuf, max_packet, stamp) {
+                    Ok(()) => written.extend(token),
+                    // One message the broker would refuse: give it up, keep the connection.
+                    Err(e @ codec::CodecError::TooLarge { .. }) => {
+                        if let Outgoing::Publish { pkid, msg, .. } = &packet {
+                            warn!(session = %opts.label, topic = %msg.topic, "Not sent: {e}");
+                            state.refuse_publish(*pkid, token, PACKET_TOO_LARGE);
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             wr.write_all(&wbuf).await?;
             wr.flush().await?;
             wbuf.clear();
-            for token in written {
+            for token in written.drain(..) {
                 state.confirm_written(token);
             }
         }
-        if forward_events(state, ev_tx).await.is_err() {
+        if forward_events(state, &mut events, ev_tx).await.is_err() {
             closing = true;
         }
         if closing || renewing {
@@ -338,7 +372,7 @@ async fn serve(
                 }
                 None => closing = true,
             },
-            _ = tokio::time::sleep_until(renew_deadline), if renew_at.is_some() => renewing = true,
+            _ = &mut renew, if renew_at.is_some() && !renewing => renewing = true,
             _ = ping.tick() => {
                 if ping_outstanding {
                     return Err(SessionError::KeepAlive);

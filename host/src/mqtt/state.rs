@@ -139,6 +139,19 @@ impl SessionState {
         std::mem::take(&mut self.out)
     }
 
+    /// Like [`Self::take_outgoing`], into the driver's (empty) `spare` vector, so that the
+    /// two vectors are reused turn after turn instead of allocated.
+    pub fn swap_outgoing(&mut self, spare: &mut Vec<(Outgoing, Option<Token>)>) {
+        debug_assert!(spare.is_empty());
+        std::mem::swap(&mut self.out, spare);
+    }
+
+    /// Like [`Self::take_events`], into the driver's (empty) `spare` vector.
+    pub fn swap_events(&mut self, spare: &mut Vec<StateEvent>) {
+        debug_assert!(spare.is_empty());
+        std::mem::swap(&mut self.events, spare);
+    }
+
     /// Whether anything is waiting to be written.
     pub fn has_outgoing(&self) -> bool {
         !self.out.is_empty()
@@ -284,6 +297,18 @@ impl SessionState {
             if !self.inflight.contains_key(&p) && self.sub_pkid != Some(p) {
                 return p;
             }
+        }
+    }
+
+    /// The driver could not send a publish it took from [`Self::take_outgoing`] (e.g. larger
+    /// than the broker accepts): it is given up with reason `code` and reported as
+    /// [`StateEvent::Rejected`]. `token` is the one that came with the packet (QoS 0); QoS 1/2
+    /// publishes are found by `pkid`.
+    pub fn refuse_publish(&mut self, pkid: u16, token: Option<Token>, code: u8) {
+        let token = token.or_else(|| self.inflight.remove(&pkid).map(|e| e.token));
+        if let Some(token) = token {
+            self.events.push(StateEvent::Rejected(token, code));
+            self.pump();
         }
     }
 

@@ -234,6 +234,44 @@ async fn mqtt_5_properties_and_the_retain_flag_pass_through() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_targets_maximum_packet_size_is_refused_alone() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions {
+        extra: "max_packet_size 2000\n".into(),
+        ..MosquittoOptions::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &bridge_yaml(
+            "v5",
+            &local.endpoint(),
+            &remote.endpoint(),
+            1,
+            "    - {direction: local-to-remote, name: big, source: \"big/#\"}\n",
+        ),
+    );
+    let b = start(&cfg, &opts()).await;
+    let at_remote = Collector::start(remote.port, "big-sub", "big/#", false).await;
+    let lp = Publisher::connect(local.port, "big-pub").await;
+    lp.publish("big/a", 1, false, "before").await;
+    lp.publish("big/a", 1, false, &"x".repeat(5000)).await;
+    lp.publish("big/a", 1, false, "after").await;
+    assert_eq!(at_remote.wait_for(2, 15 * SECOND).await, 2);
+    assert_eq!(payloads_on(&at_remote, "big/a"), ["before", "after"]);
+    assert!(eventually(15 * SECOND, || b.stats.route("big").rejected == 1).await);
+    // Refused alone: the bridge's target connection was never dropped over it.
+    let log = remote.log();
+    let connects = log
+        .lines()
+        .filter(|l| l.contains("New client connected") && l.contains("-big ("))
+        .count();
+    assert_eq!(connects, 1, "{log}");
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_subscription_route_runs_n_clients_that_split_the_messages() {
     init_tracing();
     let local = Mosquitto::start(MosquittoOptions::default());

@@ -242,12 +242,13 @@ async fn fan_out_splits_arrays_and_dedupe_uses_granted_kv() {
 async fn misbehaving_plugins_are_contained_and_other_routes_keep_flowing() {
     let s = Setup::new();
     install_plugin(&s.plugins(), "misbehave", "misbehave");
-    // The default 10 ms CPU budget; a breaker pause long enough that a slow machine cannot
-    // see it close again before the last message.
+    // A CPU budget that building the 10,000-message "bomb" fits in even on a loaded debug
+    // build (so it is refused for maxEmit, not time; "spin" never ends and still traps), and a
+    // breaker pause long enough that a slow machine cannot see it close before the last message.
     std::fs::create_dir_all(s.policies()).unwrap();
     std::fs::write(
         s.policies().join("misbehave.yaml"),
-        "apiVersion: edgebridge.dev/v1alpha1\nkind: PluginPolicy\nmetadata: {name: misbehave}\nspec:\n  timePerMessage: 10ms\n  circuitBreaker: {failures: 5, pause: 120s}\n",
+        "apiVersion: edgebridge.dev/v1alpha1\nkind: PluginPolicy\nmetadata: {name: misbehave}\nspec:\n  timePerMessage: 250ms\n  circuitBreaker: {failures: 5, pause: 120s}\n",
     )
     .unwrap();
     let b = s
