@@ -170,42 +170,43 @@ pub struct HostState {
     budget: Option<CallBudget>,
 }
 
-/// The time budget of the call in progress: CPU time of the calling thread, so a busy machine
-/// that deschedules the thread does not make a well-behaved plugin trap; wall time only as a
-/// backstop.
+/// The time budget of the call in progress. A call may run for its budget in wall time (the
+/// first epoch deadline; nothing is measured before it, so a normal call costs no clock reads);
+/// past that it runs on until it has also used its budget in CPU time of its thread. A busy
+/// machine that deschedules the thread therefore does not make a well-behaved plugin trap,
+/// while an endless loop traps after 1-2x the budget. A wall-clock backstop stops any call.
 #[derive(Debug, Clone, Copy)]
 struct CallBudget {
     cpu: Duration,
-    cpu_start: Duration,
-    thread: std::thread::ThreadId,
-    wall_start: std::time::Instant,
+    /// Thread, its CPU time and the wall time at the first deadline.
+    first: Option<(std::thread::ThreadId, Duration, std::time::Instant)>,
 }
 
 impl CallBudget {
-    /// Wall time allowed per unit of CPU budget before the call is stopped regardless.
+    /// Wall time allowed per unit of budget before the call is stopped regardless.
     const WALL_FACTOR: u32 = 100;
     /// Smallest wall-time backstop.
     const WALL_MIN: Duration = Duration::from_secs(2);
 
     fn start(cpu: Duration) -> CallBudget {
-        CallBudget {
-            cpu,
-            cpu_start: thread_cpu_time(),
-            thread: std::thread::current().id(),
-            wall_start: std::time::Instant::now(),
-        }
+        CallBudget { cpu, first: None }
     }
 
     /// Called when the epoch deadline is reached: trap, or extend by the CPU time left.
-    fn on_deadline(&self) -> wasmtime::UpdateDeadline {
-        let wall = self.wall_start.elapsed();
+    fn on_deadline(&mut self) -> wasmtime::UpdateDeadline {
+        let thread = std::thread::current().id();
+        let Some((t0, cpu0, wall0)) = self.first else {
+            self.first = Some((thread, thread_cpu_time(), std::time::Instant::now()));
+            return wasmtime::UpdateDeadline::Continue(ticks(self.cpu));
+        };
+        let wall = wall0.elapsed();
         if wall >= (self.cpu * Self::WALL_FACTOR).max(Self::WALL_MIN) {
             return wasmtime::UpdateDeadline::Interrupt;
         }
-        // Calls are not suspended by host imports, but if the fiber ever resumed on another
-        // thread its CPU time is not comparable: count wall time then.
-        let used = if std::thread::current().id() == self.thread {
-            thread_cpu_time().saturating_sub(self.cpu_start)
+        // Host imports do not suspend a call, but if the fiber ever resumed on another thread
+        // its CPU time is not comparable: count wall time then.
+        let used = if thread == t0 {
+            thread_cpu_time().saturating_sub(cpu0)
         } else {
             wall
         };
@@ -549,8 +550,8 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_callback(|ctx| {
-            Ok(match &ctx.data().budget {
+        store.epoch_deadline_callback(|mut ctx| {
+            Ok(match &mut ctx.data_mut().budget {
                 Some(b) => b.on_deadline(),
                 None => wasmtime::UpdateDeadline::Interrupt,
             })
@@ -865,7 +866,12 @@ mod tests {
 
     #[test]
     fn the_time_budget_counts_cpu_time_not_waiting() {
-        let budget = CallBudget::start(Duration::from_millis(5));
+        let mut budget = CallBudget::start(Duration::from_millis(5));
+        // First deadline: the budget in wall time is up; CPU time is counted from here.
+        assert!(matches!(
+            budget.on_deadline(),
+            wasmtime::UpdateDeadline::Continue(_)
+        ));
         // Descheduled (here: asleep) for 6x the budget: not the plugin's fault.
         std::thread::sleep(Duration::from_millis(30));
         assert!(matches!(
@@ -883,7 +889,10 @@ mod tests {
     #[test]
     fn the_wall_clock_backstop_still_stops_a_call() {
         let mut budget = CallBudget::start(Duration::from_millis(1));
-        budget.wall_start -= CallBudget::WALL_MIN;
+        budget.on_deadline();
+        if let Some((_, _, wall)) = &mut budget.first {
+            *wall -= CallBudget::WALL_MIN;
+        }
         assert!(matches!(
             budget.on_deadline(),
             wasmtime::UpdateDeadline::Interrupt
