@@ -369,20 +369,7 @@ fn main() -> ExitCode {
                 policies_dir: plugin_dirs.policies_dir,
                 ..RunOptions::default()
             };
-            let runtime = match std::env::var("EDGEBRIDGE_THREADS")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-            {
-                Some(1) => tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build(),
-                Some(n) => tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(n)
-                    .enable_all()
-                    .build(),
-                None => tokio::runtime::Runtime::new(),
-            };
-            let runtime = match runtime {
+            let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start the async runtime: {e}");

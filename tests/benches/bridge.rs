@@ -8,7 +8,7 @@
 //! p50/p99 at a fixed rate, and the bridge process's peak RSS and CPU seconds per million
 //! messages. Each case repeats; medians are printed with ratios against (a) and (b).
 //! `-- --quick` for fewer messages and repeats; `--only qos0-64` and `--cases bc` pick sections and
-//! cases (letters a-e), `--n 200000` sets the message count.
+//! cases (letters a-e), `--n 200000` sets the message count, `--soak 600` runs the memory soak.
 //! Bounded: every wait has a timeout.
 
 use std::collections::HashSet;
@@ -234,6 +234,18 @@ fn payload(seq: u64, size: usize) -> Vec<u8> {
 /// Publishes `n` messages (`rate` per second, or as fast as the broker takes them) and
 /// waits until the broker acknowledged them (QoS 1) or they were written (QoS 0).
 async fn publish(port: u16, qos: QoS, n: u64, size: usize, rate: Option<u64>) -> f64 {
+    publish_over(port, qos, n, size, rate, 1).await
+}
+
+/// [`publish`] over `routes` topics `bench/r<i>/t` in turn (1: the single topic `bench/t`).
+async fn publish_over(
+    port: u16,
+    qos: QoS,
+    n: u64,
+    size: usize,
+    rate: Option<u64>,
+    routes: u64,
+) -> f64 {
     let (handle, mut events, task) = session::spawn(
         session_options(port, format!("bench-pub-{}", free_port()), vec![]),
         4096,
@@ -249,7 +261,11 @@ async fn publish(port: u16, qos: QoS, n: u64, size: usize, rate: Option<u64>) ->
             }
         }
         let msg = Message {
-            topic: "bench/t".into(),
+            topic: if routes > 1 {
+                format!("bench/r{}/t", seq % routes)
+            } else {
+                "bench/t".into()
+            },
             payload: payload(seq, size).into(),
             qos,
             retain: false,
@@ -420,6 +436,111 @@ async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path
     run
 }
 
+/// `--soak SECS`: one edgebridge with 10 routes (two of them through topic-template and
+/// json-filter) forwarding QoS 1 at 2,000 msg/s for SECS; its resident memory is sampled every
+/// 10 s. Reports loss, duplicates, latency and whether memory grew after the first minute.
+async fn soak(secs: u64, plugins_dir: &Path) {
+    let rate = 2_000u64;
+    let remote = tuned_mosquitto(None);
+    let local = tuned_mosquitto(None);
+    let mut routes = String::new();
+    for i in 0..10 {
+        routes.push_str(&format!(
+            "    - direction: local-to-remote\n      name: r{i}\n      source: \"bench/r{i}/#\"\n      qos: 1\n"
+        ));
+        if i < 2 {
+            routes.push_str("      plugins:\n        - {name: topic-template, config: {template: \"{#}\"}}\n        - {name: json-filter, config: {field: k, exists: true, onInvalid: keep}}\n");
+        }
+    }
+    let yaml = bridge_yaml(local.port, remote.port, 1, "").replace(
+        "    - direction: local-to-remote\n      name: bench\n      source: \"bench/#\"\n      qos: 1\n",
+        &routes,
+    );
+    assert!(yaml.contains("name: r9"), "{yaml}");
+    let dir = tempfile::tempdir().unwrap().keep();
+    let cfg = dir.join("soak.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let mut bridge = Command::new(edgebridge_binary())
+        .args(["run", "-f"])
+        .arg(&cfg)
+        .arg("--plugins-dir")
+        .arg(plugins_dir)
+        .arg("--policies-dir")
+        .arg(dir.join("none"))
+        .arg("--log-level")
+        .arg("error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let (seen, task) = subscriber(remote.port, QoS::AtLeastOnce).await;
+    let n = secs * rate;
+    let pid = bridge.id();
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let record = samples.clone();
+    let sampler = tokio::spawn(async move {
+        let t0 = Instant::now();
+        loop {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let rss: u64 = status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            record.lock().unwrap().push((t0.elapsed().as_secs(), rss));
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    });
+    publish_over(local.port, QoS::AtLeastOnce, n, 64, Some(rate), 10).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (seen.lock().unwrap().len() as u64) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sampler.abort();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let got: Vec<(u64, u64)> = std::mem::take(&mut *seen.lock().unwrap());
+    task.abort();
+    let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
+    let mut lat: Vec<u64> = got.iter().map(|(_, l)| *l).collect();
+    lat.sort_unstable();
+    let _ = bridge.kill();
+    let _ = bridge.wait();
+    println!("soak: {secs} s at {rate} msg/s QoS 1, 64 B, 10 routes (2 with 2 plugins each)");
+    println!(
+        "published {n}, received {} distinct, lost {}, duplicates {}, p50 {} µs, p99 {} µs",
+        distinct.len(),
+        n - distinct.len() as u64,
+        got.len() - distinct.len(),
+        lat.get(lat.len() / 2).copied().unwrap_or(0),
+        lat.get(lat.len() * 99 / 100).copied().unwrap_or(0)
+    );
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap_or("VmHWM: ?")
+        .to_string();
+    let samples = samples.lock().unwrap().clone();
+    let after_warmup: Vec<u64> = samples
+        .iter()
+        .filter(|(t, _)| *t >= 60)
+        .map(|(_, r)| *r)
+        .collect();
+    let mib = |k: u64| k as f64 / 1024.0;
+    println!(
+        "bridge RSS: at 60 s {:.1} MiB, at the end {:.1} MiB, highest after 60 s {:.1} MiB; {hwm}",
+        mib(after_warmup.first().copied().unwrap_or(0)),
+        mib(after_warmup.last().copied().unwrap_or(0)),
+        mib(after_warmup.iter().copied().max().unwrap_or(0)),
+    );
+    let line: Vec<String> = samples
+        .iter()
+        .map(|(t, r)| format!("{t}s:{:.1}", mib(*r)))
+        .collect();
+    println!("samples (MiB): {}", line.join(" "));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -438,6 +559,7 @@ fn main() {
         (50_000u64, 3)
     };
     let n = flag("--n").and_then(|v| v.parse().ok()).unwrap_or(n);
+    let soak_secs: Option<u64> = flag("--soak").and_then(|v| v.parse().ok());
     let plugins_dir = tempfile::tempdir().unwrap().keep();
     install_plugin(&plugins_dir, "topic-template", "topic-template");
     install_plugin(&plugins_dir, "json-filter", "json-filter");
@@ -446,6 +568,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if let Some(secs) = soak_secs {
+        rt.block_on(soak(secs, &plugins_dir));
+        return;
+    }
     let cases: Vec<Case> = [
         ('a', Case::Baseline),
         ('b', Case::MosquittoBridge),

@@ -667,6 +667,8 @@ fn hex(bytes: &[u8]) -> String {
 #[derive(Default)]
 pub struct Registry {
     plugins: RwLock<HashMap<String, Arc<Loaded>>>,
+    /// Bumped on every install or removal, so stages notice a change without a lookup.
+    changes: AtomicU64,
     seen: Mutex<HashMap<PathBuf, (SystemTime, u64)>>,
 }
 
@@ -683,12 +685,18 @@ impl Registry {
             .cloned()
     }
 
+    /// How many installs and removals there were so far.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
     /// Makes `loaded` the running version of its plugin (used by `edgebridge plugin test`).
     pub fn install(&self, loaded: Loaded) {
         self.plugins
             .write()
             .expect("registry lock")
             .insert(loaded.name.clone(), Arc::new(loaded));
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Every running plugin, by name.
@@ -790,6 +798,7 @@ impl Registry {
                 .write()
                 .expect("registry lock")
                 .insert(name.clone(), Arc::new(loaded));
+            self.changes.fetch_add(1, Ordering::AcqRel);
             let now = self.current(&name).expect("just inserted");
             info!(
                 plugin = %name,
@@ -811,6 +820,7 @@ impl Registry {
             .collect();
         for name in removed {
             if let Some(old) = self.plugins.write().expect("registry lock").remove(&name) {
+                self.changes.fetch_add(1, Ordering::AcqRel);
                 self.seen.lock().expect("seen lock").remove(&old.file);
                 warn!(plugin = %name, version = old.generation, "Plugin file removed: unloaded; routes using it apply their onPluginError policy");
             }

@@ -94,6 +94,10 @@ pub struct Stage {
     config: String,
     route: RouteInfo,
     live: Option<Live>,
+    /// [`Registry::changes`] when `live` was last checked against the registry.
+    checked: u64,
+    /// The call context, built once (only `target` changes, and rarely).
+    ctx: wit::Context,
     failures: u32,
     open_until: Option<Instant>,
     /// Next breaker pause; `None` until the first opening (then the policy's `pause`).
@@ -109,6 +113,15 @@ impl Stage {
         config: &str,
         route: RouteInfo,
     ) -> Stage {
+        let ctx = wit::Context {
+            route: route.name.clone(),
+            direction: match route.direction {
+                Direction::LocalToRemote => wit::Direction::LocalToRemote,
+                Direction::RemoteToLocal => wit::Direction::RemoteToLocal,
+            },
+            source_filter: route.source.clone(),
+            target: String::new(),
+        };
         Stage {
             runtime,
             registry,
@@ -116,6 +129,8 @@ impl Stage {
             config: config.to_string(),
             route,
             live: None,
+            checked: 0,
+            ctx,
             failures: 0,
             open_until: None,
             backoff: None,
@@ -128,6 +143,11 @@ impl Stage {
     }
 
     async fn ensure_live(&mut self) -> Result<(), StageError> {
+        // Nothing installed or removed since the last look: the live instance is current.
+        let changes = self.registry.changes();
+        if self.live.is_some() && changes == self.checked {
+            return Ok(());
+        }
         let current = self
             .registry
             .current(&self.plugin)
@@ -135,6 +155,7 @@ impl Stage {
         if let Some(live) = &self.live
             && Arc::ptr_eq(&live.loaded, &current)
         {
+            self.checked = changes;
             return Ok(());
         }
         match self
@@ -151,11 +172,14 @@ impl Stage {
                     store,
                     instance,
                 });
+                self.checked = changes;
                 Ok(())
             }
-            // A new version that refuses this route's config: keep running the old one.
+            // A new version that refuses this route's config: keep running the old one (and do
+            // not try again for every message, only after the next change).
             Err(e) if self.live.is_some() => {
                 tracing::error!(route = %self.route.name, plugin = %self.plugin, "New plugin version not used: {e}");
+                self.checked = changes;
                 Ok(())
             }
             Err(e) => Err(StageError::Start(e.to_string())),
@@ -199,27 +223,22 @@ impl Stage {
     async fn call(&mut self, msg: &Message, target: &str) -> Result<Outcome, StageError> {
         self.ensure_live().await?;
         let live = self.live.as_mut().expect("ensured");
-        let ctx = wit::Context {
-            route: self.route.name.clone(),
-            direction: match self.route.direction {
-                Direction::LocalToRemote => wit::Direction::LocalToRemote,
-                Direction::RemoteToLocal => wit::Direction::RemoteToLocal,
-            },
-            source_filter: self.route.source.clone(),
-            target: target.to_string(),
-        };
+        if self.ctx.target != target {
+            self.ctx.target = target.to_string();
+        }
+        let ctx = &self.ctx;
         let input = to_wit(msg);
         arm_budget(&mut live.store, live.loaded.policy.time_per_message);
         let plugin = self.plugin.clone();
         let result = match &live.instance {
             Instance::Mapper(m) => m
                 .edgebridge_plugin_mapper()
-                .call_map_message(&mut live.store, &ctx, &input)
+                .call_map_message(&mut live.store, ctx, &input)
                 .await
                 .map(|r| r.map(Some)),
             Instance::Filter(f) => f
                 .edgebridge_plugin_filter()
-                .call_keep(&mut live.store, &ctx, &input)
+                .call_keep(&mut live.store, ctx, &input)
                 .await
                 .map(|r| {
                     r.map(|keep| {
