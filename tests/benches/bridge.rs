@@ -111,6 +111,10 @@ spec:
 }
 
 fn edgebridge_binary() -> PathBuf {
+    // `BENCH_BRIDGE_BIN=/path/to/edgebridge` compares another build (e.g. an older commit).
+    if let Some(bin) = std::env::var_os("BENCH_BRIDGE_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let bin = dir.join("edgebridge");
@@ -120,6 +124,29 @@ fn edgebridge_binary() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Starts the release binary on `cfg` in its own process group.
+/// `BENCH_BRIDGE_WRAP="perf record -g -o /tmp/p.data --"` runs it under a profiler.
+fn spawn_bridge(cfg: &Path, plugins_dir: &Path, policies_dir: &Path) -> Child {
+    let wrap = std::env::var("BENCH_BRIDGE_WRAP").unwrap_or_default();
+    let mut words: Vec<String> = wrap.split_whitespace().map(String::from).collect();
+    words.push(edgebridge_binary().display().to_string());
+    Command::new(&words[0])
+        .args(&words[1..])
+        .args(["run", "-f"])
+        .arg(cfg)
+        .arg("--plugins-dir")
+        .arg(plugins_dir)
+        .arg("--policies-dir")
+        .arg(policies_dir)
+        .arg("--log-level")
+        .arg("error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap()
 }
 
 fn proc_stats(pid: u32) -> (u64, f64) {
@@ -339,25 +366,7 @@ async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path
         let dir = tempfile::tempdir().unwrap().keep();
         let cfg = dir.join("bench.yaml");
         std::fs::write(&cfg, bridge_yaml(local.port, remote.port, qos_n, plugins)).unwrap();
-        // BENCH_BRIDGE_WRAP="perf record -g -o /tmp/p.data --" runs the bridge under a profiler.
-        let wrap = std::env::var("BENCH_BRIDGE_WRAP").unwrap_or_default();
-        let mut words: Vec<String> = wrap.split_whitespace().map(String::from).collect();
-        words.push(edgebridge_binary().display().to_string());
-        let child = Command::new(&words[0])
-            .args(&words[1..])
-            .args(["run", "-f"])
-            .arg(&cfg)
-            .arg("--plugins-dir")
-            .arg(plugins_dir)
-            .arg("--policies-dir")
-            .arg(dir.join("none"))
-            .arg("--log-level")
-            .arg("error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap();
+        let child = spawn_bridge(&cfg, plugins_dir, &dir.join("none"));
         bridge = Some(child);
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
@@ -460,19 +469,7 @@ async fn soak(secs: u64, plugins_dir: &Path) {
     let dir = tempfile::tempdir().unwrap().keep();
     let cfg = dir.join("soak.yaml");
     std::fs::write(&cfg, yaml).unwrap();
-    let mut bridge = Command::new(edgebridge_binary())
-        .args(["run", "-f"])
-        .arg(&cfg)
-        .arg("--plugins-dir")
-        .arg(plugins_dir)
-        .arg("--policies-dir")
-        .arg(dir.join("none"))
-        .arg("--log-level")
-        .arg("error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut bridge = spawn_bridge(&cfg, plugins_dir, &dir.join("none"));
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let (seen, task) = subscriber(remote.port, QoS::AtLeastOnce).await;
     let n = secs * rate;
@@ -556,7 +553,7 @@ fn main() {
     let (n, repeats) = if quick {
         (10_000u64, 1)
     } else {
-        (50_000u64, 3)
+        (100_000u64, 3)
     };
     let n = flag("--n").and_then(|v| v.parse().ok()).unwrap_or(n);
     let soak_secs: Option<u64> = flag("--soak").and_then(|v| v.parse().ok());
@@ -598,10 +595,15 @@ fn main() {
             );
             println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
             let mut base = (0.0, 0.0);
-            for &case in &cases {
-                let runs: Vec<Run> = (0..repeats)
-                    .map(|_| rt.block_on(run_case(case, qos, size, n, &plugins_dir)))
-                    .collect();
+            // In turns: every repeat runs every case once, so a slow spell of the shared
+            // machine hits all cases alike instead of one case's repeats.
+            let mut all: Vec<Vec<Run>> = vec![Vec::new(); cases.len()];
+            for _ in 0..repeats {
+                for (i, &case) in cases.iter().enumerate() {
+                    all[i].push(rt.block_on(run_case(case, qos, size, n, &plugins_dir)));
+                }
+            }
+            for (&case, runs) in cases.iter().zip(all) {
                 let rate = median(runs.iter().map(|r| r.rate).collect());
                 match case {
                     Case::Baseline => base.0 = rate,

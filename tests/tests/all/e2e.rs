@@ -67,6 +67,14 @@ spec:
     )
 }
 
+/// The configuration of one MQTT 5 bridge between `local` and `remote` with `routes`.
+fn v5_config(dir: &Path, local: &Mosquitto, remote: &Mosquitto, routes: &str) -> Config {
+    load(
+        dir,
+        &bridge_yaml("v5", &local.endpoint(), &remote.endpoint(), 1, routes),
+    )
+}
+
 async fn start(cfg: &Config, opts: &RunOptions) -> RunningBridge {
     let b = bridge::start(cfg, opts).await.expect("bridge starts");
     assert!(
@@ -181,15 +189,11 @@ async fn mqtt_5_properties_and_the_retain_flag_pass_through() {
     let local = Mosquitto::start(MosquittoOptions::default());
     let remote = Mosquitto::start(MosquittoOptions::default());
     let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
+    let cfg = v5_config(
         dir.path(),
-        &bridge_yaml(
-            "v5",
-            &local.endpoint(),
-            &remote.endpoint(),
-            1,
-            "    - {direction: local-to-remote, name: props, source: \"props/#\"}\n",
-        ),
+        &local,
+        &remote,
+        "    - {direction: local-to-remote, name: props, source: \"props/#\"}\n",
     );
     let b = start(&cfg, &opts()).await;
     let live = Collector::start(remote.port, "live-sub", "props/#", false).await;
@@ -242,15 +246,11 @@ async fn a_message_over_the_targets_maximum_packet_size_is_refused_alone() {
         ..MosquittoOptions::default()
     });
     let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
+    let cfg = v5_config(
         dir.path(),
-        &bridge_yaml(
-            "v5",
-            &local.endpoint(),
-            &remote.endpoint(),
-            1,
-            "    - {direction: local-to-remote, name: big, source: \"big/#\"}\n",
-        ),
+        &local,
+        &remote,
+        "    - {direction: local-to-remote, name: big, source: \"big/#\"}\n",
     );
     let b = start(&cfg, &opts()).await;
     let at_remote = Collector::start(remote.port, "big-sub", "big/#", false).await;
@@ -277,14 +277,11 @@ async fn a_shared_subscription_route_runs_n_clients_that_split_the_messages() {
     let local = Mosquitto::start(MosquittoOptions::default());
     let remote = Mosquitto::start(MosquittoOptions::default());
     let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
+    let cfg = v5_config(
         dir.path(),
-        &bridge_yaml(
-            "v5",
-            &local.endpoint(),
-            &remote.endpoint(),
-            1,
-            "    - direction: local-to-remote
+        &local,
+        &remote,
+        "    - direction: local-to-remote
       name: shared
       source: \"shared/#\"
       target: cloud/shared
@@ -292,7 +289,6 @@ async fn a_shared_subscription_route_runs_n_clients_that_split_the_messages() {
         groupMinimumShareNumber: 3
         groupName: sub-group
 ",
-        ),
     );
     let b = start(&cfg, &opts()).await;
     let ids: Vec<String> = b.pipes.iter().map(|p| p.client_id.clone()).collect();
@@ -685,15 +681,11 @@ async fn no_qos1_message_is_lost_across_remote_restart_and_bridge_crash() {
         ..Default::default()
     });
     let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
+    let cfg = v5_config(
         dir.path(),
-        &bridge_yaml(
-            "v5",
-            &local.endpoint(),
-            &remote.endpoint(),
-            1,
-            "    - {direction: local-to-remote, name: noloss, source: \"noloss/#\", qos: 1}\n",
-        ),
+        &local,
+        &remote,
+        "    - {direction: local-to-remote, name: noloss, source: \"noloss/#\", qos: 1}\n",
     );
     let b = start(&cfg, &opts()).await;
     let at_remote = Collector::start(remote.port, "noloss-sub", "noloss/#", true).await;
