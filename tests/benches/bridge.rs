@@ -56,6 +56,16 @@ struct Run {
     p99_us: f64,
     rss_kib: u64,
     cpu_s_per_m: f64,
+    /// Lines of the brokers' logs saying they dropped messages (then the brokers, not the
+    /// bridge, were the limit).
+    broker_drops: usize,
+}
+
+/// Mosquitto's notices of dropped messages in a log.
+fn drop_notices(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.to_ascii_lowercase().contains("dropped"))
+        .count()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -429,6 +439,14 @@ async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path
         run.p50_us = lat[lat.len() / 2];
         run.p99_us = lat[(lat.len() * 99) / 100];
     }
+    run.broker_drops = drop_notices(&local.log()) + drop_notices(&remote.log());
+    if run.broker_drops > 0 {
+        eprintln!(
+            "{}: the brokers logged {} dropped-message notice(s)",
+            case.label(),
+            run.broker_drops
+        );
+    }
     task.abort();
     if let Some(mut b) = bridge {
         // SIGTERM first, so a profiler wrapped around the bridge can write its data.
@@ -591,9 +609,9 @@ fn main() {
             println!();
             println!("### QoS {qos}, {size} B");
             println!(
-                "| case | msg/s | vs (a) | vs (b) | lost | dup | p50 µs @5k/s | p99 µs | bridge RSS MiB | CPU s / M msgs |"
+                "| case | msg/s | vs (a) | vs (b) | lost | dup | p50 µs @5k/s | p99 µs | bridge RSS MiB | CPU s / M msgs | broker drop notices |"
             );
-            println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+            println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
             let mut base = (0.0, 0.0);
             // In turns: every repeat runs every case once, so a slow spell of the shared
             // machine hits all cases alike instead of one case's repeats.
@@ -620,7 +638,7 @@ fn main() {
                 let rss = median(runs.iter().map(|r| r.rss_kib as f64).collect());
                 let cpu = median(runs.iter().map(|r| r.cpu_s_per_m).collect());
                 println!(
-                    "| {} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} |",
+                    "| {} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} |",
                     case.label(),
                     rate,
                     ratio(base.0),
@@ -639,6 +657,7 @@ fn main() {
                     } else {
                         "-".into()
                     },
+                    runs.iter().map(|r| r.broker_drops).sum::<usize>(),
                 );
             }
         }
