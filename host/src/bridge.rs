@@ -378,11 +378,7 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
             .bridge_id
             .clone()
             .unwrap_or_else(|| format!("{}-{:08x}", connector.name, fastrand::u32(..)));
-        let guard = Arc::new(Mutex::new(LoopGuard::new(
-            bridge_id.clone(),
-            Duration::from_secs(10),
-            100_000,
-        )));
+        let guard = Arc::new(Mutex::new(LoopGuard::new(Duration::from_secs(10), 100_000)));
         let shared = Arc::new(Shared {
             connector: connector.clone(),
             local: Arc::new(connector.local.clone()),
@@ -848,7 +844,7 @@ async fn forward(
             .guard
             .lock()
             .expect("loop guard lock")
-            .check(pipe.source, &msg, v5, Instant::now())
+            .check(pipe.source, &msg, Instant::now())
     };
     if verdict != LoopVerdict::Forward {
         return Err(Skip::Loop);
@@ -912,7 +908,7 @@ async fn forward(
         let mut guard = shared.guard.lock().expect("loop guard lock");
         for out in &mut outputs {
             out.properties = Properties::default();
-            guard.mark(pipe.target, out, v5, now);
+            guard.mark(pipe.target, out, now);
         }
     }
     Ok(outputs)

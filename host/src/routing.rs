@@ -156,19 +156,12 @@ pub fn check_via(id: &str, msg: &Message) -> LoopVerdict {
     }
 }
 
-/// MQTT 5 loop mark of a message the bridge `id` is about to publish.
-pub fn mark_via(id: &str, msg: &mut Message) {
-    msg.properties
-        .user_properties
-        .push((VIA_PROPERTY.to_string(), id.to_string()));
-}
-
-/// Loop prevention.
+/// MQTT 3.1.1 loop prevention.
 ///
-/// MQTT 5: every forwarded message gets a `edgebridge-via: <bridge id>` user property; a
-/// message that already carries our id came back to us and is dropped. This also stops loops
-/// through other edgebridge instances with other ids (each adds its own), bounded by
-/// [`MAX_HOPS`].
+/// (MQTT 5 needs no state: every forwarded message gets a `edgebridge-via: <bridge id>` user
+/// property, stamped by the target session's encoder, and [`check_via`] drops a message that
+/// already carries our id. This also stops loops through other edgebridge instances with other
+/// ids, each adding its own, bounded by [`MAX_HOPS`].)
 ///
 /// MQTT 3.1.1 has no properties: the guard remembers (broker, topic, payload hash) of what the
 /// bridge published in the last `window`, and drops one matching message arriving from that
@@ -176,7 +169,6 @@ pub fn mark_via(id: &str, msg: &mut Message) {
 /// topic that a route also forwards back is dropped too: that is the price of 3.1.1.
 #[derive(Debug)]
 pub struct LoopGuard {
-    id: String,
     window: Duration,
     recent: HashMap<(Side, u64), u32>,
     order: VecDeque<(Instant, Side, u64)>,
@@ -184,10 +176,9 @@ pub struct LoopGuard {
 }
 
 impl LoopGuard {
-    /// A guard for the bridge named `id`.
-    pub fn new(id: impl Into<String>, window: Duration, capacity: usize) -> LoopGuard {
+    /// A guard remembering at most `capacity` messages for `window`.
+    pub fn new(window: Duration, capacity: usize) -> LoopGuard {
         LoopGuard {
-            id: id.into(),
             window,
             recent: HashMap::new(),
             order: VecDeque::new(),
@@ -218,10 +209,7 @@ impl LoopGuard {
     }
 
     /// Checks a message received from `from`.
-    pub fn check(&mut self, from: Side, msg: &Message, v5: bool, now: Instant) -> LoopVerdict {
-        if v5 {
-            return check_via(&self.id, msg);
-        }
+    pub fn check(&mut self, from: Side, msg: &Message, now: Instant) -> LoopVerdict {
         self.expire(now);
         let key = (from, Self::key(&msg.topic, &msg.payload));
         match self.recent.get_mut(&key) {
@@ -237,11 +225,7 @@ impl LoopGuard {
     }
 
     /// Marks a message about to be published to `to`.
-    pub fn mark(&mut self, to: Side, msg: &mut Message, v5: bool, now: Instant) {
-        if v5 {
-            mark_via(&self.id, msg);
-            return;
-        }
+    pub fn mark(&mut self, to: Side, msg: &Message, now: Instant) {
         self.expire(now);
         let key = Self::key(&msg.topic, &msg.payload);
         *self.recent.entry((to, key)).or_insert(0) += 1;
@@ -359,48 +343,37 @@ mod tests {
 
     #[test]
     fn a_v5_message_marked_by_us_is_an_echo() {
-        let mut g = LoopGuard::new("me", Duration::from_secs(5), 100);
-        let now = Instant::now();
         let mut m = msg();
-        assert_eq!(g.check(Side::Local, &m, true, now), LoopVerdict::Forward);
-        g.mark(Side::Remote, &mut m, true, now);
-        assert_eq!(g.check(Side::Remote, &m, true, now), LoopVerdict::OwnEcho);
-        let mut other = LoopGuard::new("other", Duration::from_secs(5), 100);
-        assert_eq!(
-            other.check(Side::Remote, &m, true, now),
-            LoopVerdict::Forward
-        );
+        assert_eq!(check_via("me", &m), LoopVerdict::Forward);
+        m.properties
+            .user_properties
+            .push((VIA_PROPERTY.into(), "me".into()));
+        assert_eq!(check_via("me", &m), LoopVerdict::OwnEcho);
+        assert_eq!(check_via("other", &m), LoopVerdict::Forward);
     }
 
     #[test]
     fn a_v5_message_through_too_many_bridges_is_dropped() {
-        let mut g = LoopGuard::new("me", Duration::from_secs(5), 100);
         let mut m = msg();
         for i in 0..MAX_HOPS {
             m.properties
                 .user_properties
                 .push((VIA_PROPERTY.into(), format!("b{i}")));
         }
-        assert_eq!(
-            g.check(Side::Local, &m, true, Instant::now()),
-            LoopVerdict::TooManyHops
-        );
+        assert_eq!(check_via("me", &m), LoopVerdict::TooManyHops);
     }
 
     #[test]
     fn a_v3_echo_is_dropped_once_within_the_window() {
-        let mut g = LoopGuard::new("me", Duration::from_secs(5), 100);
+        let mut g = LoopGuard::new(Duration::from_secs(5), 100);
         let now = Instant::now();
-        let mut m = msg();
-        g.mark(Side::Remote, &mut m, false, now);
-        assert_eq!(g.check(Side::Local, &m, false, now), LoopVerdict::Forward);
-        assert_eq!(g.check(Side::Remote, &m, false, now), LoopVerdict::OwnEcho);
-        assert_eq!(g.check(Side::Remote, &m, false, now), LoopVerdict::Forward);
-        g.mark(Side::Remote, &mut m, false, now);
+        let m = msg();
+        g.mark(Side::Remote, &m, now);
+        assert_eq!(g.check(Side::Local, &m, now), LoopVerdict::Forward);
+        assert_eq!(g.check(Side::Remote, &m, now), LoopVerdict::OwnEcho);
+        assert_eq!(g.check(Side::Remote, &m, now), LoopVerdict::Forward);
+        g.mark(Side::Remote, &m, now);
         let later = now + Duration::from_secs(6);
-        assert_eq!(
-            g.check(Side::Remote, &m, false, later),
-            LoopVerdict::Forward
-        );
+        assert_eq!(g.check(Side::Remote, &m, later), LoopVerdict::Forward);
     }
 }
