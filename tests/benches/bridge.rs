@@ -73,8 +73,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A broker as the benchmark needs it; `BENCH_MOSQUITTO_EXTRA='set_tcp_nodelay true\n'` adds
+/// configuration lines to both brokers for experiments.
 fn tuned_mosquitto(bridge_to: Option<(u16, u8)>) -> Mosquitto {
-    let m = Mosquitto::start(MosquittoOptions::default());
+    let m = Mosquitto::start(MosquittoOptions {
+        extra: std::env::var("BENCH_MOSQUITTO_EXTRA")
+            .unwrap_or_default()
+            .replace("\\n", "\n"),
+        ..MosquittoOptions::default()
+    });
     if let Some((remote, qos)) = bridge_to {
         // Restart with a bridge section appended. Its default protocol (3.1.1): with
         // `max_inflight_messages 0` Mosquitto 2.0.11's MQTT 5 bridge announces Receive Maximum 0,
