@@ -131,6 +131,57 @@ pub struct MosquittoOptions {
     pub extra: String,
 }
 
+/// An `MqttBridgeConnector` named `test-bridge` (client IDs `edge-<route>`) between `local` and
+/// `remote` without TLS, each side followed by `*_extra` lines at its indentation (e.g. an
+/// `authentication:` block), and its `MqttBridgeTopicMap` with `routes`, as the source
+/// documents write them.
+pub fn connector_yaml(
+    protocol: &str,
+    instances: u32,
+    (local, local_extra): (&str, &str),
+    (remote, remote_extra): (&str, &str),
+    routes: &str,
+) -> String {
+    format!(
+        "apiVersion: mq.iotoperations.azure.com/v1beta1
+kind: MqttBridgeConnector
+metadata:
+  name: test-bridge
+spec:
+  protocol: {protocol}
+  bridgeInstances: {instances}
+  clientIdPrefix: edge-
+  remoteBrokerConnection:
+    endpoint: \"{remote}\"
+    tls:
+      tlsEnabled: false
+{remote_extra}  localBrokerConnection:
+    endpoint: \"{local}\"
+    tls:
+      tlsEnabled: false
+{local_extra}---
+apiVersion: mq.iotoperations.azure.com/v1beta1
+kind: MqttBridgeTopicMap
+metadata:
+  name: test-map
+spec:
+  mqttBridgeConnectorRef: test-bridge
+  routes:
+{routes}"
+    )
+}
+
+/// [`connector_yaml`] with nothing more on either side.
+pub fn bridge_yaml(
+    protocol: &str,
+    local: &str,
+    remote: &str,
+    instances: u32,
+    routes: &str,
+) -> String {
+    connector_yaml(protocol, instances, (local, ""), (remote, ""), routes)
+}
+
 /// A Mosquitto process with its own folder and ports.
 pub struct Mosquitto {
     child: Option<Child>,

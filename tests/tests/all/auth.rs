@@ -10,7 +10,8 @@ use edgebridge::config::{self, Auth, LoadOptions};
 use edgebridge::credentials::{CredentialError, IdentityOptions, Provider};
 use edgebridge_tests::auth::{AuthProxy, Check, IdentityMode, IdentityServer, verify};
 use edgebridge_tests::{
-    Collector, Mosquitto, MosquittoOptions, Pki, Publisher, eventually, init_tracing, write_file,
+    Collector, Mosquitto, MosquittoOptions, Pki, Publisher, connector_yaml, eventually,
+    init_tracing, write_file,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -48,32 +49,7 @@ fn connector(
     remote_auth: &str,
     routes: &str,
 ) -> String {
-    format!(
-        "apiVersion: mq.iotoperations.azure.com/v1beta1
-kind: MqttBridgeConnector
-metadata:
-  name: auth-bridge
-spec:
-  protocol: v5
-  clientIdPrefix: auth-
-  remoteBrokerConnection:
-    endpoint: \"{remote}\"
-    tls:
-      tlsEnabled: false
-{remote_auth}  localBrokerConnection:
-    endpoint: \"{local}\"
-    tls:
-      tlsEnabled: false
-{local_auth}---
-apiVersion: mq.iotoperations.azure.com/v1beta1
-kind: MqttBridgeTopicMap
-metadata:
-  name: auth-map
-spec:
-  mqttBridgeConnectorRef: auth-bridge
-  routes:
-{routes}"
-    )
+    connector_yaml("v5", 1, (local, local_auth), (remote, remote_auth), routes)
 }
 
 /// QoS 1 traffic keeps flowing across several managed-identity token refreshes (3 s tokens,

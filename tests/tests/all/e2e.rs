@@ -8,8 +8,8 @@ use bytes::Bytes;
 use edgebridge::bridge::{self, RunOptions, RunningBridge};
 use edgebridge::config::{self, Config, LoadOptions};
 use edgebridge_tests::{
-    Collector, Mosquitto, MosquittoOptions, Pki, Publisher, eventually, free_port, init_tracing,
-    write_file,
+    Collector, Mosquitto, MosquittoOptions, Pki, Publisher, bridge_yaml, eventually, free_port,
+    init_tracing, write_file,
 };
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
@@ -37,36 +37,6 @@ fn load(dir: &Path, yaml: &str) -> Config {
 }
 
 /// A connector plus a topic map whose `routes:` block is `routes` (already indented by 4).
-fn bridge_yaml(protocol: &str, local: &str, remote: &str, instances: u32, routes: &str) -> String {
-    format!(
-        "apiVersion: mq.iotoperations.azure.com/v1beta1
-kind: MqttBridgeConnector
-metadata:
-  name: test-bridge
-spec:
-  protocol: {protocol}
-  bridgeInstances: {instances}
-  clientIdPrefix: edge-
-  remoteBrokerConnection:
-    endpoint: \"{remote}\"
-    tls:
-      tlsEnabled: false
-  localBrokerConnection:
-    endpoint: \"{local}\"
-    tls:
-      tlsEnabled: false
----
-apiVersion: mq.iotoperations.azure.com/v1beta1
-kind: MqttBridgeTopicMap
-metadata:
-  name: test-map
-spec:
-  mqttBridgeConnectorRef: test-bridge
-  routes:
-{routes}"
-    )
-}
-
 /// The configuration of one MQTT 5 bridge between `local` and `remote` with `routes`.
 fn v5_config(dir: &Path, local: &Mosquitto, remote: &Mosquitto, routes: &str) -> Config {
     load(

@@ -5,8 +5,8 @@ use std::time::Duration;
 use edgebridge::bridge::{self, BridgeError, RunOptions, RunningBridge};
 use edgebridge::config::{self, Config, LoadOptions};
 use edgebridge_tests::{
-    Collector, Mosquitto, MosquittoOptions, Publisher, eventually, init_tracing, install_plugin,
-    write_file,
+    Collector, Mosquitto, MosquittoOptions, Publisher, bridge_yaml, eventually, init_tracing,
+    install_plugin, write_file,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -47,33 +47,12 @@ impl Setup {
     }
 
     fn config(&self, routes: &str) -> Config {
-        let yaml = format!(
-            "apiVersion: mq.iotoperations.azure.com/v1beta1
-kind: MqttBridgeConnector
-metadata:
-  name: plugin-bridge
-spec:
-  protocol: v5
-  clientIdPrefix: wasm-
-  remoteBrokerConnection:
-    endpoint: \"{}\"
-    tls:
-      tlsEnabled: false
-  localBrokerConnection:
-    endpoint: \"{}\"
-    tls:
-      tlsEnabled: false
----
-apiVersion: mq.iotoperations.azure.com/v1beta1
-kind: MqttBridgeTopicMap
-metadata:
-  name: plugin-map
-spec:
-  mqttBridgeConnectorRef: plugin-bridge
-  routes:
-{routes}",
-            self.remote.endpoint(),
-            self.local.endpoint()
+        let yaml = bridge_yaml(
+            "v5",
+            &self.local.endpoint(),
+            &self.remote.endpoint(),
+            1,
+            routes,
         );
         let path = write_file(self.dir.path(), "bridge.yaml", &yaml);
         config::load(&[path], &LoadOptions::default())
