@@ -301,40 +301,17 @@ async fn misbehaving_plugins_are_contained_and_other_routes_keep_flowing() {
             .count(),
         script.len()
     );
-    let reason = |payload: &str| -> String {
-        msgs.iter()
-            .find(|m| m.topic == "bridge/dead-letter" && m.payload == payload)
-            .and_then(|m| m.properties.clone())
-            .and_then(|p| {
-                p.user_properties
-                    .into_iter()
-                    .find(|(k, _)| k == "edgebridge-error")
-            })
-            .map(|(_, v)| v)
-            .unwrap_or_default()
-    };
-    assert!(
-        reason("panic").contains("asked to panic"),
-        "{}",
-        reason("panic")
-    );
-    assert!(
-        reason("spin").contains("time budget exceeded"),
-        "{}",
-        reason("spin")
-    );
-    assert!(
-        reason("grow").contains("memory limit"),
-        "{}",
-        reason("grow")
-    );
-    assert!(
-        reason("forbidden").contains("outside what its policy allows"),
-        "{}",
-        reason("forbidden")
-    );
-    assert!(reason("err").contains("asked to fail"), "{}", reason("err"));
-    assert!(reason("bomb").contains("maxEmit"), "{}", reason("bomb"));
+    for (payload, why) in [
+        ("panic", "asked to panic"),
+        ("spin", "time budget exceeded"),
+        ("grow", "memory limit"),
+        ("forbidden", "outside what its policy allows"),
+        ("err", "asked to fail"),
+        ("bomb", "maxEmit"),
+    ] {
+        let reason = reason_of(&at_remote, payload);
+        assert!(reason.contains(why), "{payload}: {reason}");
+    }
     let c = b.stats.route("risky");
     assert_eq!((c.plugin_errors, c.dead_lettered), (6, 6));
 
