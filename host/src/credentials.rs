@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::config::Auth;
@@ -42,6 +41,8 @@ pub struct IdentityOptions {
     pub arc: bool,
     /// The only folder key files may be read from (Arc).
     pub key_dir: PathBuf,
+    /// Time limit of one request: connect, send, and the whole answer.
+    pub timeout: Duration,
 }
 
 impl IdentityOptions {
@@ -60,28 +61,32 @@ impl IdentityOptions {
             key_dir: var("EDGEBRIDGE_IDENTITY_KEY_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(ARC_KEY_DIR)),
+            timeout: HTTP_TIMEOUT,
         }
     }
 }
 
-/// Why credentials could not be had; every message says what to fix.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why credentials could not be had; every message says what to fix. Causes are kept as
+/// sources (print with [`crate::error::Chain`]).
+#[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
     /// A secret or token file could not be read.
-    #[error("cannot read {path}: {message}")]
+    #[error("cannot read {path}")]
     File {
         /// File.
         path: PathBuf,
         /// Cause.
-        message: String,
+        #[source]
+        source: std::io::Error,
     },
-    /// The identity endpoint could not be reached.
-    #[error("identity endpoint {endpoint}: {message}")]
+    /// The identity endpoint could not be asked (unreachable, timed out, not HTTP).
+    #[error("identity endpoint {endpoint}")]
     Endpoint {
-        /// URL.
+        /// URL, without the query.
         endpoint: String,
         /// Cause.
-        message: String,
+        #[source]
+        source: HttpError,
     },
     /// The identity endpoint answered something unusable.
     #[error("identity endpoint {endpoint} answered {status}: {message}")]
@@ -93,6 +98,16 @@ pub enum CredentialError {
         /// What was wrong.
         message: String,
     },
+    /// The answer was larger than [`MAX_RESPONSE`].
+    #[error(
+        "identity endpoint {endpoint} answered with a body over {limit} bytes; refused (a token response is a few KiB)"
+    )]
+    TooLarge {
+        /// URL.
+        endpoint: String,
+        /// The limit.
+        limit: usize,
+    },
     /// The Arc challenge named a key file outside the allowed folder.
     #[error("identity endpoint asked to read key file {path}, which is outside {allowed}; refused")]
     KeyFileOutside {
@@ -101,6 +116,26 @@ pub enum CredentialError {
         /// The allowed folder.
         allowed: PathBuf,
     },
+}
+
+/// Why an HTTP request to the identity endpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The URL is not `http://host[:port]/path`.
+    #[error("{0}")]
+    Url(String),
+    /// TCP connect failed.
+    #[error("cannot connect")]
+    Connect(#[source] std::io::Error),
+    /// No complete answer within the time limit.
+    #[error("no complete answer within {0:?}")]
+    Timeout(Duration),
+    /// The HTTP exchange failed (malformed response, connection closed early).
+    #[error("HTTP exchange failed")]
+    Http(#[source] hyper::Error),
+    /// Reading the body failed.
+    #[error("reading the response body failed")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A fetched access token.
@@ -195,9 +230,9 @@ impl Provider {
 fn read_secret(path: &Path) -> Result<String, CredentialError> {
     std::fs::read_to_string(path)
         .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-        .map_err(|e| CredentialError::File {
+        .map_err(|source| CredentialError::File {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source,
         })
 }
 
@@ -212,6 +247,11 @@ fn url_encode(s: &str) -> String {
         .collect()
 }
 
+/// Largest identity response accepted, bytes (a token response is a few KiB).
+pub const MAX_RESPONSE: usize = 64 * 1024;
+/// Default time limit of one identity request: connect, send, and the whole answer.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn fetch_token(id: &IdentityOptions, audience: &str) -> Result<Token, CredentialError> {
     let api = if id.arc { "2019-11-01" } else { "2018-02-01" };
     let sep = if id.endpoint.contains('?') { '&' } else { '?' };
@@ -220,8 +260,8 @@ async fn fetch_token(id: &IdentityOptions, audience: &str) -> Result<Token, Cred
         id.endpoint,
         url_encode(audience)
     );
-    let mut headers = vec![("Metadata".to_string(), "true".to_string())];
-    let mut resp = http_get(&url, &headers).await?;
+    let mut headers = vec![("Metadata", "true".to_string())];
+    let mut resp = http_get(&url, &headers, id.timeout).await?;
     if id.arc && resp.status == 401 {
         let challenge =
             resp.header("www-authenticate")
@@ -250,15 +290,22 @@ async fn fetch_token(id: &IdentityOptions, audience: &str) -> Result<Token, Cred
             });
         }
         let key = read_secret(&real)?;
-        headers.push(("Authorization".into(), format!("Basic {key}")));
-        resp = http_get(&url, &headers).await?;
+        headers.push(("Authorization", format!("Basic {key}")));
+        resp = http_get(&url, &headers, id.timeout).await?;
     }
     if resp.status != 200 {
         let body = String::from_utf8_lossy(&resp.body);
+        let mut message: String = body.chars().take(200).collect();
+        if (300..400).contains(&resp.status) {
+            message = format!(
+                "redirects are refused (Location: {})",
+                resp.header("location").unwrap_or("none")
+            );
+        }
         return Err(CredentialError::Response {
             endpoint: id.endpoint.clone(),
             status: resp.status,
-            message: body.chars().take(200).collect(),
+            message,
         });
     }
     parse_token(&resp.body).map_err(|message| CredentialError::Response {
@@ -305,87 +352,100 @@ fn parse_token(body: &[u8]) -> Result<Token, String> {
 
 struct HttpResponse {
     status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    headers: hyper::HeaderMap,
+    body: bytes::Bytes,
 }
 
 impl HttpResponse {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
 
-/// A minimal HTTP/1.1 GET for the link-local and localhost identity endpoints (plain HTTP,
-/// `Connection: close`, Content-Length or read-to-end bodies).
+/// One HTTP/1.1 GET to a link-local or localhost identity endpoint, with hyper: chunked and
+/// `Content-Length` bodies, keep-alive or not, at most [`MAX_RESPONSE`] bytes, everything
+/// within `timeout`, redirects not followed (the caller refuses a 3xx).
 async fn http_get(
     url: &str,
-    headers: &[(String, String)],
+    headers: &[(&str, String)],
+    timeout: Duration,
 ) -> Result<HttpResponse, CredentialError> {
-    let err = |message: String| CredentialError::Endpoint {
-        endpoint: url.split('?').next().unwrap_or(url).to_string(),
-        message,
+    use http_body_util::{BodyExt, Empty, Limited};
+    let endpoint = url.split('?').next().unwrap_or(url).to_string();
+    let fail = |source: HttpError| CredentialError::Endpoint {
+        endpoint: endpoint.clone(),
+        source,
     };
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| err("only http:// identity endpoints are supported".into()))?;
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| fail(HttpError::Url(format!("not a URL: {e}"))))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(fail(HttpError::Url(
+            "only http:// identity endpoints are supported (they are link-local or localhost)"
+                .into(),
+        )));
+    }
+    let (Some(host), Some(authority)) = (uri.host(), uri.authority()) else {
+        return Err(fail(HttpError::Url("the URL has no host".into())));
     };
-    let addr = if hostport.contains(':') {
-        hostport.to_string()
-    } else {
-        format!("{hostport}:80")
-    };
-    let timeout = Duration::from_secs(10);
-    let mut stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr))
-        .await
-        .map_err(|_| err("connection timed out".into()))?
-        .map_err(|e| err(e.to_string()))?;
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n");
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let mut request = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(hyper::header::HOST, authority.as_str());
     for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
+        request = request.header(*k, v);
     }
-    req.push_str("\r\n");
-    let mut raw = Vec::new();
-    tokio::time::timeout(timeout, async {
-        stream.write_all(req.as_bytes()).await?;
-        stream.read_to_end(&mut raw).await
-    })
-    .await
-    .map_err(|_| err("no answer within 10 s".into()))?
-    .map_err(|e| err(e.to_string()))?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| err("malformed HTTP response (no header end)".into()))?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.lines();
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| err("malformed HTTP status line".into()))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[split + 4..].to_vec();
-    if let Some(len) = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse::<usize>().ok())
-    {
-        body.truncate(len);
-    }
+    let request = request
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| fail(HttpError::Url(e.to_string())))?;
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(HttpError::Connect)?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(HttpError::Http)?;
+        // The connection is driven beside the request and ends with this exchange.
+        let driver = tokio::spawn(conn);
+        let _abort = AbortOnDrop(driver);
+        let resp = sender
+            .send_request(request)
+            .await
+            .map_err(HttpError::Http)?;
+        let (parts, body) = resp.into_parts();
+        let body = match Limited::new(body, MAX_RESPONSE).collect().await {
+            Ok(b) => Some(b.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => None,
+            Err(e) => return Err(HttpError::Body(e)),
+        };
+        Ok((parts, body))
+    };
+    let (parts, body) = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| fail(HttpError::Timeout(timeout)))?
+        .map_err(fail)?;
+    let body = body.ok_or_else(|| CredentialError::TooLarge {
+        endpoint: endpoint.clone(),
+        limit: MAX_RESPONSE,
+    })?;
     Ok(HttpResponse {
-        status,
-        headers,
+        status: parts.status.as_u16(),
+        headers: parts.headers,
         body,
     })
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 //! - [`embedded`]: an in-process broker for `embedded://` endpoints.
 //! - [`policy`]: what each plugin may do (pure).
 //! - [`secret`]: values that never print.
+//! - [`error`]: printing an error with its causes.
 //! - [`tools`]: the `pub` / `sub` test clients of the command line.
 //!
 //! # Example
@@ -40,6 +41,7 @@ pub mod bridge;
 pub mod config;
 pub mod credentials;
 pub mod embedded;
+pub mod error;
 pub mod model;
 pub mod mqtt;
 pub mod plugin;

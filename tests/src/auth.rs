@@ -27,10 +27,16 @@ fn now() -> u64 {
 
 /// A signed JWT for `audience` expiring `lifetime` from now.
 pub fn jwt(audience: &str, lifetime: Duration, serial: u64) -> String {
+    jwt_padded(audience, lifetime, serial, 0)
+}
+
+/// [`jwt`] with `padding` more bytes of claims (real tokens carry many claims: a token
+/// response of several KiB is what Go's net/http sends chunked).
+pub fn jwt_padded(audience: &str, lifetime: Duration, serial: u64, padding: usize) -> String {
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
     let exp = now() + lifetime.as_secs();
     let claims = URL_SAFE_NO_PAD.encode(
-        serde_json::json!({"aud": audience, "exp": exp, "iat": now(), "jti": serial}).to_string(),
+        serde_json::json!({"aud": audience, "exp": exp, "iat": now(), "jti": serial, "xms": "x".repeat(padding)}).to_string(),
     );
     let mut mac = Hmac::<Sha256>::new_from_slice(KEY).unwrap();
     mac.update(format!("{header}.{claims}").as_bytes());
@@ -74,6 +80,22 @@ pub enum IdentityMode {
     Garbage,
 }
 
+/// How the identity endpoint sends a 200 answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// `Content-Length`, then `Connection: close`.
+    ContentLength,
+    /// `Transfer-Encoding: chunked` in 1,000-byte chunks with a 3 KiB-padded token, on a
+    /// kept-alive connection, as Go's net/http sends bodies over its 2 KB buffer.
+    Chunked,
+    /// A chunked body of 1 MiB (more than any token response).
+    Oversized,
+    /// Headers at once, then the body after this delay.
+    Slow(Duration),
+    /// `307` to another URL.
+    Redirect,
+}
+
 /// A local identity endpoint.
 pub struct IdentityServer {
     /// `http://127.0.0.1:port/metadata/identity/oauth2/token`.
@@ -85,6 +107,15 @@ pub struct IdentityServer {
 impl IdentityServer {
     /// Starts one issuing tokens valid for `lifetime`.
     pub async fn start(mode: IdentityMode, lifetime: Duration) -> IdentityServer {
+        IdentityServer::start_with(mode, lifetime, Answer::ContentLength).await
+    }
+
+    /// Starts one issuing tokens valid for `lifetime`, answering as `answer` says.
+    pub async fn start_with(
+        mode: IdentityMode,
+        lifetime: Duration,
+        answer: Answer,
+    ) -> IdentityServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!(
             "http://{}/metadata/identity/oauth2/token",
@@ -97,60 +128,124 @@ impl IdentityServer {
                 let Ok((mut sock, _)) = listener.accept().await else {
                     return;
                 };
-                let mut buf = vec![0u8; 8192];
-                let mut n = 0;
-                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(m) => n += m,
-                    }
-                }
-                let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                let resource = req
-                    .split("resource=")
-                    .nth(1)
-                    .and_then(|r| r.split([' ', '&']).next())
-                    .unwrap_or("")
-                    .replace("%3A", ":")
-                    .replace("%2F", "/");
-                let (status, headers, body) = if !req.contains("Metadata: true") {
-                    (400, String::new(), "missing Metadata header".to_string())
-                } else {
-                    match &mode {
-                        IdentityMode::Garbage => {
-                            (200, String::new(), "<html>oops</html>".to_string())
+                let (mode, store) = (mode.clone(), store.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut n = 0;
+                    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(m) => n += m,
                         }
-                        IdentityMode::Arc(key) => {
-                            let expected = format!(
-                                "Authorization: Basic {}",
-                                std::fs::read_to_string(key).unwrap_or_default().trim()
-                            );
-                            if req.contains(&expected) {
-                                let t =
-                                    jwt(&resource, lifetime, store.lock().unwrap().len() as u64);
-                                store.lock().unwrap().push(t.clone());
-                                (200, String::new(), token_body(&t, lifetime))
-                            } else {
-                                (
-                                    401,
-                                    format!("WWW-Authenticate: Basic realm={}\r\n", key.display()),
-                                    String::new(),
-                                )
+                    }
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let resource = req
+                        .split("resource=")
+                        .nth(1)
+                        .and_then(|r| r.split([' ', '&']).next())
+                        .unwrap_or("")
+                        .replace("%3A", ":")
+                        .replace("%2F", "/");
+                    let padding = if answer == Answer::Chunked { 3000 } else { 0 };
+                    let issue = |resource: &str| {
+                        let t = jwt_padded(
+                            resource,
+                            lifetime,
+                            store.lock().unwrap().len() as u64,
+                            padding,
+                        );
+                        store.lock().unwrap().push(t.clone());
+                        token_body(&t, lifetime)
+                    };
+                    let (status, headers, body) =
+                        if !req.to_ascii_lowercase().contains("metadata: true") {
+                            (400, String::new(), "missing Metadata header".to_string())
+                        } else {
+                            match &mode {
+                                IdentityMode::Garbage => {
+                                    (200, String::new(), "<html>oops</html>".to_string())
+                                }
+                                IdentityMode::Arc(key) => {
+                                    let expected = format!(
+                                        "Authorization: Basic {}",
+                                        std::fs::read_to_string(key).unwrap_or_default().trim()
+                                    );
+                                    if req
+                                        .to_ascii_lowercase()
+                                        .contains(&expected.to_ascii_lowercase())
+                                    {
+                                        (200, String::new(), issue(&resource))
+                                    } else {
+                                        (
+                                            401,
+                                            format!(
+                                                "WWW-Authenticate: Basic realm={}\r\n",
+                                                key.display()
+                                            ),
+                                            String::new(),
+                                        )
+                                    }
+                                }
+                                IdentityMode::Imds => (200, String::new(), issue(&resource)),
                             }
+                        };
+                    let head = |extra: &str| {
+                        format!(
+                            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{headers}{extra}\r\n"
+                        )
+                    };
+                    match answer {
+                        _ if status != 200 => {
+                            let h = head(&format!(
+                                "Content-Length: {}\r\nConnection: close\r\n",
+                                body.len()
+                            ));
+                            let _ = sock.write_all(format!("{h}{body}").as_bytes()).await;
                         }
-                        IdentityMode::Imds => {
-                            let t = jwt(&resource, lifetime, store.lock().unwrap().len() as u64);
-                            store.lock().unwrap().push(t.clone());
-                            (200, String::new(), token_body(&t, lifetime))
+                        Answer::ContentLength => {
+                            let h = head(&format!(
+                                "Content-Length: {}\r\nConnection: close\r\n",
+                                body.len()
+                            ));
+                            let _ = sock.write_all(format!("{h}{body}").as_bytes()).await;
+                        }
+                        Answer::Chunked | Answer::Oversized => {
+                            let body = if answer == Answer::Oversized {
+                                "x".repeat(1 << 20)
+                            } else {
+                                body
+                            };
+                            let mut out = head("Transfer-Encoding: chunked\r\n");
+                            for chunk in body.as_bytes().chunks(1000) {
+                                out.push_str(&format!(
+                                    "{:x}\r\n{}\r\n",
+                                    chunk.len(),
+                                    String::from_utf8_lossy(chunk)
+                                ));
+                            }
+                            out.push_str("0\r\n\r\n");
+                            let _ = sock.write_all(out.as_bytes()).await;
+                            // Keep-alive: the connection stays open; the client must not wait for
+                            // its end to have the whole body.
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                        }
+                        Answer::Slow(delay) => {
+                            let h = head(&format!(
+                                "Content-Length: {}\r\nConnection: close\r\n",
+                                body.len()
+                            ));
+                            let _ = sock.write_all(h.as_bytes()).await;
+                            tokio::time::sleep(delay).await;
+                            let _ = sock.write_all(body.as_bytes()).await;
+                        }
+                        Answer::Redirect => {
+                            let _ = sock
+                            .write_all(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://169.254.169.254/elsewhere\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                            .await;
                         }
                     }
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
+                    let _ = sock.shutdown().await;
+                });
             }
         });
         IdentityServer { url, issued, task }

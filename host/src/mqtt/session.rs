@@ -124,7 +124,7 @@ enum SessionError {
     KeepAlive,
     #[error("expected CONNACK, got {0}")]
     NotConnAck(String),
-    #[error("credentials: {0}")]
+    #[error("credentials")]
     Credentials(#[from] crate::credentials::CredentialError),
     #[error("renewing the connection to present a fresh token")]
     Renew,
@@ -160,14 +160,17 @@ async fn run(
             }
             Err(e) => {
                 state.on_disconnect();
-                if emit(&ev_tx, SessionEvent::ConnectionLost(e.to_string()))
-                    .await
-                    .is_err()
+                if emit(
+                    &ev_tx,
+                    SessionEvent::ConnectionLost(crate::error::chain(&e)),
+                )
+                .await
+                .is_err()
                 {
                     return;
                 }
                 let delay = backoff.next_delay();
-                warn!(session = %opts.label, endpoint = %opts.conn.endpoint, client_id = %opts.client_id, "Connection failed: {e}; retrying in {delay:?}");
+                warn!(session = %opts.label, endpoint = %opts.conn.endpoint, client_id = %opts.client_id, "Connection failed: {}; retrying in {delay:?}", crate::error::Chain(&e));
                 let sleep = tokio::time::sleep(delay);
                 tokio::pin!(sleep);
                 loop {

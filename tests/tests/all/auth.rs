@@ -8,7 +8,7 @@ use std::time::Duration;
 use edgebridge::bridge::{self, RunOptions};
 use edgebridge::config::{self, Auth, LoadOptions};
 use edgebridge::credentials::{CredentialError, IdentityOptions, Provider};
-use edgebridge_tests::auth::{AuthProxy, Check, IdentityMode, IdentityServer, verify};
+use edgebridge_tests::auth::{Answer, AuthProxy, Check, IdentityMode, IdentityServer, verify};
 use edgebridge_tests::{
     Collector, Mosquitto, MosquittoOptions, Pki, Publisher, connector_yaml, eventually,
     init_tracing, write_file,
@@ -25,6 +25,7 @@ fn opts(identity: &IdentityServer, key_dir: &Path) -> RunOptions {
             endpoint: identity.url.clone(),
             arc: false,
             key_dir: key_dir.to_path_buf(),
+            timeout: 10 * SECOND,
         },
         ..RunOptions::default()
     }
@@ -130,6 +131,7 @@ async fn the_arc_challenge_flow_and_bad_identity_endpoints() {
                 endpoint: endpoint.into(),
                 arc,
                 key_dir: key_dir.clone(),
+                timeout: 10 * SECOND,
             },
         )
     };
@@ -476,4 +478,143 @@ async fn tls_failures_are_clear() {
         let e = err(c).await;
         assert!(e.contains(expect), "{e}");
     }
+}
+
+fn identity_provider(url: &str, arc: bool, key_dir: &Path, timeout: Duration) -> Provider {
+    Provider::new(
+        Auth::ManagedIdentity {
+            audience: AUDIENCE.into(),
+        },
+        IdentityOptions {
+            endpoint: url.into(),
+            arc,
+            key_dir: key_dir.to_path_buf(),
+            timeout,
+        },
+    )
+}
+
+/// Every shape of HTTP answer an identity endpoint may send: a chunked 3.7 KB token on a
+/// kept-alive connection (what Go's net/http sends), `Content-Length`, the Arc challenge
+/// answered chunked, a body over the size bound, an answer slower than the timeout, and a
+/// redirect: each gives a token or a clear, named error, and none hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_answers_chunked_sized_oversized_slow_and_redirected() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_dir = dir.path().join("tokens");
+    std::fs::create_dir_all(&key_dir).unwrap();
+    let key = write_file(&key_dir, "challenge.key", "s3cret-key\n");
+    let timeout = 2 * SECOND;
+    let token_of = |creds: edgebridge::credentials::ConnectCredentials| {
+        creds.auth_data.unwrap().expose().to_string()
+    };
+    for answer in [Answer::Chunked, Answer::ContentLength] {
+        let server = IdentityServer::start_with(IdentityMode::Imds, 60 * SECOND, answer).await;
+        let started = std::time::Instant::now();
+        let token = token_of(
+            identity_provider(&server.url, false, &key_dir, timeout)
+                .connect()
+                .await
+                .unwrap_or_else(|e| panic!("{answer:?}: {}", edgebridge::error::chain(&e))),
+        );
+        assert!(verify(&token, AUDIENCE).is_ok(), "{answer:?}");
+        assert!(
+            started.elapsed() < timeout,
+            "{answer:?}: the body's end is known without waiting for the connection to close"
+        );
+        if answer == Answer::Chunked {
+            assert!(token.len() > 3000, "a padded token: {}", token.len());
+        }
+    }
+    let arc =
+        IdentityServer::start_with(IdentityMode::Arc(key), 60 * SECOND, Answer::Chunked).await;
+    let token = token_of(
+        identity_provider(&arc.url, true, &key_dir, timeout)
+            .connect()
+            .await
+            .unwrap(),
+    );
+    assert!(verify(&token, AUDIENCE).is_ok());
+
+    let big = IdentityServer::start_with(IdentityMode::Imds, 60 * SECOND, Answer::Oversized).await;
+    let e = identity_provider(&big.url, false, &key_dir, timeout)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, CredentialError::TooLarge { limit: 65536, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("over 65536 bytes"), "{e}");
+
+    let slow = IdentityServer::start_with(
+        IdentityMode::Imds,
+        60 * SECOND,
+        Answer::Slow(Duration::from_secs(5)),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let e = identity_provider(&slow.url, false, &key_dir, timeout)
+        .connect()
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout && waited < timeout + SECOND,
+        "gave up at the timeout: {waited:?}"
+    );
+    let text = edgebridge::error::chain(&e);
+    assert!(text.contains("no complete answer within 2s"), "{text}");
+
+    let redirect =
+        IdentityServer::start_with(IdentityMode::Imds, 60 * SECOND, Answer::Redirect).await;
+    let e = identity_provider(&redirect.url, false, &key_dir, timeout)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, CredentialError::Response { status: 307, .. }),
+        "{e}"
+    );
+    // Not followed: following would have gone to 169.254.169.254 and failed to connect.
+    assert!(e.to_string().contains("redirects are refused"), "{e}");
+}
+
+/// A chunked token answer authenticates the bridge: messages cross to the token-checking peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_token_answer_authenticates_the_bridge() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions::default());
+    let identity =
+        IdentityServer::start_with(IdentityMode::Imds, 60 * SECOND, Answer::Chunked).await;
+    let peer = AuthProxy::start(remote.port, Check::Jwt(AUDIENCE.into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &connector(
+            &local.endpoint(),
+            "",
+            &format!("127.0.0.1:{}", peer.port),
+            "    authentication:\n      systemAssignedManagedIdentity:\n        audience: https://eventgrid.azure.net\n",
+            "    - {direction: local-to-remote, name: up, source: \"chunk/#\"}\n",
+        ),
+    );
+    let b = bridge::start(&cfg, &opts(&identity, dir.path()))
+        .await
+        .unwrap();
+    assert!(b.wait_ready(10 * SECOND).await, "{:?}", peer.seen());
+    let at_remote = Collector::start(remote.port, "chunk-sub", "chunk/#", false).await;
+    let lp = Publisher::connect(local.port, "chunk-pub").await;
+    for i in 0..20 {
+        lp.publish("chunk/t", 1, false, &i.to_string()).await;
+    }
+    assert_eq!(at_remote.wait_for(20, 10 * SECOND).await, 20);
+    let seen = peer.seen();
+    assert!(
+        !seen.is_empty() && seen.iter().all(|c| c.verdict.is_ok()),
+        "{seen:?}"
+    );
+    assert!(seen[0].token.len() > 3000, "the padded token went through");
+    b.shutdown().await;
 }
