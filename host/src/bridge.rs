@@ -1,29 +1,29 @@
-//! The one place that wires sessions to routes: for every pipe this instance runs, a source
-//! session (persistent, manual acks) and a target session, and the task between them that
-//! forwards each message and acknowledges it to the source only after the target
-//! acknowledged the forwarded copy.
+//! The one place that wires sessions to routes to plugins: for every route client this
+//! instance runs, its source and target connection settings, its pipeline (with the plugin
+//! stages) and its counters, handed to one [`route_client`] task; plus the embedded brokers,
+//! the plugin runtime and its folder watcher, and shutdown.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{info, warn};
 
-use crate::config::{Config, Connector, OnPluginError, Protocol};
+use crate::config::{BrokerConnection, Config, Connector, Protocol};
+use crate::counters::{RouteCounters, Stats};
 use crate::credentials::Provider;
-use crate::model::{Message, Properties};
-use crate::mqtt::SessionHandle;
-use crate::mqtt::session::{self, SessionEvent, SessionOptions};
-use crate::mqtt::{AckToken, StateEvent, SubFilter, Token, Version};
-use crate::plugin::stage::{Outcome, RouteInfo, Stage};
+use crate::embedded;
+use crate::mqtt::Version;
+use crate::mqtt::link::LinkOptions;
+use crate::pipeline::Pipeline;
+use crate::plugin::stage::{RouteInfo, Stage};
 use crate::plugin::{PluginError, Registry, Runtime, Uses};
 use crate::policy::Policies;
-use crate::routing::{self, LoopGuard, LoopVerdict, Pipe, Side};
-use crate::{embedded, topic};
+use crate::route_client::{self, RouteClientSetup};
+use crate::routing::{self, LoopGuard, RouteClient, Side};
 
 /// Default plugins folder.
 pub const DEFAULT_PLUGINS_DIR: &str = "/etc/edgebridge/plugins";
@@ -38,12 +38,14 @@ pub struct RunOptions {
     pub instance: Option<u32>,
     /// Loop-prevention identity; default `{connector}-{random}` per process.
     pub bridge_id: Option<String>,
-    /// Most messages one pipe forwards before their target acknowledgements arrive.
+    /// Most messages one route client forwards before their target acknowledgements arrive.
     pub max_inflight: u16,
     /// Session expiry requested for the persistent source sessions (MQTT 5), seconds.
     pub session_expiry: u32,
-    /// Keep alive of every session.
+    /// Keep alive of every session (a dead connection is detected within 1.5x this).
     pub keep_alive: Duration,
+    /// Time limit of one connection attempt (transport, token, CONNECT, CONNACK).
+    pub connect_timeout: Duration,
     /// Reconnect backoff (first delay, cap).
     pub backoff: (Duration, Duration),
     /// How long shutdown waits for in-flight messages to be acknowledged.
@@ -68,6 +70,7 @@ impl Default for RunOptions {
             max_inflight: 256,
             session_expiry: 24 * 3600,
             keep_alive: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
             backoff: (Duration::from_millis(100), Duration::from_secs(30)),
             drain_timeout: Duration::from_secs(5),
             max_packet: 16 * 1024 * 1024,
@@ -104,158 +107,21 @@ pub enum BridgeError {
     },
 }
 
-/// Live counters of one route client (one pipe).
-#[derive(Debug, Default)]
-pub struct PipeStats {
-    /// Messages received from the source broker.
-    pub received: AtomicU64,
-    /// Messages acknowledged by the target broker (QoS 0: written to it).
-    pub forwarded: AtomicU64,
-    /// Dropped: carried our loop mark or matched our recent echo.
-    pub dropped_loop: AtomicU64,
-    /// Dropped: topic does not match the route (e.g. a stale subscription of a resumed session).
-    pub dropped_unmatched: AtomicU64,
-    /// Dropped: QoS 0 message while the route was behind.
-    pub dropped_qos0_overflow: AtomicU64,
-    /// Refused by the target broker (MQTT 5 reason code >= 0x80); acknowledged to the source.
-    pub rejected: AtomicU64,
-    /// Messages received flagged as redeliveries.
-    pub redelivered: AtomicU64,
-    /// Dropped by a plugin's decision (filtered out), acknowledged.
-    pub dropped_by_plugin: AtomicU64,
-    /// Plugin failures (trap, error, refused decision, missing plugin, open breaker).
-    pub plugin_errors: AtomicU64,
-    /// Messages dropped because a plugin failed and the route's policy is `drop`.
-    pub dropped_plugin_error: AtomicU64,
-    /// Messages published to the dead-letter topic.
-    pub dead_lettered: AtomicU64,
-    /// Successful SUBACKs on the source session (one per connect).
-    pub subscribed: AtomicU64,
-    /// Successful CONNACKs on the target session.
-    pub target_connects: AtomicU64,
-}
-
-impl PipeStats {
-    /// Subscribed on the source and connected to the target at least once.
-    pub fn ready(&self) -> bool {
-        self.subscribed.load(Ordering::Relaxed) > 0
-            && self.target_connects.load(Ordering::Relaxed) > 0
-    }
-
-    fn add(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn snapshot(&self) -> Counts {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Counts {
-            received: g(&self.received),
-            forwarded: g(&self.forwarded),
-            dropped_loop: g(&self.dropped_loop),
-            dropped_unmatched: g(&self.dropped_unmatched),
-            dropped_qos0_overflow: g(&self.dropped_qos0_overflow),
-            rejected: g(&self.rejected),
-            redelivered: g(&self.redelivered),
-            dropped_by_plugin: g(&self.dropped_by_plugin),
-            plugin_errors: g(&self.plugin_errors),
-            dropped_plugin_error: g(&self.dropped_plugin_error),
-            dead_lettered: g(&self.dead_lettered),
-        }
-    }
-}
-
-/// A snapshot of [`PipeStats`] (or their sum over a route's clients).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Counts {
-    /// See [`PipeStats::received`].
-    pub received: u64,
-    /// See [`PipeStats::forwarded`].
-    pub forwarded: u64,
-    /// See [`PipeStats::dropped_loop`].
-    pub dropped_loop: u64,
-    /// See [`PipeStats::dropped_unmatched`].
-    pub dropped_unmatched: u64,
-    /// See [`PipeStats::dropped_qos0_overflow`].
-    pub dropped_qos0_overflow: u64,
-    /// See [`PipeStats::rejected`].
-    pub rejected: u64,
-    /// See [`PipeStats::redelivered`].
-    pub redelivered: u64,
-    /// See [`PipeStats::dropped_by_plugin`].
-    pub dropped_by_plugin: u64,
-    /// See [`PipeStats::plugin_errors`].
-    pub plugin_errors: u64,
-    /// See [`PipeStats::dropped_plugin_error`].
-    pub dropped_plugin_error: u64,
-    /// See [`PipeStats::dead_lettered`].
-    pub dead_lettered: u64,
-}
-
-impl std::ops::Add for Counts {
-    type Output = Counts;
-    fn add(self, o: Counts) -> Counts {
-        Counts {
-            received: self.received + o.received,
-            forwarded: self.forwarded + o.forwarded,
-            dropped_loop: self.dropped_loop + o.dropped_loop,
-            dropped_unmatched: self.dropped_unmatched + o.dropped_unmatched,
-            dropped_qos0_overflow: self.dropped_qos0_overflow + o.dropped_qos0_overflow,
-            rejected: self.rejected + o.rejected,
-            redelivered: self.redelivered + o.redelivered,
-            dropped_by_plugin: self.dropped_by_plugin + o.dropped_by_plugin,
-            plugin_errors: self.plugin_errors + o.plugin_errors,
-            dropped_plugin_error: self.dropped_plugin_error + o.dropped_plugin_error,
-            dead_lettered: self.dead_lettered + o.dead_lettered,
-        }
-    }
-}
-
-/// Counters of every route client this process runs.
-#[derive(Debug, Default)]
-pub struct Stats {
-    clients: Vec<(String, String, Arc<PipeStats>)>,
-}
-
-impl Stats {
-    /// Sum over the clients of `route` (zero if this process runs none of them).
-    pub fn route(&self, route: &str) -> Counts {
-        self.clients
-            .iter()
-            .filter(|(_, r, _)| r == route)
-            .fold(Counts::default(), |acc, (_, _, s)| acc + s.snapshot())
-    }
-
-    /// One client, by client ID.
-    pub fn client(&self, client_id: &str) -> Option<Counts> {
-        self.clients
-            .iter()
-            .find(|(c, _, _)| c == client_id)
-            .map(|(_, _, s)| s.snapshot())
-    }
-
-    /// Whether every client subscribed on its source and connected to its target.
-    pub fn ready(&self) -> bool {
-        self.clients.iter().all(|(_, _, s)| s.ready())
-    }
-
-    /// Client IDs, route names and counters of every client.
-    pub fn all(&self) -> Vec<(String, String, Counts)> {
-        self.clients
-            .iter()
-            .map(|(c, r, s)| (c.clone(), r.clone(), s.snapshot()))
-            .collect()
-    }
+/// A route client's running task.
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
 }
 
 /// A started bridge.
 pub struct RunningBridge {
     stop: watch::Sender<bool>,
+    clients: Vec<Running>,
     tasks: Vec<JoinHandle<()>>,
-    sessions: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     /// Live counters.
     pub stats: Arc<Stats>,
-    /// The pipes this instance runs.
-    pub pipes: Vec<Pipe>,
+    /// The route clients this instance runs.
+    pub route_clients: Vec<RouteClient>,
     /// The running plugin versions (empty when no route uses plugins).
     pub plugins: Arc<Registry>,
 }
@@ -265,6 +131,12 @@ impl RunningBridge {
     /// acknowledged end to end, then disconnects every session.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        for c in &self.clients {
+            let _ = c.stop.send(true);
+        }
+        for c in self.clients {
+            let _ = c.task.await;
+        }
         for t in self.tasks {
             let _ = t.await;
         }
@@ -273,8 +145,8 @@ impl RunningBridge {
     /// Ends every task and drops every connection at once without draining or acknowledging
     /// anything more, as a crash would (for tests of restarts).
     pub fn abort(self) {
-        for s in self.sessions.lock().expect("sessions lock").iter() {
-            s.abort();
+        for c in &self.clients {
+            c.task.abort();
         }
         for t in &self.tasks {
             t.abort();
@@ -328,13 +200,13 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Starts embedded brokers and every pipe of every connector.
+/// Starts embedded brokers and every route client of every connector.
 pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, BridgeError> {
     let (stop, stop_rx) = watch::channel(false);
-    let sessions = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
-    let mut stats = Stats::default();
-    let mut all_pipes = Vec::new();
+    let stats = Arc::new(Stats::default());
+    let mut clients = Vec::new();
+    let mut route_clients = Vec::new();
     let loaded = load_plugins(config, &opts.plugins_dir, &opts.policies_dir).await?;
     let registry = loaded
         .as_ref()
@@ -362,7 +234,7 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
             }
         }
         let index = resolve_instance(connector, opts.instance)?;
-        let pipes = routing::plan(connector, index, connector.bridge_instances);
+        let planned = routing::plan(connector, index, connector.bridge_instances);
         if connector.routes.is_empty() {
             warn!(connector = %connector.name, "No MqttBridgeTopicMap references this connector; nothing to bridge");
         }
@@ -371,54 +243,25 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
             instance = index,
             instances = connector.bridge_instances,
             routes = connector.routes.len(),
-            clients = pipes.len(),
+            clients = planned.len(),
             "Starting"
         );
-        let bridge_id = opts
-            .bridge_id
-            .clone()
-            .unwrap_or_else(|| format!("{}-{:08x}", connector.name, fastrand::u32(..)));
-        let guard = Arc::new(Mutex::new(LoopGuard::new(Duration::from_secs(10), 100_000)));
-        let shared = Arc::new(Shared {
-            connector: connector.clone(),
-            local: Arc::new(connector.local.clone()),
-            remote: Arc::new(connector.remote.clone()),
-            local_credentials: Arc::new(Provider::new(
-                connector.local.auth.clone(),
-                opts.identity.clone(),
-            )),
-            remote_credentials: Arc::new(Provider::new(
-                connector.remote.auth.clone(),
-                opts.identity.clone(),
-            )),
-            opts: opts.clone(),
-            bridge_id,
-            guard,
-            sessions: sessions.clone(),
-            plugins: runtime.clone().map(|rt| (rt, registry.clone())),
-        });
-        for pipe in pipes {
-            let route_stats = Arc::new(PipeStats::default());
-            stats.clients.push((
-                pipe.client_id.clone(),
-                pipe.route.name.clone(),
-                route_stats.clone(),
-            ));
-            all_pipes.push(pipe.clone());
-            tasks.push(tokio::spawn(run_pipe(
-                pipe,
-                shared.clone(),
-                route_stats,
-                stop_rx.clone(),
-            )));
+        let shared = Shared::new(
+            connector,
+            opts,
+            runtime.clone().map(|rt| (rt, registry.clone())),
+        );
+        for plan in planned {
+            route_clients.push(plan.clone());
+            clients.push(shared.spawn(plan, &stats));
         }
     }
     Ok(RunningBridge {
         stop,
+        clients,
         tasks,
-        sessions,
-        stats: Arc::new(stats),
-        pipes: all_pipes,
+        stats,
+        route_clients,
         plugins: registry,
     })
 }
@@ -502,454 +345,150 @@ pub async fn run(
     Ok(())
 }
 
+/// What the route clients of one connector share: connection settings, credentials (one
+/// token fetch serves every session of a broker side), loop prevention and the plugins.
 struct Shared {
     connector: Connector,
-    local: Arc<crate::config::BrokerConnection>,
-    remote: Arc<crate::config::BrokerConnection>,
+    local: Arc<BrokerConnection>,
+    remote: Arc<BrokerConnection>,
     local_credentials: Arc<Provider>,
     remote_credentials: Arc<Provider>,
     opts: RunOptions,
     /// This process's id in MQTT 5 loop marks.
-    bridge_id: String,
+    bridge_id: Arc<str>,
     /// MQTT 3.1.1 loop prevention (remembers what was published).
     guard: Arc<Mutex<LoopGuard>>,
-    sessions: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     plugins: Option<(Arc<Runtime>, Arc<Registry>)>,
 }
 
 impl Shared {
-    fn conn(&self, side: Side) -> Arc<crate::config::BrokerConnection> {
+    fn new(
+        connector: &Connector,
+        opts: &RunOptions,
+        plugins: Option<(Arc<Runtime>, Arc<Registry>)>,
+    ) -> Shared {
+        let bridge_id = opts
+            .bridge_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{:08x}", connector.name, fastrand::u32(..)));
+        let provider =
+            |c: &BrokerConnection| Arc::new(Provider::new(c.auth.clone(), opts.identity.clone()));
+        Shared {
+            connector: connector.clone(),
+            local: Arc::new(connector.local.clone()),
+            remote: Arc::new(connector.remote.clone()),
+            local_credentials: provider(&connector.local),
+            remote_credentials: provider(&connector.remote),
+            opts: opts.clone(),
+            bridge_id: bridge_id.into(),
+            guard: Arc::new(Mutex::new(LoopGuard::new(Duration::from_secs(10), 100_000))),
+            plugins,
+        }
+    }
+
+    fn conn(&self, side: Side) -> (Arc<BrokerConnection>, Arc<Provider>) {
         match side {
-            Side::Local => self.local.clone(),
-            Side::Remote => self.remote.clone(),
+            Side::Local => (self.local.clone(), self.local_credentials.clone()),
+            Side::Remote => (self.remote.clone(), self.remote_credentials.clone()),
         }
     }
 
-    fn credentials(&self, side: Side) -> Arc<Provider> {
-        match side {
-            Side::Local => self.local_credentials.clone(),
-            Side::Remote => self.remote_credentials.clone(),
-        }
-    }
-}
-
-async fn run_pipe(
-    pipe: Pipe,
-    shared: Arc<Shared>,
-    stats: Arc<PipeStats>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let v5 = shared.connector.protocol == Protocol::V5;
-    let version = if v5 { Version::V5 } else { Version::V4 };
-    let opts = &shared.opts;
-    let route = &pipe.route;
-    let label = match pipe.share_index {
-        Some(i) => format!("route \"{}\" client {i}", route.name),
-        None => format!("route \"{}\"", route.name),
-    };
-    let base = SessionOptions {
-        label: String::new(),
-        version,
-        conn: shared.conn(pipe.source),
-        credentials: shared.credentials(pipe.source),
-        client_id: pipe.client_id.clone(),
-        clean_start: false,
-        session_expiry: v5.then_some(opts.session_expiry),
-        subscriptions: Vec::new(),
-        max_inflight: opts.max_inflight,
-        receive_maximum: opts.max_inflight,
-        keep_alive: opts.keep_alive,
-        backoff: opts.backoff,
-        max_packet: opts.max_packet,
-        stamp: None,
-    };
-    // Source: a persistent session, so that whatever the bridge has not acknowledged stays
-    // with the source broker across remote outages and bridge restarts.
-    let source_opts = SessionOptions {
-        label: format!("{label} source ({})", pipe.source.as_str()),
-        subscriptions: vec![SubFilter {
-            filter: pipe.subscription.clone(),
-            qos: route.qos,
-        }],
-        ..base.clone()
-    };
-    // Target: a clean session per process. Packet ids restart at 1 after a bridge restart, and
-    // a resumed target session could take a new QoS 2 publish for a stale duplicate.
-    let target_opts = SessionOptions {
-        label: format!("{label} target ({})", pipe.target.as_str()),
-        conn: shared.conn(pipe.target),
-        credentials: shared.credentials(pipe.target),
-        clean_start: true,
-        session_expiry: None,
-        stamp: v5.then(|| (routing::VIA_PROPERTY.to_string(), shared.bridge_id.clone())),
-        ..base
-    };
-    let capacity = opts.max_inflight as usize * 2 + 64;
-    let (src, mut src_ev, src_task) = session::spawn(source_opts, capacity);
-    let (dst, mut dst_ev, dst_task) = session::spawn(target_opts, capacity);
-    shared
-        .sessions
-        .lock()
-        .expect("sessions lock")
-        .extend([src_task.abort_handle(), dst_task.abort_handle()]);
-
-    let mut stages: Vec<Stage> = match &shared.plugins {
-        Some((runtime, registry)) => route
-            .plugins
-            .iter()
-            .map(|p| {
-                Stage::new(
-                    runtime.clone(),
-                    registry.clone(),
-                    &p.name,
-                    &p.config,
-                    RouteInfo {
-                        name: route.name.clone(),
-                        direction: route.direction,
-                        source: route.source.clone(),
-                        qos: route.qos,
-                        target_namespace: route
-                            .target
-                            .clone()
-                            .unwrap_or_else(|| route.source.clone()),
-                    },
-                )
-            })
-            .collect(),
-        None => Vec::new(),
-    };
-    let mut book = Book::default();
-    let mut stopping = false;
-    let drain = tokio::time::sleep(Duration::from_secs(86_400 * 365));
-    tokio::pin!(drain);
-    let max_pending = opts.max_inflight as usize;
-    loop {
-        let can_take = !stopping && book.pending.len() < max_pending;
-        tokio::select! {
-            ev = src_ev.recv(), if can_take => {
-                let Some(ev) = ev else { break };
-                on_source_event(ev, &pipe, &shared, &mut stages, &stats, v5, &src, &dst, &mut book).await;
-                // Take what else is already there in the same turn.
-                while book.pending.len() < max_pending {
-                    match src_ev.try_recv() {
-                        Ok(ev) => on_source_event(ev, &pipe, &shared, &mut stages, &stats, v5, &src, &dst, &mut book).await,
-                        Err(_) => break,
-                    }
-                }
-            }
-            ev = dst_ev.recv() => {
-                let Some(ev) = ev else { break };
-                on_target_event(ev, &pipe, &stats, &src, &mut book);
-                while let Ok(ev) = dst_ev.try_recv() {
-                    on_target_event(ev, &pipe, &stats, &src, &mut book);
-                }
-            }
-            _ = stop.changed(), if !stopping => {
-                stopping = true;
-                drain.as_mut().reset(tokio::time::Instant::now() + opts.drain_timeout);
-            }
-            _ = &mut drain, if stopping => {
-                warn!(route = %route.name, in_flight = book.pending.len(), "Shutdown: in-flight messages not acknowledged in time; the source broker redelivers them");
-                break;
-            }
-        }
-        if stopping && book.pending.is_empty() {
-            break;
-        }
-    }
-    // Dropping the handles makes both sessions write what is queued (the last acks), send
-    // DISCONNECT and end.
-    drop(src);
-    drop(dst);
-    drop(src_ev);
-    drop(dst_ev);
-    let _ = src_task.await;
-    let _ = dst_task.await;
-}
-
-/// What a pipe is waiting for: every forwarded copy has a token; a source message forwarded
-/// as one copy (the usual case) waits on that token alone, the copies of a fanned-out message
-/// share a group, and the source message is acknowledged when the last copy of its group is.
-#[derive(Default)]
-struct Book {
-    pending: HashMap<Token, Waiting>,
-    groups: HashMap<u64, (usize, Option<AckToken>)>,
-    next_token: Token,
-    next_group: u64,
-}
-
-enum Waiting {
-    /// The only copy of a source message (with its ack, if it has one).
-    Single(Option<AckToken>),
-    /// One copy of a group.
-    Group(u64),
-}
-
-impl Book {
-    fn send(&mut self, dst: &SessionHandle, outputs: Vec<Message>, ack: Option<AckToken>) {
-        if outputs.len() == 1 {
-            self.next_token += 1;
-            self.pending.insert(self.next_token, Waiting::Single(ack));
-            for out in outputs {
-                dst.publish(out, self.next_token);
-            }
-            return;
-        }
-        self.next_group += 1;
-        self.groups.insert(self.next_group, (outputs.len(), ack));
-        for out in outputs {
-            self.next_token += 1;
-            self.pending
-                .insert(self.next_token, Waiting::Group(self.next_group));
-            dst.publish(out, self.next_token);
-        }
-    }
-
-    /// A copy was acknowledged (or refused) by the target: true if it was ours.
-    fn done(&mut self, token: Token, src: &SessionHandle) -> bool {
-        match self.pending.remove(&token) {
-            None => false,
-            Some(Waiting::Single(ack)) => {
-                if let Some(ack) = ack {
-                    src.ack(ack);
-                }
-                true
-            }
-            Some(Waiting::Group(group)) => {
-                complete(&mut self.groups, group, src);
-                true
-            }
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn on_source_event(
-    ev: SessionEvent,
-    pipe: &Pipe,
-    shared: &Shared,
-    stages: &mut [Stage],
-    stats: &PipeStats,
-    v5: bool,
-    src: &SessionHandle,
-    dst: &SessionHandle,
-    book: &mut Book,
-) {
-    let route = &pipe.route;
-    match ev {
-        SessionEvent::State(StateEvent::Message { msg, ack, dup }) => {
-            PipeStats::add(&stats.received);
-            if dup {
-                PipeStats::add(&stats.redelivered);
-            }
-            match forward(pipe, shared, stages, stats, msg, v5).await {
-                Ok(outputs) if !outputs.is_empty() => book.send(dst, outputs, ack),
-                Ok(_) => {
-                    if let Some(ack) = ack {
-                        src.ack(ack);
-                    }
-                }
-                Err(reason) => {
-                    match reason {
-                        Skip::Loop => PipeStats::add(&stats.dropped_loop),
-                        Skip::Unmatched => PipeStats::add(&stats.dropped_unmatched),
-                    }
-                    debug!(route = %route.name, ?reason, "Message not forwarded");
-                    if let Some(ack) = ack {
-                        src.ack(ack);
-                    }
-                }
-            }
-        }
-        SessionEvent::State(StateEvent::Subscribed(result)) => {
-            for (filter, code) in result {
-                if code >= 0x80 {
-                    error!(route = %route.name, client_id = %pipe.client_id, filter = %filter, "Source broker refused the subscription (code {code:#04x}); no messages flow on this client until it reconnects");
-                } else {
-                    PipeStats::add(&stats.subscribed);
-                    info!(route = %route.name, client_id = %pipe.client_id, filter = %filter, granted_qos = code, "Subscribed");
-                }
-            }
-        }
-        SessionEvent::DroppedQos0 => PipeStats::add(&stats.dropped_qos0_overflow),
-        _ => {}
-    }
-}
-
-fn on_target_event(
-    ev: SessionEvent,
-    pipe: &Pipe,
-    stats: &PipeStats,
-    src: &SessionHandle,
-    book: &mut Book,
-) {
-    match ev {
-        SessionEvent::State(StateEvent::Delivered(token)) if book.done(token, src) => {
-            PipeStats::add(&stats.forwarded);
-        }
-        SessionEvent::State(StateEvent::Rejected(token, code)) if book.done(token, src) => {
-            PipeStats::add(&stats.rejected);
-            error!(route = %pipe.route.name, client_id = %pipe.client_id, "Target broker refused a message (reason code {code:#04x}); it is acknowledged to the source and lost");
-        }
-        SessionEvent::State(StateEvent::Connected { .. }) => {
-            PipeStats::add(&stats.target_connects);
-        }
-        _ => {}
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Skip {
-    Loop,
-    Unmatched,
-}
-
-/// One copy of a group was acknowledged; the last one acknowledges the source message.
-fn complete(groups: &mut HashMap<u64, (usize, Option<AckToken>)>, group: u64, src: &SessionHandle) {
-    if let Some(entry) = groups.get_mut(&group) {
-        entry.0 -= 1;
-        if entry.0 == 0 {
-            if let Some((_, Some(ack))) = groups.remove(&group) {
-                src.ack(ack);
-            } else {
-                groups.remove(&group);
-            }
-        }
-    }
-}
-
-/// User property carrying the plugin error on dead-lettered messages (MQTT 5).
-pub const ERROR_PROPERTY: &str = "edgebridge-error";
-
-/// Everything between receiving a message and publishing it: source filter check, loop
-/// guard, the plugin chain and the route's plugin error policy, topic mapping and loop mark.
-/// Returns the messages to publish (empty: handled, nothing to send).
-async fn forward(
-    pipe: &Pipe,
-    shared: &Shared,
-    stages: &mut [Stage],
-    stats: &PipeStats,
-    msg: Message,
-    v5: bool,
-) -> Result<Vec<Message>, Skip> {
-    let route = &pipe.route;
-    if !topic::matches(&route.source, &msg.topic) {
-        return Err(Skip::Unmatched);
-    }
-    // MQTT 5 needs no shared state (the mark travels in the message): no lock, no clock.
-    let verdict = if v5 {
-        routing::check_via(&shared.bridge_id, &msg)
-    } else {
-        shared
-            .guard
-            .lock()
-            .expect("loop guard lock")
-            .check(pipe.source, &msg, Instant::now())
-    };
-    if verdict != LoopVerdict::Forward {
-        return Err(Skip::Loop);
-    }
-    let msg = Message {
-        qos: route.qos,
-        properties: if v5 {
-            msg.properties
-        } else {
-            Properties::default()
-        },
-        ..msg
-    };
-    let mut outputs = if stages.is_empty() {
-        // Same-as-source routes keep the received topic string: no copy.
-        let topic = match &route.target {
-            Some(t) => t.clone(),
-            None => msg.topic,
+    /// Starts the task of one route client.
+    fn spawn(&self, plan: RouteClient, stats: &Stats) -> Running {
+        let v5 = self.connector.protocol == Protocol::V5;
+        let opts = &self.opts;
+        let route = &plan.route;
+        let label = match plan.share_index {
+            Some(i) => format!("route \"{}\" client {i}", route.name),
+            None => format!("route \"{}\"", route.name),
         };
-        vec![Message { topic, ..msg }]
-    } else {
-        let target = routing::target_topic(route, &msg.topic).to_string();
-        match run_chain(stages, &msg, target.clone(), stats).await {
-            Ok(out) => out,
-            Err(e) => {
-                PipeStats::add(&stats.plugin_errors);
-                match &route.on_plugin_error {
-                    OnPluginError::Drop => {
-                        PipeStats::add(&stats.dropped_plugin_error);
-                        error!(route = %route.name, topic = %msg.topic, "{e}; message dropped (onPluginError: drop)");
-                        Vec::new()
-                    }
-                    OnPluginError::Pass => {
-                        warn!(route = %route.name, topic = %msg.topic, "{e}; forwarding the original (onPluginError: pass)");
-                        vec![Message {
-                            topic: target,
-                            ..msg
-                        }]
-                    }
-                    OnPluginError::DeadLetter(dlq) => {
-                        PipeStats::add(&stats.dead_lettered);
-                        warn!(route = %route.name, topic = %msg.topic, dead_letter = %dlq, "{e}; message dead-lettered");
-                        let mut m = Message {
-                            topic: dlq.clone(),
-                            ..msg
-                        };
-                        if v5 {
-                            m.properties
-                                .user_properties
-                                .push((ERROR_PROPERTY.to_string(), e.to_string()));
-                        }
-                        vec![m]
-                    }
-                }
+        let link = |side: Side, role: &str| {
+            let (conn, credentials) = self.conn(side);
+            LinkOptions {
+                label: format!("{label} {role} ({})", side.as_str()),
+                version: if v5 { Version::V5 } else { Version::V4 },
+                conn,
+                credentials,
+                client_id: plan.client_id.clone(),
+                clean_start: false,
+                session_expiry: None,
+                receive_maximum: opts.max_inflight,
+                keep_alive: opts.keep_alive,
+                backoff: opts.backoff,
+                max_packet: opts.max_packet,
+                connect_timeout: opts.connect_timeout,
+                stamp: None,
             }
-        }
-    };
-    // MQTT 5: the target session stamps the loop mark as it encodes (`SessionOptions::stamp`).
-    if !v5 {
-        let now = Instant::now();
-        let mut guard = shared.guard.lock().expect("loop guard lock");
-        for out in &mut outputs {
-            out.properties = Properties::default();
-            guard.mark(pipe.target, out, now);
-        }
+        };
+        // Source: a persistent session, so that whatever the bridge has not acknowledged stays
+        // with the source broker across remote outages and bridge restarts.
+        let source = LinkOptions {
+            session_expiry: v5.then_some(opts.session_expiry),
+            ..link(plan.source, "source")
+        };
+        // Target: a clean session per process. Packet ids restart at 1 after a bridge restart,
+        // and a resumed target session could take a new QoS 2 publish for a stale duplicate.
+        let target = LinkOptions {
+            clean_start: true,
+            stamp: v5.then(|| {
+                (
+                    routing::VIA_PROPERTY.to_string(),
+                    self.bridge_id.to_string(),
+                )
+            }),
+            ..link(plan.target, "target")
+        };
+        let stages: Vec<Stage> = match &self.plugins {
+            Some((runtime, registry)) => route
+                .plugins
+                .iter()
+                .map(|p| {
+                    Stage::new(
+                        runtime.clone(),
+                        registry.clone(),
+                        &p.name,
+                        &p.config,
+                        RouteInfo {
+                            name: route.name.clone(),
+                            direction: route.direction,
+                            source: route.source.clone(),
+                            qos: route.qos,
+                            target_namespace: route
+                                .target
+                                .clone()
+                                .unwrap_or_else(|| route.source.clone()),
+                        },
+                    )
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let pipeline = Pipeline::new(
+            route.clone(),
+            (plan.source, plan.target),
+            v5,
+            self.bridge_id.clone(),
+            self.guard.clone(),
+            stages,
+        );
+        let counters = Arc::new(RouteCounters::new(
+            &route.name,
+            route.direction,
+            &plan.client_id,
+            plan.source.as_str(),
+            plan.target.as_str(),
+        ));
+        stats.register(counters.clone());
+        let (stop, stop_rx) = watch::channel(false);
+        let setup = RouteClientSetup {
+            plan,
+            source,
+            target,
+            max_inflight: opts.max_inflight,
+            drain_timeout: opts.drain_timeout,
+            pipeline,
+        };
+        let task = tokio::spawn(route_client::run(setup, counters, stop_rx));
+        Running { stop, task }
     }
-    Ok(outputs)
-}
-
-/// Runs the message through every stage. The message handed to each stage keeps the source
-/// topic; what it is going to is the `target` beside it.
-async fn run_chain(
-    stages: &mut [Stage],
-    msg: &Message,
-    target: String,
-    stats: &PipeStats,
-) -> Result<Vec<Message>, crate::plugin::stage::StageError> {
-    let mut current = vec![(msg.clone(), target)];
-    for stage in stages.iter_mut() {
-        let mut next = Vec::with_capacity(current.len());
-        for (m, target) in current {
-            match stage.run(&m, &target).await? {
-                Outcome::Pass => next.push((m, target)),
-                Outcome::Drop(reason) => {
-                    PipeStats::add(&stats.dropped_by_plugin);
-                    debug!(plugin = %stage.plugin, topic = %m.topic, %reason, "Dropped by plugin");
-                }
-                Outcome::Emit(list) => {
-                    for e in list {
-                        let target = e.topic;
-                        next.push((
-                            Message {
-                                topic: m.topic.clone(),
-                                ..e
-                            },
-                            target,
-                        ));
-                    }
-                }
-            }
-        }
-        current = next;
-    }
-    Ok(current
-        .into_iter()
-        .map(|(m, target)| Message { topic: target, ..m })
-        .collect())
 }

@@ -39,13 +39,17 @@
 
 pub mod bridge;
 pub mod config;
+pub mod counters;
 pub mod credentials;
+pub mod delivery;
 pub mod embedded;
 pub mod error;
 pub mod model;
 pub mod mqtt;
+pub mod pipeline;
 pub mod plugin;
 pub mod policy;
+pub mod route_client;
 pub mod routing;
 pub mod secret;
 pub mod tools;

@@ -28,9 +28,10 @@ impl Side {
     }
 }
 
-/// One subscriber/publisher pair of a route that this instance runs.
+/// A route client: one subscriber/publisher pair of a route (a route has one, or one per
+/// shared-subscription client), the unit this instance runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pipe {
+pub struct RouteClient {
     /// The route.
     pub route: Route,
     /// Index among the route's shared-subscription clients, if it has them.
@@ -65,11 +66,11 @@ fn stable_hash(s: &str) -> u64 {
     h
 }
 
-/// The pipes instance `index` of `count` runs. Across all `count` instances every route's
+/// The route clients instance `index` of `count` runs. Across all `count` instances every route's
 /// clients appear exactly once: a plain route goes to one instance chosen by a stable hash of
 /// its name; the N clients of a shared-subscription route are dealt round-robin from that
 /// instance on, so every instance takes its share of them.
-pub fn plan(connector: &Connector, index: u32, count: u32) -> Vec<Pipe> {
+pub fn plan(connector: &Connector, index: u32, count: u32) -> Vec<RouteClient> {
     let count = count.max(1);
     let mut pipes = Vec::new();
     for route in &connector.routes {
@@ -82,7 +83,7 @@ pub fn plan(connector: &Connector, index: u32, count: u32) -> Vec<Pipe> {
         match &route.shared {
             None => {
                 if home == index {
-                    pipes.push(Pipe {
+                    pipes.push(RouteClient {
                         route: route.clone(),
                         share_index: None,
                         client_id: base_id,
@@ -95,7 +96,7 @@ pub fn plan(connector: &Connector, index: u32, count: u32) -> Vec<Pipe> {
             Some(shared) => {
                 for i in 0..shared.clients {
                     if (home + i) % count == index {
-                        pipes.push(Pipe {
+                        pipes.push(RouteClient {
                             route: route.clone(),
                             share_index: Some(i),
                             client_id: format!("{base_id}-{i}"),

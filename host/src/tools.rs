@@ -238,7 +238,10 @@ pub async fn plugin_test(t: &PluginTest) -> Result<(), String> {
         retain: false,
         properties: Properties::default(),
     };
-    let outcome = stage.run(&msg, &target).await.map_err(|e| e.to_string())?;
+    let outcome = stage
+        .decide(&msg, &target)
+        .await
+        .map_err(|e| e.to_string())?;
     match &outcome {
         Outcome::Pass => println!("decision: pass (forward unchanged to {target})"),
         Outcome::Drop(reason) => println!("decision: drop ({reason})"),
@@ -266,7 +269,10 @@ pub async fn plugin_test(t: &PluginTest) -> Result<(), String> {
         let mut samples = Vec::with_capacity(t.repeat as usize);
         for _ in 0..t.repeat {
             let start = std::time::Instant::now();
-            stage.run(&msg, &target).await.map_err(|e| e.to_string())?;
+            stage
+                .decide(&msg, &target)
+                .await
+                .map_err(|e| e.to_string())?;
             samples.push(start.elapsed());
         }
         samples.sort();

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use edgebridge::config::Direction;
 use edgebridge::model::{Message, Properties, QoS};
-use edgebridge::mqtt::codec::{self, Outgoing, Version};
+use edgebridge::mqtt::codec::{self, Version};
 use edgebridge::plugin::stage::{RouteInfo, Stage};
 use edgebridge::plugin::{Registry, Runtime};
 use edgebridge::policy::Policy;
@@ -71,20 +71,17 @@ fn encoder(c: &mut Criterion) {
     for size in [64usize, 4096] {
         let msg = message(size);
         g.throughput(Throughput::Elements(1));
-        let out = Outgoing::Publish {
-            pkid: 7,
-            dup: false,
-            msg: msg.clone(),
-        };
         let mut buf = BytesMut::with_capacity(1 << 20);
         g.bench_function(BenchmarkId::new("v5", size), |b| {
             b.iter(|| {
                 if buf.len() > 1 << 19 {
                     buf.clear();
                 }
-                codec::encode_stamped(
+                codec::encode_publish(
                     Version::V5,
-                    black_box(&out),
+                    7,
+                    false,
+                    black_box(&msg),
                     &mut buf,
                     None,
                     Some(("edgebridge-via", "bench-0001")),
@@ -147,13 +144,13 @@ fn plugin_calls(c: &mut Criterion) {
             ),
         ] {
             let mut stage = Stage::new(runtime.clone(), registry.clone(), plugin, config, route());
-            rt.block_on(stage.run(&msg, "site")).unwrap();
+            rt.block_on(stage.decide(&msg, "site")).unwrap();
             g.bench_function(BenchmarkId::new(label, size), |b| {
                 b.iter_custom(|iters| {
                     rt.block_on(async {
                         let t = Instant::now();
                         for _ in 0..iters {
-                            black_box(stage.run(black_box(&msg), "site").await.unwrap());
+                            black_box(stage.decide(black_box(&msg), "site").await.unwrap());
                         }
                         t.elapsed()
                     })

@@ -1,7 +1,10 @@
-//! One packet vocabulary for the session state machine, encoded as MQTT 3.1.1 or 5.
+//! The packets of the client session, as MQTT 3.1.1 or 5 bytes.
 //!
-//! The wire format comes from rumqttc's `mqttbytes` codecs (well tested, public); everything
-//! above the bytes (acks, inflight, reconnect) is ours, in [`super::state`].
+//! PUBLISH, the hot path, is written by our own encoder ([`encode_publish`]: straight from the
+//! message into the socket buffer, round-trip tested against rumqttc's decoder). Every other
+//! packet is encoded, and everything is decoded, with rumqttc's `mqttbytes` codecs (well
+//! tested, public). Everything above the bytes (acks, inflight, reconnect) is in
+//! [`super::state`].
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rumqttc::mqttbytes::{self as b4, v4};
@@ -32,6 +35,9 @@ pub struct ConnectSpec {
     pub session_expiry: Option<u32>,
     /// Receive maximum announced to the server (5 only).
     pub receive_maximum: Option<u16>,
+    /// Largest packet the client accepts (5 only; 3.1.1 has no way to say it, the limit is
+    /// still enforced when decoding).
+    pub max_packet_size: Option<u32>,
     /// User name.
     pub username: Option<String>,
     /// Password.
@@ -51,20 +57,12 @@ pub struct SubFilter {
     pub qos: QoS,
 }
 
-/// Packets the client sends.
+/// Packets the client sends, other than PUBLISH (written by [`encode_publish`] straight from
+/// the message, without an intermediate packet).
 #[derive(Debug, Clone)]
 pub enum Outgoing {
     /// CONNECT.
     Connect(Box<ConnectSpec>),
-    /// PUBLISH.
-    Publish {
-        /// Packet id (0 for QoS 0).
-        pkid: u16,
-        /// Redelivery flag.
-        dup: bool,
-        /// The message.
-        msg: Message,
-    },
     /// PUBACK.
     PubAck(u16),
     /// PUBREC.
@@ -103,8 +101,6 @@ pub struct ConnAckInfo {
     pub server_keep_alive: Option<u16>,
     /// Server's maximum packet size (5).
     pub max_packet_size: Option<u32>,
-    /// Whether the server accepts retained messages (5).
-    pub retain_available: Option<bool>,
 }
 
 /// Packets the client receives.
@@ -205,23 +201,9 @@ pub fn encode(
     buf: &mut BytesMut,
     max_packet: Option<u32>,
 ) -> Result<(), CodecError> {
-    encode_stamped(version, packet, buf, max_packet, None)
-}
-
-/// [`encode`], adding the user property `stamp` to a PUBLISH (MQTT 5 only).
-pub fn encode_stamped(
-    version: Version,
-    packet: &Outgoing,
-    buf: &mut BytesMut,
-    max_packet: Option<u32>,
-    stamp: Option<(&str, &str)>,
-) -> Result<(), CodecError> {
-    match (version, packet) {
-        (_, Outgoing::Publish { pkid, dup, msg }) => {
-            encode_publish(version, *pkid, *dup, msg, buf, max_packet, stamp)
-        }
-        (Version::V4, _) => encode4(packet, buf),
-        (Version::V5, _) => encode5(packet, buf, max_packet),
+    match version {
+        Version::V4 => encode4(packet, buf),
+        Version::V5 => encode5(packet, buf, max_packet),
     }
 }
 
@@ -282,7 +264,10 @@ fn props_len(p: &Properties, stamp: Option<(&str, &str)>) -> usize {
 
 /// Writes a PUBLISH straight into `buf`: one pass, no intermediate packet, no copy of topic,
 /// properties or payload other than onto the wire. The hot path of every forwarded message.
-fn encode_publish(
+/// `stamp` is a user property added after the message's own (MQTT 5 only): the bridge's loop
+/// mark. A message larger than `max_packet` (the server's limit) or than MQTT allows is
+/// [`CodecError::TooLarge`] and nothing is written.
+pub fn encode_publish(
     version: Version,
     pkid: u16,
     dup: bool,
@@ -392,7 +377,6 @@ fn encode4(packet: &Outgoing, buf: &mut BytesMut) -> Result<(), CodecError> {
                     .unwrap_or_default(),
             }),
         }),
-        Outgoing::Publish { .. } => unreachable!("encode_stamped writes PUBLISH itself"),
         Outgoing::PubAck(p) => v4::Packet::PubAck(v4::PubAck::new(*p)),
         Outgoing::PubRec(p) => v4::Packet::PubRec(v4::PubRec::new(*p)),
         Outgoing::PubRel(p) => v4::Packet::PubRel(v4::PubRel::new(*p)),
@@ -421,7 +405,7 @@ fn encode5(packet: &Outgoing, buf: &mut BytesMut, max: Option<u32>) -> Result<()
             let properties = v5::ConnectProperties {
                 session_expiry_interval: c.session_expiry,
                 receive_maximum: c.receive_maximum,
-                max_packet_size: None,
+                max_packet_size: c.max_packet_size,
                 topic_alias_max: None,
                 request_response_info: None,
                 request_problem_info: None,
@@ -450,7 +434,6 @@ fn encode5(packet: &Outgoing, buf: &mut BytesMut, max: Option<u32>) -> Result<()
                 }),
             )
         }
-        Outgoing::Publish { .. } => unreachable!("encode_stamped writes PUBLISH itself"),
         Outgoing::PubAck(p) => v5::Packet::PubAck(v5::PubAck::new(*p, None)),
         Outgoing::PubRec(p) => v5::Packet::PubRec(v5::PubRec::new(*p, None)),
         Outgoing::PubRel(p) => v5::Packet::PubRel(v5::PubRel::new(*p, None)),
@@ -571,7 +554,6 @@ fn from_packet5(p: v5::Packet) -> Result<Incoming, CodecError> {
                 info.max_qos = props.max_qos;
                 info.server_keep_alive = props.server_keep_alive;
                 info.max_packet_size = props.max_packet_size;
-                info.retain_available = props.retain_available.map(|v| v != 0);
             }
             Incoming::ConnAck(info)
         }
@@ -716,17 +698,7 @@ mod tests {
     fn a_v5_publish_keeps_its_properties_through_the_codec() {
         let mut buf = BytesMut::new();
         let m = msg();
-        encode(
-            Version::V5,
-            &Outgoing::Publish {
-                pkid: 7,
-                dup: false,
-                msg: m.clone(),
-            },
-            &mut buf,
-            None,
-        )
-        .unwrap();
+        encode_publish(Version::V5, 7, false, &m, &mut buf, None, None).unwrap();
         let got = decode(Version::V5, &mut buf, 1 << 20).unwrap().unwrap();
         assert_eq!(
             got,
@@ -742,17 +714,7 @@ mod tests {
     #[test]
     fn a_v4_publish_drops_properties_and_keeps_retain() {
         let mut buf = BytesMut::new();
-        encode(
-            Version::V4,
-            &Outgoing::Publish {
-                pkid: 3,
-                dup: true,
-                msg: msg(),
-            },
-            &mut buf,
-            None,
-        )
-        .unwrap();
+        encode_publish(Version::V4, 3, true, &msg(), &mut buf, None, None).unwrap();
         let Some(Incoming::Publish { pkid, dup, msg: m }) =
             decode(Version::V4, &mut buf, 1 << 20).unwrap()
         else {
@@ -765,17 +727,7 @@ mod tests {
     #[test]
     fn a_partial_packet_needs_more_bytes() {
         let mut buf = BytesMut::new();
-        encode(
-            Version::V5,
-            &Outgoing::Publish {
-                pkid: 1,
-                dup: false,
-                msg: msg(),
-            },
-            &mut buf,
-            None,
-        )
-        .unwrap();
+        encode_publish(Version::V5, 1, false, &msg(), &mut buf, None, None).unwrap();
         let mut half = buf.split_to(buf.len() / 2);
         assert_eq!(decode(Version::V5, &mut half, 1 << 20).unwrap(), None);
     }
@@ -806,12 +758,16 @@ mod tests {
                     },
                 };
                 let mut buf = BytesMut::new();
-                let out = Outgoing::Publish {
-                    pkid: 513,
-                    dup: qos == QoS::ExactlyOnce,
-                    msg: m.clone(),
-                };
-                encode(version, &out, &mut buf, None).unwrap();
+                encode_publish(
+                    version,
+                    513,
+                    qos == QoS::ExactlyOnce,
+                    &m,
+                    &mut buf,
+                    None,
+                    None,
+                )
+                .unwrap();
                 let got = decode(version, &mut buf, 1 << 23).unwrap().unwrap();
                 let want = Message {
                     properties: match version {
@@ -842,30 +798,21 @@ mod tests {
             payload: Bytes::from(vec![0u8; 1000]),
             ..msg()
         };
-        let out = Outgoing::Publish {
-            pkid: 1,
-            dup: false,
-            msg: m,
-        };
-        let err = encode(Version::V5, &out, &mut buf, Some(1000)).unwrap_err();
+        let err =
+            encode_publish(Version::V5, 1, false, &m, &mut buf, Some(1000), None).unwrap_err();
         assert!(
             matches!(err, CodecError::TooLarge { max: 1000, size } if size > 1000),
             "{err}"
         );
         assert!(buf.is_empty(), "nothing half-written");
-        encode(Version::V5, &out, &mut buf, Some(2000)).unwrap();
+        encode_publish(Version::V5, 1, false, &m, &mut buf, Some(2000), None).unwrap();
     }
 
     #[test]
     fn a_stamp_is_the_last_user_property_on_mqtt_5_only() {
         let stamp = Some(("edgebridge-via", "b-1"));
-        let out = Outgoing::Publish {
-            pkid: 1,
-            dup: false,
-            msg: msg(),
-        };
         let mut buf = BytesMut::new();
-        encode_stamped(Version::V5, &out, &mut buf, None, stamp).unwrap();
+        encode_publish(Version::V5, 1, false, &msg(), &mut buf, None, stamp).unwrap();
         let Some(Incoming::Publish { msg: got, .. }) =
             decode(Version::V5, &mut buf, 1 << 20).unwrap()
         else {
@@ -874,7 +821,7 @@ mod tests {
         let mut want = msg().properties.user_properties;
         want.push(("edgebridge-via".into(), "b-1".into()));
         assert_eq!(got.properties.user_properties, want);
-        encode_stamped(Version::V4, &out, &mut buf, None, stamp).unwrap();
+        encode_publish(Version::V4, 1, false, &msg(), &mut buf, None, stamp).unwrap();
         let Some(Incoming::Publish { msg: got, .. }) =
             decode(Version::V4, &mut buf, 1 << 20).unwrap()
         else {

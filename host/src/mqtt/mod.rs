@@ -1,8 +1,10 @@
-//! MQTT client sessions: codec adapter, sans-I/O state, transports and the I/O driver.
-//! Knows nothing about routes or plugins.
+//! MQTT client sessions: the codec, the sans-I/O session [`state`], transports, and the I/O of
+//! one connection ([`link`]), polled by its owner; [`session`] is a single-connection client
+//! on its own task (the `pub` / `sub` tools). Knows nothing about routes or plugins.
 
 pub mod backoff;
 pub mod codec;
+pub mod link;
 pub mod session;
 pub mod state;
 pub mod transport;

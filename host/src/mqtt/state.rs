@@ -1,30 +1,65 @@
 //! Sans-I/O MQTT client session state.
 //!
-//! Methods only change state and queue "what to send" ([`SessionState::take_outgoing`]) and
-//! "what happened" ([`SessionState::take_events`]); the driver in [`super::session`] owns the
-//! socket and the timers. This is where the delivery guarantees live:
+//! Methods only change state, queue "what to send" (written into a buffer by
+//! [`SessionState::write_outgoing`]) and record "what happened" ([`SessionState::swap_events`]);
+//! the driver in [`super::link`] owns the socket and the timers. This is where the delivery
+//! guarantees live:
 //!
 //! - an outgoing QoS 1/2 publish is reported [`StateEvent::Delivered`] only on PUBACK /
 //!   PUBCOMP from the broker; QoS 0 only once its bytes were written (the driver confirms);
-//! - unacknowledged publishes are re-sent after a reconnect (DUP set when the session resumed);
+//! - unacknowledged publishes are sent again after a reconnect, in the order they were first
+//!   sent (MQTT §4.6; packet ids wrap, so their order is not the send order);
+//! - the broker's Maximum QoS and Receive Maximum apply to every publish when it is sent,
+//!   including those queued before the first CONNACK;
 //! - an incoming QoS 1/2 publish is acknowledged only when the application calls
 //!   [`SessionState::ack`], and acknowledgements go out in the order the publishes arrived
 //!   (MQTT 3.1.1 §4.6 requires it); an ack from an earlier connection is ignored, because the
-//!   broker redelivers that message on the new one.
+//!   broker redelivers that message on the new one;
+//! - an incoming publish whose topic is not a valid topic name (wildcards, empty) is a broker
+//!   error: it is acknowledged, dropped and reported, never handed on;
+//! - a publish the broker keeps closing the connection over (MQTT 3.1.1 cannot refuse one
+//!   message: a broker whose maximum packet size it exceeds disconnects) is given up after
+//!   [`POISON_STRIKES`] such disconnects in a row, and no later publish of its size or more is
+//!   sent on that session: it is reported [`StateEvent::Undeliverable`], never retried forever.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use super::codec::{ConnAckInfo, Incoming, Outgoing, SubFilter};
+use bytes::BytesMut;
+
+use super::codec::{self, CodecError, ConnAckInfo, Incoming, Outgoing, SubFilter, Version};
 use crate::model::{Message, QoS};
+use crate::topic::{self, TopicError};
 
 /// Identifies an outgoing publish to the application (chosen by the caller).
 pub type Token = u64;
+
+/// Disconnects right after a publish was sent, in a row, that make it undeliverable.
+pub const POISON_STRIKES: u32 = 3;
 
 /// Handle to acknowledge an incoming QoS 1/2 message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AckToken {
     epoch: u64,
     pkid: u16,
+}
+
+/// Why a publish was given up without the broker refusing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Undeliverable {
+    /// Larger than the broker's Maximum Packet Size (announced in CONNACK, or learned from
+    /// disconnects), or than MQTT allows.
+    TooLarge {
+        /// Encoded size, bytes.
+        size: usize,
+        /// The limit, bytes.
+        max: usize,
+    },
+    /// The broker closed the connection right after it was sent, [`POISON_STRIKES`] times in
+    /// a row.
+    Poison {
+        /// Encoded size, bytes.
+        size: usize,
+    },
 }
 
 /// What happened, for the application.
@@ -48,6 +83,22 @@ pub enum StateEvent {
     Delivered(Token),
     /// The broker refused the publish with this reason code (MQTT 5 PUBACK/PUBREC >= 0x80).
     Rejected(Token, u8),
+    /// The publish with this token was given up: it cannot be delivered on this session.
+    Undeliverable {
+        /// Its token.
+        token: Token,
+        /// Its topic (for the log).
+        topic: String,
+        /// Why.
+        why: Undeliverable,
+    },
+    /// A publish from the broker with an invalid topic name was acknowledged and dropped.
+    InvalidTopic {
+        /// The topic, cut to 200 characters.
+        topic: String,
+        /// What is wrong with it.
+        error: TopicError,
+    },
     /// SUBACK: granted QoS or failure code per filter.
     Subscribed(Vec<(String, u8)>),
 }
@@ -84,6 +135,44 @@ struct Inflight {
     msg: Message,
     token: Token,
     stage: Stage,
+    /// Order of the first send (packet ids wrap; this does not).
+    seq: u64,
+    /// Encoded size when last written; 0 while not written on this connection.
+    written: usize,
+    /// Disconnects in a row right after it was the oldest publish written and unacknowledged.
+    strikes: u32,
+}
+
+/// A packet waiting to be written.
+#[derive(Debug)]
+enum Out {
+    /// An inflight QoS 1/2 publish, by packet id (the message stays in `inflight`).
+    Publish { pkid: u16, dup: bool },
+    /// A QoS 0 publish.
+    Publish0(Message, Token),
+    /// A SUBSCRIBE with the session's filters.
+    Subscribe(u16),
+    /// Anything else.
+    Packet(Outgoing),
+}
+
+/// Where [`SessionState::write_outgoing`] writes, and what it reports back.
+pub struct Writer<'a> {
+    /// Wire version.
+    pub version: Version,
+    /// The socket buffer.
+    pub buf: &'a mut BytesMut,
+    /// Stop encoding once the buffer holds this many bytes (the rest waits for room).
+    pub high_water: usize,
+    /// User property stamped on every PUBLISH (MQTT 5).
+    pub stamp: Option<(&'a str, &'a str)>,
+    /// Stream offset of `buf[0]` (bytes written to the connection before it).
+    pub base: u64,
+    /// Tokens of QoS 0 publishes with the stream offset of their last byte: delivered once
+    /// the connection has written that far.
+    pub qos0: &'a mut VecDeque<(u64, Token)>,
+    /// Set to the stream offset of the end of a PINGREQ written now.
+    pub ping_end: &'a mut Option<u64>,
 }
 
 /// The client side of one MQTT session.
@@ -100,6 +189,7 @@ pub struct SessionState {
     /// Publishes accepted while the quota was used up or while disconnected.
     waiting: VecDeque<(Message, Token)>,
     next_pkid: u16,
+    next_seq: u64,
     /// Incoming QoS 1/2 pkids in arrival order, with "application acked" flags.
     incoming: VecDeque<(u16, QoS, bool)>,
     /// QoS 2 pkids we sent PUBREC for and await PUBREL.
@@ -107,7 +197,12 @@ pub struct SessionState {
     subscriptions: Vec<SubFilter>,
     sub_pkid: Option<u16>,
     max_qos: QoS,
-    out: Vec<(Outgoing, Option<Token>)>,
+    /// The broker's Maximum Packet Size: announced (MQTT 5) or learned from poison publishes.
+    max_packet: Option<u32>,
+    /// Largest publish the broker acknowledged (encoded bytes): a poison publish larger than
+    /// this is evidence of a size limit.
+    largest_delivered: usize,
+    out: VecDeque<Out>,
     events: Vec<StateEvent>,
 }
 
@@ -124,37 +219,24 @@ impl SessionState {
             inflight: BTreeMap::new(),
             waiting: VecDeque::new(),
             next_pkid: 0,
+            next_seq: 0,
             incoming: VecDeque::new(),
             awaiting_rel: HashSet::new(),
             subscriptions,
             sub_pkid: None,
             max_qos: QoS::ExactlyOnce,
-            out: Vec::new(),
+            max_packet: None,
+            largest_delivered: 0,
+            out: VecDeque::new(),
             events: Vec::new(),
         }
     }
 
-    /// Packets to write, each with the token of a QoS 0 publish to confirm once written.
-    pub fn take_outgoing(&mut self) -> Vec<(Outgoing, Option<Token>)> {
-        std::mem::take(&mut self.out)
-    }
-
-    /// Like [`Self::take_outgoing`], into the driver's (empty) `spare` vector, so that the
+    /// Moves the events recorded so far into the driver's (empty) `spare` vector, so that the
     /// two vectors are reused turn after turn instead of allocated.
-    pub fn swap_outgoing(&mut self, spare: &mut Vec<(Outgoing, Option<Token>)>) {
-        debug_assert!(spare.is_empty());
-        std::mem::swap(&mut self.out, spare);
-    }
-
-    /// Like [`Self::take_events`], into the driver's (empty) `spare` vector.
     pub fn swap_events(&mut self, spare: &mut Vec<StateEvent>) {
         debug_assert!(spare.is_empty());
         std::mem::swap(&mut self.events, spare);
-    }
-
-    /// Whether anything is waiting to be written.
-    pub fn has_outgoing(&self) -> bool {
-        !self.out.is_empty()
     }
 
     /// Events for the application.
@@ -162,12 +244,28 @@ impl SessionState {
         std::mem::take(&mut self.events)
     }
 
+    /// Whether events are waiting to be taken.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    /// Whether anything is waiting to be written.
+    pub fn has_outgoing(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// Outgoing publishes not yet acknowledged by the broker (sent or waiting).
     pub fn pending_publishes(&self) -> usize {
         self.inflight.len() + self.waiting.len()
     }
 
-    /// Handles CONNACK: re-sends what the last connection left unacknowledged and subscribes.
+    /// Whether a CONNACK was accepted and the connection is not known to be gone.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Handles CONNACK: sends again what the last connection left unacknowledged, in the
+    /// order it was first sent, and subscribes.
     pub fn on_connack(&mut self, info: &ConnAckInfo) -> Result<(), StateError> {
         if info.code != 0 {
             return Err(StateError::Refused {
@@ -185,38 +283,40 @@ impl SessionState {
             .max_qos
             .and_then(QoS::from_u8)
             .unwrap_or(QoS::ExactlyOnce);
+        if let Some(m) = info.max_packet_size {
+            self.max_packet = Some(self.max_packet.map_or(m, |learned| learned.min(m)));
+        }
         let resumed = info.session_present;
-        // Re-send in packet-id order of the original sends is not guaranteed by BTreeMap order
-        // after wrap-around, but MQTT only requires order per QoS flow, which holds per pkid.
-        let pkids: Vec<u16> = self.inflight.keys().copied().collect();
-        for pkid in pkids {
+        let mut resend: Vec<(u64, u16)> = self.inflight.iter().map(|(p, e)| (e.seq, *p)).collect();
+        resend.sort_unstable();
+        let max_qos = self.max_qos;
+        for (_, pkid) in resend {
             let entry = self.inflight.get_mut(&pkid).expect("key from map");
             if resumed && entry.stage == Stage::Released {
-                self.out.push((Outgoing::PubRel(pkid), None));
+                self.out.push_back(Out::Packet(Outgoing::PubRel(pkid)));
             } else {
                 // A new session lost the QoS 2 state: publish again (a duplicate is possible,
-                // a loss is not).
+                // a loss is not), within what this broker accepts.
                 entry.stage = Stage::Published;
-                self.out.push((
-                    Outgoing::Publish {
-                        pkid,
-                        dup: resumed,
-                        msg: entry.msg.clone(),
-                    },
-                    None,
-                ));
+                if entry.msg.qos > max_qos {
+                    entry.msg.qos = max_qos;
+                }
+                self.out.push_back(Out::Publish { pkid, dup: resumed });
+            }
+        }
+        // A QoS 0 broker (Maximum QoS 0): what was inflight at QoS 1/2 goes as QoS 0 now.
+        if max_qos == QoS::AtMostOnce {
+            let pkids: Vec<u16> = self.inflight.keys().copied().collect();
+            self.out.retain(|o| !matches!(o, Out::Publish { .. }));
+            for pkid in pkids {
+                let e = self.inflight.remove(&pkid).expect("key from map");
+                self.out.push_back(Out::Publish0(e.msg, e.token));
             }
         }
         if !self.subscriptions.is_empty() {
             let pkid = self.alloc_pkid();
             self.sub_pkid = Some(pkid);
-            self.out.push((
-                Outgoing::Subscribe {
-                    pkid,
-                    filters: self.subscriptions.clone(),
-                },
-                None,
-            ));
+            self.out.push_back(Out::Subscribe(pkid));
         }
         self.events.push(StateEvent::Connected {
             session_present: resumed,
@@ -226,8 +326,11 @@ impl SessionState {
     }
 
     /// The connection is gone: acks of its messages are void, unacknowledged publishes wait
-    /// for the next connection.
-    pub fn on_disconnect(&mut self) {
+    /// for the next connection. `right_after_send` says the broker closed the connection soon
+    /// after the oldest unacknowledged publish was written: that publish gets a strike, and at
+    /// [`POISON_STRIKES`] it is given up as [`Undeliverable::Poison`] (and, on a session with
+    /// no announced limit, its size becomes the learned Maximum Packet Size).
+    pub fn on_disconnect(&mut self, right_after_send: bool) {
         self.connected = false;
         self.epoch += 1;
         self.incoming.clear();
@@ -236,13 +339,42 @@ impl SessionState {
         // Anything queued but not written (acks, pings) belongs to the dead connection; QoS 0
         // publishes among them are lost with it and are not confirmed.
         self.out.clear();
+        let suspect = self
+            .inflight
+            .iter()
+            .filter(|(_, e)| e.written > 0 && e.stage == Stage::Published)
+            .min_by_key(|(_, e)| e.seq)
+            .map(|(p, _)| *p);
+        for (pkid, e) in self.inflight.iter_mut() {
+            if right_after_send && Some(*pkid) == suspect {
+                e.strikes += 1;
+            } else if e.written > 0 {
+                e.strikes = 0;
+            }
+            e.written = 0;
+        }
+        if let Some(pkid) = suspect
+            && self.inflight[&pkid].strikes >= POISON_STRIKES
+        {
+            let e = self.inflight.remove(&pkid).expect("suspect is inflight");
+            let size = encoded_size(&e.msg);
+            if size > self.largest_delivered {
+                // Larger than anything the broker took: its size limit is the likely cause.
+                // Remember it, so the next such message is refused at once instead of costing
+                // three reconnects.
+                let learned = (size - 1) as u32;
+                self.max_packet = Some(self.max_packet.map_or(learned, |m| m.min(learned)));
+            }
+            self.events.push(StateEvent::Undeliverable {
+                token: e.token,
+                topic: e.msg.topic,
+                why: Undeliverable::Poison { size },
+            });
+        }
     }
 
     /// Queues a publish. QoS 1/2 beyond the broker's quota wait in order.
-    pub fn publish(&mut self, mut msg: Message, token: Token) {
-        if msg.qos > self.max_qos {
-            msg.qos = self.max_qos;
-        }
+    pub fn publish(&mut self, msg: Message, token: Token) {
         self.waiting.push_back((msg, token));
         self.pump();
     }
@@ -252,35 +384,27 @@ impl SessionState {
             return;
         }
         while let Some((msg, _)) = self.waiting.front() {
-            if msg.qos != QoS::AtMostOnce && self.inflight.len() >= self.quota as usize {
+            let qos = msg.qos.min(self.max_qos);
+            if qos != QoS::AtMostOnce && self.inflight.len() >= self.quota as usize {
                 break;
             }
-            let (msg, token) = self.waiting.pop_front().expect("front exists");
-            if msg.qos == QoS::AtMostOnce {
-                self.out.push((
-                    Outgoing::Publish {
-                        pkid: 0,
-                        dup: false,
-                        msg,
-                    },
-                    Some(token),
-                ));
+            let (mut msg, token) = self.waiting.pop_front().expect("front exists");
+            msg.qos = qos;
+            if qos == QoS::AtMostOnce {
+                self.out.push_back(Out::Publish0(msg, token));
             } else {
                 let pkid = self.alloc_pkid();
-                self.out.push((
-                    Outgoing::Publish {
-                        pkid,
-                        dup: false,
-                        msg: msg.clone(),
-                    },
-                    None,
-                ));
+                self.next_seq += 1;
+                self.out.push_back(Out::Publish { pkid, dup: false });
                 self.inflight.insert(
                     pkid,
                     Inflight {
                         msg,
                         token,
                         stage: Stage::Published,
+                        seq: self.next_seq,
+                        written: 0,
+                        strikes: 0,
                     },
                 );
             }
@@ -300,16 +424,70 @@ impl SessionState {
         }
     }
 
-    /// The driver could not send a publish it took from [`Self::take_outgoing`] (e.g. larger
-    /// than the broker accepts): it is given up with reason `code` and reported as
-    /// [`StateEvent::Rejected`]. `token` is the one that came with the packet (QoS 0); QoS 1/2
-    /// publishes are found by `pkid`.
-    pub fn refuse_publish(&mut self, pkid: u16, token: Option<Token>, code: u8) {
-        let token = token.or_else(|| self.inflight.remove(&pkid).map(|e| e.token));
-        if let Some(token) = token {
-            self.events.push(StateEvent::Rejected(token, code));
-            self.pump();
+    /// Encodes queued packets into `w.buf` until it holds `w.high_water` bytes or nothing is
+    /// left. A publish larger than the broker accepts is given up alone
+    /// ([`StateEvent::Undeliverable`]); the connection is fine.
+    pub fn write_outgoing(&mut self, w: &mut Writer<'_>) -> Result<(), CodecError> {
+        let max_packet = self.max_packet;
+        while w.buf.len() < w.high_water {
+            let Some(out) = self.out.pop_front() else {
+                break;
+            };
+            let before = w.buf.len();
+            match out {
+                Out::Publish { pkid, dup } => {
+                    let Some(e) = self.inflight.get_mut(&pkid) else {
+                        continue;
+                    };
+                    match codec::encode_publish(
+                        w.version, pkid, dup, &e.msg, w.buf, max_packet, w.stamp,
+                    ) {
+                        Ok(()) => e.written = w.buf.len() - before,
+                        Err(CodecError::TooLarge { size, max }) => {
+                            let e = self.inflight.remove(&pkid).expect("just found");
+                            self.events.push(StateEvent::Undeliverable {
+                                token: e.token,
+                                topic: e.msg.topic,
+                                why: Undeliverable::TooLarge { size, max },
+                            });
+                            self.pump();
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Out::Publish0(msg, token) => {
+                    match codec::encode_publish(
+                        w.version, 0, false, &msg, w.buf, max_packet, w.stamp,
+                    ) {
+                        Ok(()) => w.qos0.push_back((w.base + w.buf.len() as u64, token)),
+                        Err(CodecError::TooLarge { size, max }) => {
+                            self.events.push(StateEvent::Undeliverable {
+                                token,
+                                topic: msg.topic,
+                                why: Undeliverable::TooLarge { size, max },
+                            })
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Out::Subscribe(pkid) => codec::encode(
+                    w.version,
+                    &Outgoing::Subscribe {
+                        pkid,
+                        filters: self.subscriptions.clone(),
+                    },
+                    w.buf,
+                    max_packet,
+                )?,
+                Out::Packet(p) => {
+                    codec::encode(w.version, &p, w.buf, max_packet)?;
+                    if matches!(p, Outgoing::PingReq) {
+                        *w.ping_end = Some(w.base + w.buf.len() as u64);
+                    }
+                }
+            }
         }
+        Ok(())
     }
 
     /// The driver wrote a QoS 0 publish.
@@ -329,57 +507,82 @@ impl SessionState {
         {
             entry.2 = true;
         }
+        self.release_acks();
+    }
+
+    /// Sends the acks of the front of the arrival queue that the application is done with.
+    fn release_acks(&mut self) {
         while let Some(&(pkid, qos, true)) = self.incoming.front() {
             self.incoming.pop_front();
             if qos == QoS::ExactlyOnce {
                 self.awaiting_rel.insert(pkid);
-                self.out.push((Outgoing::PubRec(pkid), None));
+                self.out.push_back(Out::Packet(Outgoing::PubRec(pkid)));
             } else {
-                self.out.push((Outgoing::PubAck(pkid), None));
+                self.out.push_back(Out::Packet(Outgoing::PubAck(pkid)));
             }
         }
     }
 
     /// Queues a PINGREQ.
     pub fn ping(&mut self) {
-        self.out.push((Outgoing::PingReq, None));
+        self.out.push_back(Out::Packet(Outgoing::PingReq));
+    }
+
+    /// Queues a DISCONNECT (normal); nothing is queued after it.
+    pub fn disconnect(&mut self) {
+        self.out.push_back(Out::Packet(Outgoing::Disconnect));
     }
 
     /// Handles one packet from the broker (CONNACK goes to [`Self::on_connack`]).
     pub fn on_incoming(&mut self, packet: Incoming) -> Result<(), StateError> {
         match packet {
-            Incoming::Publish { pkid, dup, msg } => match msg.qos {
-                QoS::AtMostOnce => self.events.push(StateEvent::Message {
-                    msg,
-                    ack: None,
-                    dup,
-                }),
-                QoS::ExactlyOnce if self.awaiting_rel.contains(&pkid) => {
-                    // Already accepted; the broker missed our PUBREC.
-                    self.out.push((Outgoing::PubRec(pkid), None));
+            Incoming::Publish { pkid, dup, msg } => {
+                if msg.qos != QoS::AtMostOnce && pkid == 0 {
+                    return Err(StateError::Protocol(
+                        "QoS > 0 publish with packet id 0".into(),
+                    ));
                 }
-                qos => {
-                    if pkid == 0 {
-                        return Err(StateError::Protocol(
-                            "QoS > 0 publish with packet id 0".into(),
-                        ));
+                if let Err(error) = topic::validate_name(&msg.topic) {
+                    // Acknowledged (in order) so that the broker does not send it forever.
+                    if msg.qos != QoS::AtMostOnce {
+                        self.incoming.push_back((pkid, msg.qos, true));
+                        self.release_acks();
                     }
-                    self.incoming.push_back((pkid, qos, false));
-                    self.events.push(StateEvent::Message {
-                        msg,
-                        ack: Some(AckToken {
-                            epoch: self.epoch,
-                            pkid,
-                        }),
-                        dup,
+                    self.events.push(StateEvent::InvalidTopic {
+                        topic: msg.topic.chars().take(200).collect(),
+                        error,
                     });
+                    return Ok(());
                 }
-            },
+                match msg.qos {
+                    QoS::AtMostOnce => self.events.push(StateEvent::Message {
+                        msg,
+                        ack: None,
+                        dup,
+                    }),
+                    QoS::ExactlyOnce if self.awaiting_rel.contains(&pkid) => {
+                        // Already accepted; the broker missed our PUBREC.
+                        self.out.push_back(Out::Packet(Outgoing::PubRec(pkid)));
+                    }
+                    qos => {
+                        self.incoming.push_back((pkid, qos, false));
+                        self.events.push(StateEvent::Message {
+                            msg,
+                            ack: Some(AckToken {
+                                epoch: self.epoch,
+                                pkid,
+                            }),
+                            dup,
+                        });
+                    }
+                }
+            }
             Incoming::PubAck { pkid, code } => {
                 if let Some(entry) = self.inflight.remove(&pkid) {
                     self.events.push(if code >= 0x80 {
                         StateEvent::Rejected(entry.token, code)
                     } else {
+                        self.largest_delivered = self.largest_delivered.max(entry.written);
                         StateEvent::Delivered(entry.token)
                     });
                     self.pump();
@@ -396,18 +599,19 @@ impl SessionState {
                         entry.stage = Stage::Released;
                     }
                     // Reply even for an unknown pkid so the broker can release its state.
-                    self.out.push((Outgoing::PubRel(pkid), None));
+                    self.out.push_back(Out::Packet(Outgoing::PubRel(pkid)));
                 }
             }
             Incoming::PubComp(pkid) => {
                 if let Some(entry) = self.inflight.remove(&pkid) {
+                    self.largest_delivered = self.largest_delivered.max(entry.written);
                     self.events.push(StateEvent::Delivered(entry.token));
                     self.pump();
                 }
             }
             Incoming::PubRel(pkid) => {
                 self.awaiting_rel.remove(&pkid);
-                self.out.push((Outgoing::PubComp(pkid), None));
+                self.out.push_back(Out::Packet(Outgoing::PubComp(pkid)));
             }
             Incoming::SubAck { pkid, codes } => {
                 if self.sub_pkid == Some(pkid) {
@@ -428,6 +632,16 @@ impl SessionState {
             Incoming::PingResp | Incoming::Other => {}
         }
         Ok(())
+    }
+}
+
+/// Size of a PUBLISH of `msg` on MQTT 5 without a stamp (an estimate for 3.1.1).
+fn encoded_size(msg: &Message) -> usize {
+    let mut buf = BytesMut::new();
+    match codec::encode_publish(Version::V5, 1, false, msg, &mut buf, None, None) {
+        Ok(()) => buf.len(),
+        Err(CodecError::TooLarge { size, .. }) => size,
+        Err(_) => msg.payload.len() + msg.topic.len(),
     }
 }
 
@@ -453,10 +667,79 @@ mod tests {
         }
     }
 
-    fn published_pkids(out: &[(Outgoing, Option<Token>)]) -> Vec<(u16, bool)> {
-        out.iter()
-            .filter_map(|(o, _)| match o {
-                Outgoing::Publish { pkid, dup, .. } => Some((*pkid, *dup)),
+    /// Writes everything queued and decodes it back as the broker would see it.
+    fn sent(s: &mut SessionState) -> Vec<Incoming> {
+        sent_with(s, &mut VecDeque::new())
+    }
+
+    fn sent_with(s: &mut SessionState, qos0: &mut VecDeque<(u64, Token)>) -> Vec<Incoming> {
+        let mut buf = BytesMut::new();
+        let mut ping = None;
+        s.write_outgoing(&mut Writer {
+            version: Version::V5,
+            buf: &mut buf,
+            high_water: usize::MAX,
+            stamp: None,
+            base: 0,
+            qos0,
+            ping_end: &mut ping,
+        })
+        .unwrap();
+        let mut packets = Vec::new();
+        // Client packets decoded with rumqttc's server-side reader.
+        while !buf.is_empty() {
+            use rumqttc::v5::mqttbytes::v5::Packet;
+            let p = Packet::read(&mut buf, None).unwrap();
+            packets.push(match p {
+                Packet::Publish(p) => Incoming::Publish {
+                    pkid: p.pkid,
+                    dup: p.dup,
+                    msg: Message {
+                        topic: String::from_utf8(p.topic.to_vec()).unwrap(),
+                        payload: p.payload,
+                        qos: QoS::from_u8(p.qos as u8).unwrap(),
+                        retain: p.retain,
+                        properties: Default::default(),
+                    },
+                },
+                Packet::PubAck(a) => Incoming::PubAck {
+                    pkid: a.pkid,
+                    code: 0,
+                },
+                Packet::PubRec(a) => Incoming::PubRec {
+                    pkid: a.pkid,
+                    code: 0,
+                },
+                Packet::PubRel(a) => Incoming::PubRel(a.pkid),
+                Packet::PubComp(a) => Incoming::PubComp(a.pkid),
+                Packet::Subscribe(s) => Incoming::SubAck {
+                    pkid: s.pkid,
+                    codes: vec![],
+                },
+                _ => Incoming::Other,
+            });
+        }
+        packets
+    }
+
+    fn published(packets: &[Incoming]) -> Vec<(u16, bool)> {
+        packets
+            .iter()
+            .filter_map(|p| match p {
+                Incoming::Publish { pkid, dup, .. } => Some((*pkid, *dup)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn publishes_with_qos(packets: &[Incoming]) -> Vec<(Token, QoS)> {
+        packets
+            .iter()
+            .filter_map(|p| match p {
+                Incoming::Publish { msg, .. } => Some((
+                    String::from_utf8_lossy(&msg.payload).parse().unwrap_or(0),
+                    msg.qos,
+                )),
                 _ => None,
             })
             .collect()
@@ -468,8 +751,7 @@ mod tests {
         s.on_connack(&connack(false)).unwrap();
         s.take_events();
         s.publish(msg(QoS::AtLeastOnce), 42);
-        let out = s.take_outgoing();
-        assert_eq!(published_pkids(&out), vec![(1, false)]);
+        assert_eq!(published(&sent(&mut s)), vec![(1, false)]);
         assert!(
             s.take_events().is_empty(),
             "nothing is delivered before the ack"
@@ -480,15 +762,28 @@ mod tests {
     }
 
     #[test]
+    fn a_qos0_publish_is_delivered_once_its_bytes_are_written() {
+        let mut s = SessionState::new(vec![], 10);
+        s.on_connack(&connack(false)).unwrap();
+        s.take_events();
+        s.publish(msg(QoS::AtMostOnce), 5);
+        let mut qos0 = VecDeque::new();
+        let packets = sent_with(&mut s, &mut qos0);
+        assert_eq!(published(&packets), vec![(0, false)]);
+        assert_eq!(qos0.len(), 1, "the driver confirms it when written");
+        assert!(s.take_events().is_empty());
+    }
+
+    #[test]
     fn a_qos2_publish_is_delivered_only_on_pubcomp() {
         let mut s = SessionState::new(vec![], 10);
         s.on_connack(&connack(false)).unwrap();
         s.take_events();
         s.publish(msg(QoS::ExactlyOnce), 7);
-        s.take_outgoing();
+        sent(&mut s);
         s.on_incoming(Incoming::PubRec { pkid: 1, code: 0 })
             .unwrap();
-        assert!(matches!(s.take_outgoing()[0].0, Outgoing::PubRel(1)));
+        assert_eq!(sent(&mut s), vec![Incoming::PubRel(1)]);
         assert!(s.take_events().is_empty());
         s.on_incoming(Incoming::PubComp(1)).unwrap();
         assert_eq!(s.take_events(), vec![StateEvent::Delivered(7)]);
@@ -519,11 +814,11 @@ mod tests {
         for t in 0..5 {
             s.publish(msg(QoS::AtLeastOnce), t);
         }
-        assert_eq!(published_pkids(&s.take_outgoing()).len(), 2);
+        assert_eq!(published(&sent(&mut s)).len(), 2);
         assert_eq!(s.pending_publishes(), 5);
         s.on_incoming(Incoming::PubAck { pkid: 1, code: 0 })
             .unwrap();
-        assert_eq!(published_pkids(&s.take_outgoing()), vec![(3, false)]);
+        assert_eq!(published(&sent(&mut s)), vec![(3, false)]);
     }
 
     #[test]
@@ -532,19 +827,65 @@ mod tests {
         s.on_connack(&connack(false)).unwrap();
         s.publish(msg(QoS::AtLeastOnce), 1);
         s.publish(msg(QoS::AtLeastOnce), 2);
-        s.take_outgoing();
+        sent(&mut s);
         s.on_incoming(Incoming::PubAck { pkid: 1, code: 0 })
             .unwrap();
-        s.on_disconnect();
+        s.on_disconnect(false);
         s.publish(msg(QoS::AtLeastOnce), 3);
         assert!(
-            s.take_outgoing().is_empty(),
+            sent(&mut s).is_empty(),
             "nothing is sent while disconnected"
         );
         s.on_connack(&connack(true)).unwrap();
+        assert_eq!(published(&sent(&mut s)), vec![(2, true), (3, false)]);
+    }
+
+    #[test]
+    fn resends_keep_the_original_order_when_packet_ids_wrapped() {
+        let mut s = SessionState::new(vec![], 10);
+        s.on_connack(&connack(false)).unwrap();
+        // Use up packet ids up to the wrap: the next publishes get 65534, 65535, 1, 2.
+        for t in 0..65_533u64 {
+            s.publish(msg(QoS::AtLeastOnce), t);
+            let pkid = published(&sent(&mut s))[0].0;
+            s.on_incoming(Incoming::PubAck { pkid, code: 0 }).unwrap();
+        }
+        s.take_events();
+        for t in 100..104u64 {
+            let mut m = msg(QoS::AtLeastOnce);
+            m.payload = Bytes::from(t.to_string());
+            s.publish(m, t);
+        }
+        let first: Vec<u16> = published(&sent(&mut s)).iter().map(|p| p.0).collect();
+        assert_eq!(first, [65534, 65535, 1, 2]);
+        s.on_disconnect(false);
+        s.on_connack(&connack(true)).unwrap();
+        let again: Vec<Token> = publishes_with_qos(&sent(&mut s))
+            .iter()
+            .map(|p| p.0)
+            .collect();
         assert_eq!(
-            published_pkids(&s.take_outgoing()),
-            vec![(2, true), (3, false)]
+            again,
+            [100, 101, 102, 103],
+            "first-sent order, not packet-id order"
+        );
+    }
+
+    #[test]
+    fn publishes_queued_before_the_first_connack_respect_the_brokers_maximum_qos() {
+        let mut s = SessionState::new(vec![], 10);
+        let mut m = msg(QoS::ExactlyOnce);
+        m.payload = Bytes::from_static(b"1");
+        s.publish(m, 1);
+        s.on_connack(&ConnAckInfo {
+            max_qos: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            publishes_with_qos(&sent(&mut s)),
+            [(1, QoS::AtLeastOnce)],
+            "Event Grid's Maximum QoS is 1"
         );
     }
 
@@ -553,20 +894,27 @@ mod tests {
         let mut s = SessionState::new(vec![], 10);
         s.on_connack(&connack(false)).unwrap();
         s.publish(msg(QoS::ExactlyOnce), 9);
+        sent(&mut s);
         s.on_incoming(Incoming::PubRec { pkid: 1, code: 0 })
             .unwrap();
-        s.take_outgoing();
-        s.on_disconnect();
+        sent(&mut s);
+        s.on_disconnect(false);
         s.on_connack(&connack(false)).unwrap();
-        assert_eq!(published_pkids(&s.take_outgoing()), vec![(1, false)]);
-        s.on_disconnect();
+        assert_eq!(published(&sent(&mut s)), vec![(1, false)]);
+        s.on_disconnect(false);
         s.on_incoming(Incoming::PubRec { pkid: 1, code: 0 }).ok();
         s.on_connack(&connack(true)).unwrap();
-        assert!(
-            s.take_outgoing()
-                .iter()
-                .any(|(o, _)| matches!(o, Outgoing::PubRel(1)))
-        );
+        assert!(sent(&mut s).contains(&Incoming::PubRel(1)));
+    }
+
+    fn message_acks(s: &mut SessionState) -> Vec<AckToken> {
+        s.take_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                StateEvent::Message { ack, .. } => ack,
+                _ => None,
+            })
+            .collect()
     }
 
     #[test]
@@ -582,23 +930,15 @@ mod tests {
             })
             .unwrap();
         }
-        let acks: Vec<AckToken> = s
-            .take_events()
-            .into_iter()
-            .filter_map(|e| match e {
-                StateEvent::Message { ack, .. } => ack,
-                _ => None,
-            })
-            .collect();
+        let acks = message_acks(&mut s);
         s.ack(acks[2]);
         s.ack(acks[1]);
-        assert!(s.take_outgoing().is_empty(), "7 and 6 wait for 5");
+        assert!(sent(&mut s).is_empty(), "7 and 6 wait for 5");
         s.ack(acks[0]);
-        let out: Vec<u16> = s
-            .take_outgoing()
+        let out: Vec<u16> = sent(&mut s)
             .into_iter()
-            .map(|(o, _)| match o {
-                Outgoing::PubAck(p) => p,
+            .map(|p| match p {
+                Incoming::PubAck { pkid, .. } => pkid,
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -616,14 +956,12 @@ mod tests {
             msg: msg(QoS::AtLeastOnce),
         })
         .unwrap();
-        let Some(StateEvent::Message { ack: Some(ack), .. }) = s.take_events().pop() else {
-            panic!()
-        };
-        s.on_disconnect();
+        let ack = message_acks(&mut s)[0];
+        s.on_disconnect(false);
         s.on_connack(&connack(true)).unwrap();
-        s.take_outgoing();
+        sent(&mut s);
         s.ack(ack);
-        assert!(s.take_outgoing().is_empty());
+        assert!(sent(&mut s).is_empty());
     }
 
     #[test]
@@ -637,11 +975,9 @@ mod tests {
             msg: msg(QoS::ExactlyOnce),
         })
         .unwrap();
-        let Some(StateEvent::Message { ack: Some(ack), .. }) = s.take_events().pop() else {
-            panic!()
-        };
+        let ack = message_acks(&mut s)[0];
         s.ack(ack);
-        assert!(matches!(s.take_outgoing()[0].0, Outgoing::PubRec(3)));
+        assert_eq!(sent(&mut s), vec![Incoming::PubRec { pkid: 3, code: 0 }]);
         // A redelivered copy before PUBREL is not a new message.
         s.on_incoming(Incoming::Publish {
             pkid: 3,
@@ -650,9 +986,32 @@ mod tests {
         })
         .unwrap();
         assert!(s.take_events().is_empty());
-        s.take_outgoing();
+        sent(&mut s);
         s.on_incoming(Incoming::PubRel(3)).unwrap();
-        assert!(matches!(s.take_outgoing()[0].0, Outgoing::PubComp(3)));
+        assert_eq!(sent(&mut s), vec![Incoming::PubComp(3)]);
+    }
+
+    #[test]
+    fn an_incoming_publish_with_a_wildcard_topic_is_acknowledged_and_dropped() {
+        let mut s = SessionState::new(vec![], 10);
+        s.on_connack(&connack(false)).unwrap();
+        s.take_events();
+        let mut bad = msg(QoS::AtLeastOnce);
+        bad.topic = "x/#".into();
+        s.on_incoming(Incoming::Publish {
+            pkid: 4,
+            dup: false,
+            msg: bad,
+        })
+        .unwrap();
+        assert_eq!(
+            s.take_events(),
+            vec![StateEvent::InvalidTopic {
+                topic: "x/#".into(),
+                error: TopicError::Wildcard
+            }]
+        );
+        assert_eq!(sent(&mut s), vec![Incoming::PubAck { pkid: 4, code: 0 }]);
     }
 
     #[test]
@@ -663,8 +1022,7 @@ mod tests {
         }];
         let mut s = SessionState::new(subs, 10);
         s.on_connack(&connack(false)).unwrap();
-        let out = s.take_outgoing();
-        let Outgoing::Subscribe { pkid, .. } = out[0].0 else {
+        let Incoming::SubAck { pkid, .. } = sent(&mut s)[0] else {
             panic!()
         };
         s.on_incoming(Incoming::SubAck {
@@ -676,9 +1034,9 @@ mod tests {
             s.take_events()
                 .contains(&StateEvent::Subscribed(vec![("a/#".into(), 1)]))
         );
-        s.on_disconnect();
+        s.on_disconnect(false);
         s.on_connack(&connack(true)).unwrap();
-        assert!(matches!(s.take_outgoing()[0].0, Outgoing::Subscribe { .. }));
+        assert!(matches!(sent(&mut s)[0], Incoming::SubAck { .. }));
     }
 
     #[test]
@@ -692,5 +1050,78 @@ mod tests {
             })
             .unwrap_err();
         assert!(err.to_string().contains("NotAuthorized"));
+    }
+
+    #[test]
+    fn a_publish_the_broker_disconnects_over_three_times_is_given_up_and_its_size_learned() {
+        let mut s = SessionState::new(vec![], 10);
+        let mut big = msg(QoS::AtLeastOnce);
+        big.payload = Bytes::from(vec![0u8; 100_000]);
+        s.on_connack(&connack(false)).unwrap();
+        s.publish(big.clone(), 1);
+        s.publish(msg(QoS::AtLeastOnce), 2);
+        for strike in 1..=POISON_STRIKES {
+            assert_eq!(published(&sent(&mut s)).len(), 2, "strike {strike}");
+            s.take_events();
+            s.on_disconnect(true);
+            s.on_connack(&connack(false)).unwrap();
+        }
+        let events = s.take_events();
+        assert!(
+            events.iter().any(|e| matches!(
+                e,
+                StateEvent::Undeliverable {
+                    token: 1,
+                    why: Undeliverable::Poison { .. },
+                    ..
+                }
+            )),
+            "{events:?}"
+        );
+        // The small one goes on; a later message as large is refused without a reconnect.
+        assert_eq!(published(&sent(&mut s)).len(), 1);
+        s.publish(big, 3);
+        sent(&mut s);
+        assert!(s.take_events().iter().any(|e| matches!(
+            e,
+            StateEvent::Undeliverable {
+                token: 3,
+                why: Undeliverable::TooLarge { .. },
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn an_outage_is_not_a_poison_message() {
+        let mut s = SessionState::new(vec![], 10);
+        s.on_connack(&connack(false)).unwrap();
+        s.publish(msg(QoS::AtLeastOnce), 1);
+        for _ in 0..10 {
+            sent(&mut s);
+            // The broker went away, not right after the publish.
+            s.on_disconnect(false);
+            s.on_connack(&connack(false)).unwrap();
+        }
+        assert_eq!(published(&sent(&mut s)).len(), 1, "still sent");
+        s.take_events();
+        // Two strikes, then an ack in between: the count starts over.
+        s.on_disconnect(true);
+        s.on_connack(&connack(false)).unwrap();
+        sent(&mut s);
+        s.on_disconnect(true);
+        s.on_connack(&connack(false)).unwrap();
+        sent(&mut s);
+        s.on_disconnect(false);
+        s.on_connack(&connack(false)).unwrap();
+        sent(&mut s);
+        s.on_disconnect(true);
+        s.on_connack(&connack(false)).unwrap();
+        assert_eq!(published(&sent(&mut s)).len(), 1);
+        assert!(
+            !s.take_events()
+                .iter()
+                .any(|e| matches!(e, StateEvent::Undeliverable { .. }))
+        );
     }
 }

@@ -137,11 +137,6 @@ impl Stage {
         }
     }
 
-    /// The version (generation) of the live instance, if any.
-    pub fn version(&self) -> Option<u64> {
-        self.live.as_ref().map(|l| l.loaded.generation)
-    }
-
     async fn ensure_live(&mut self) -> Result<(), StageError> {
         // Nothing installed or removed since the last look: the live instance is current.
         let changes = self.registry.changes();
@@ -187,7 +182,7 @@ impl Stage {
     }
 
     /// Runs the plugin on `msg` (whose topic is the source topic) going to `target`.
-    pub async fn run(&mut self, msg: &Message, target: &str) -> Result<Outcome, StageError> {
+    pub async fn decide(&mut self, msg: &Message, target: &str) -> Result<Outcome, StageError> {
         if let Some(until) = self.open_until {
             if Instant::now() < until {
                 return Err(StageError::CircuitOpen(self.plugin.clone()));
@@ -265,6 +260,20 @@ impl Stage {
                     .map_err(|message| StageError::Invalid { plugin, message })
             }
         }
+    }
+}
+
+impl crate::pipeline::Stage for Stage {
+    fn name(&self) -> &str {
+        &self.plugin
+    }
+
+    fn run(
+        &mut self,
+        msg: &Message,
+        target: &str,
+    ) -> impl std::future::Future<Output = Result<Outcome, StageError>> + Send {
+        self.decide(msg, target)
     }
 }
 
@@ -363,9 +372,10 @@ pub fn validate(
                 Bytes::from(bytes)
             }
         };
+        // `none` keeps the QoS the message came with (at most the route's, by then).
         let qos = match e.qos.map(from_wit_qos) {
-            None => route.qos,
-            Some(q) if q == route.qos => q,
+            None => msg.qos,
+            Some(q) if q == msg.qos => q,
             Some(q) if !policy.may_change_qos => {
                 return Err(format!(
                     "set QoS {} but its policy does not allow mayChangeQos",

@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use edgebridge::bridge::{self, RunOptions, RunningBridge};
 use edgebridge::config::{self, Config, LoadOptions};
+use edgebridge::counters::DropReason;
 use edgebridge_tests::{
     Collector, Mosquitto, MosquittoOptions, Pki, Publisher, bridge_yaml, eventually, free_port,
     init_tracing, write_file,
@@ -230,7 +231,14 @@ async fn a_message_over_the_targets_maximum_packet_size_is_refused_alone() {
     lp.publish("big/a", 1, false, "after").await;
     assert_eq!(at_remote.wait_for(2, 15 * SECOND).await, 2);
     assert_eq!(payloads_on(&at_remote, "big/a"), ["before", "after"]);
-    assert!(eventually(15 * SECOND, || b.stats.route("big").rejected == 1).await);
+    assert!(
+        eventually(15 * SECOND, || b
+            .stats
+            .route("big")
+            .dropped(DropReason::Oversize)
+            == 1)
+        .await
+    );
     // Refused alone: the bridge's target connection was never dropped over it.
     let log = remote.log();
     let connects = log
@@ -261,10 +269,14 @@ async fn a_shared_subscription_route_runs_n_clients_that_split_the_messages() {
 ",
     );
     let b = start(&cfg, &opts()).await;
-    let ids: Vec<String> = b.pipes.iter().map(|p| p.client_id.clone()).collect();
+    let ids: Vec<String> = b
+        .route_clients
+        .iter()
+        .map(|p| p.client_id.clone())
+        .collect();
     assert_eq!(ids, ["edge-shared-0", "edge-shared-1", "edge-shared-2"]);
     assert!(
-        b.pipes
+        b.route_clients
             .iter()
             .all(|p| p.subscription == "$share/sub-group/shared/#")
     );
@@ -341,13 +353,13 @@ async fn two_instances_split_the_routes_and_cover_each_once() {
     )
     .await;
     assert!(
-        !b0.pipes.is_empty() && !b1.pipes.is_empty(),
+        !b0.route_clients.is_empty() && !b1.route_clients.is_empty(),
         "both instances work"
     );
     let mut all: Vec<String> = b0
-        .pipes
+        .route_clients
         .iter()
-        .chain(&b1.pipes)
+        .chain(&b1.route_clients)
         .map(|p| p.client_id.clone())
         .collect();
     all.sort();
@@ -423,8 +435,8 @@ async fn loop_prevention(protocol: &str) {
     tokio::time::sleep(2 * SECOND).await;
     assert_eq!(at_remote.count(), 2, "remote: {:?}", at_remote.messages());
     assert_eq!(at_local.count(), 2, "local: {:?}", at_local.messages());
-    assert_eq!(b.stats.route("sync-in").dropped_loop, 1);
-    assert_eq!(b.stats.route("sync-out").dropped_loop, 1);
+    assert_eq!(b.stats.route("sync-in").dropped(DropReason::Loop), 1);
+    assert_eq!(b.stats.route("sync-out").dropped(DropReason::Loop), 1);
     b.shutdown().await;
 }
 

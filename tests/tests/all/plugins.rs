@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use edgebridge::bridge::{self, BridgeError, RunOptions, RunningBridge};
 use edgebridge::config::{self, Config, LoadOptions};
+use edgebridge::counters::DropReason;
 use edgebridge_tests::{
     Collector, Mosquitto, MosquittoOptions, Publisher, bridge_yaml, eventually, init_tracing,
     install_plugin, write_file,
@@ -119,7 +120,10 @@ async fn a_chain_filters_rewrites_and_enriches() {
     .await;
     assert!(eventually(10 * SECOND, || at_remote.count() >= 2).await);
     assert!(
-        eventually(15 * SECOND, || b.stats.route("alerts").dropped_by_plugin
+        eventually(15 * SECOND, || b
+            .stats
+            .route("alerts")
+            .dropped(DropReason::Filtered)
             == 1)
         .await
     );
@@ -213,7 +217,7 @@ async fn fan_out_splits_arrays_and_dedupe_uses_granted_kv() {
             ("dedupe/in".to_string(), "same".to_string()),
         ]
     );
-    assert_eq!(b.stats.route("once").dropped_by_plugin, 2);
+    assert_eq!(b.stats.route("once").dropped(DropReason::Filtered), 2);
     b.shutdown().await;
 }
 
@@ -313,14 +317,24 @@ async fn misbehaving_plugins_are_contained_and_other_routes_keep_flowing() {
         assert!(reason.contains(why), "{payload}: {reason}");
     }
     let c = b.stats.route("risky");
-    assert_eq!((c.plugin_errors, c.dead_lettered), (6, 6));
+    assert_eq!(
+        (c.plugin_errors, c.dropped(DropReason::DeadLettered)),
+        (6, 6)
+    );
 
     // Five failures in a row open the breaker: the next message is not given to the plugin.
     for _ in 0..5 {
         lp.publish("risky/in", 1, false, "err").await;
     }
     lp.publish("risky/in", 1, false, "ok-8").await;
-    assert!(eventually(10 * SECOND, || b.stats.route("risky").dead_lettered == 12).await);
+    assert!(
+        eventually(10 * SECOND, || b
+            .stats
+            .route("risky")
+            .dropped(DropReason::DeadLettered)
+            == 12)
+        .await
+    );
     assert!(eventually(15 * SECOND, || !reason_of(&at_remote, "ok-8").is_empty()).await);
     assert!(reason_of(&at_remote, "ok-8").contains("circuit breaker open"));
     b.shutdown().await;

@@ -1,0 +1,313 @@
+//! The delivery ledger of a route client (sans-I/O): which source message each forwarded copy
+//! belongs to, and when a source message may be acknowledged.
+//!
+//! A source message forwarded as one copy (the usual case) waits on that copy alone; the
+//! copies of a fanned-out message share a group, and the source message is acknowledged when
+//! the last copy is settled (acknowledged by the target, or refused by it). The ledger returns
+//! the acknowledgement as a value; the source session sends acknowledgements in arrival order
+//! whatever order they are returned in (see [`crate::mqtt::state`]). Never is a message
+//! acknowledged to its source before every copy was settled.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Instant;
+
+use crate::mqtt::{AckToken, Token};
+
+/// What settling a copy completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Not a copy this ledger waits for (already settled, or never forwarded).
+    Unknown,
+    /// A copy of a group whose other copies are still waiting.
+    Copy,
+    /// The last copy: the source message is done; acknowledge it with `ack` (QoS 1/2).
+    Message {
+        /// The source acknowledgement, if the message had one.
+        ack: Option<AckToken>,
+        /// When the source message was received.
+        since: Instant,
+    },
+}
+
+#[derive(Debug)]
+enum Waiting {
+    /// The only copy of a source message.
+    Single(Option<AckToken>, Instant),
+    /// One copy of a group.
+    Copy(u64),
+}
+
+#[derive(Debug)]
+struct Group {
+    left: usize,
+    ack: Option<AckToken>,
+    since: Instant,
+}
+
+/// The ledger (see the module docs).
+#[derive(Debug, Default)]
+pub struct Ledger {
+    waiting: HashMap<Token, Waiting>,
+    groups: HashMap<u64, Group>,
+    next_token: Token,
+    next_group: u64,
+}
+
+impl Ledger {
+    /// Records a source message (received at `since`, acknowledged with `ack`) forwarded as
+    /// `copies` messages (at least one); returns the tokens to publish the copies with.
+    pub fn forward(
+        &mut self,
+        copies: usize,
+        ack: Option<AckToken>,
+        since: Instant,
+    ) -> Range<Token> {
+        debug_assert!(
+            copies > 0,
+            "a message forwarded as nothing is handled, not forwarded"
+        );
+        let first = self.next_token + 1;
+        self.next_token += copies as Token;
+        if copies == 1 {
+            self.waiting.insert(first, Waiting::Single(ack, since));
+        } else {
+            self.next_group += 1;
+            let group = self.next_group;
+            self.groups.insert(
+                group,
+                Group {
+                    left: copies,
+                    ack,
+                    since,
+                },
+            );
+            for t in first..=self.next_token {
+                self.waiting.insert(t, Waiting::Copy(group));
+            }
+        }
+        first..self.next_token + 1
+    }
+
+    /// A copy was acknowledged or refused by the target.
+    pub fn settle(&mut self, token: Token) -> Settled {
+        match self.waiting.remove(&token) {
+            None => Settled::Unknown,
+            Some(Waiting::Single(ack, since)) => Settled::Message { ack, since },
+            Some(Waiting::Copy(group)) => {
+                let g = self.groups.get_mut(&group).expect("a copy's group exists");
+                g.left -= 1;
+                if g.left > 0 {
+                    return Settled::Copy;
+                }
+                let g = self.groups.remove(&group).expect("just found");
+                Settled::Message {
+                    ack: g.ack,
+                    since: g.since,
+                }
+            }
+        }
+    }
+
+    /// Copies forwarded and not yet settled.
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Message, QoS};
+    use crate::mqtt::codec::{ConnAckInfo, Incoming};
+    use crate::mqtt::state::{SessionState, StateEvent};
+
+    /// A source session that received `n` QoS 1 messages (packet ids 1..=n); their acks.
+    fn source_with(n: u16) -> (SessionState, Vec<AckToken>) {
+        let mut s = SessionState::new(vec![], 100);
+        s.on_connack(&ConnAckInfo::default()).unwrap();
+        for pkid in 1..=n {
+            s.on_incoming(Incoming::Publish {
+                pkid,
+                dup: false,
+                msg: Message {
+                    topic: "t".into(),
+                    payload: Default::default(),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    properties: Default::default(),
+                },
+            })
+            .unwrap();
+        }
+        let acks = s
+            .take_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                StateEvent::Message { ack, .. } => ack,
+                _ => None,
+            })
+            .collect();
+        (s, acks)
+    }
+
+    /// The PUBACKs the source session would write now.
+    fn pubacks(s: &mut SessionState) -> Vec<u16> {
+        use crate::mqtt::state::Writer;
+        let mut buf = bytes::BytesMut::new();
+        s.write_outgoing(&mut Writer {
+            version: crate::mqtt::Version::V5,
+            buf: &mut buf,
+            high_water: usize::MAX,
+            stamp: None,
+            base: 0,
+            qos0: &mut Default::default(),
+            ping_end: &mut None,
+        })
+        .unwrap();
+        let mut out = vec![];
+        while !buf.is_empty() {
+            if let rumqttc::v5::mqttbytes::v5::Packet::PubAck(a) =
+                rumqttc::v5::mqttbytes::v5::Packet::read(&mut buf, None).unwrap()
+            {
+                out.push(a.pkid);
+            }
+        }
+        out
+    }
+
+    fn ack_of(s: Settled) -> Option<AckToken> {
+        match s {
+            Settled::Message { ack, .. } => ack,
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_single_copy_acknowledges_its_message_when_settled() {
+        let (mut src, acks) = source_with(1);
+        let mut l = Ledger::default();
+        let t = l.forward(1, Some(acks[0]), Instant::now());
+        assert_eq!(t.clone().count(), 1);
+        assert_eq!(l.len(), 1);
+        assert!(
+            pubacks(&mut src).is_empty(),
+            "nothing acknowledged before the target"
+        );
+        src.ack(ack_of(l.settle(t.start)).unwrap());
+        assert_eq!(pubacks(&mut src), [1]);
+        assert!(l.is_empty());
+        assert_eq!(l.settle(t.start), Settled::Unknown, "settled once");
+    }
+
+    #[test]
+    fn a_fanned_out_message_is_acknowledged_after_its_last_copy() {
+        let (mut src, acks) = source_with(1);
+        let mut l = Ledger::default();
+        let tokens: Vec<Token> = l.forward(3, Some(acks[0]), Instant::now()).collect();
+        assert_eq!(l.settle(tokens[2]), Settled::Copy);
+        assert_eq!(l.settle(tokens[0]), Settled::Copy);
+        assert!(pubacks(&mut src).is_empty());
+        src.ack(ack_of(l.settle(tokens[1])).unwrap());
+        assert_eq!(pubacks(&mut src), [1]);
+    }
+
+    #[test]
+    fn acks_settled_out_of_order_go_to_the_source_in_arrival_order() {
+        let (mut src, acks) = source_with(3);
+        let mut l = Ledger::default();
+        let now = Instant::now();
+        let t: Vec<Token> = acks
+            .iter()
+            .map(|a| l.forward(1, Some(*a), now).start)
+            .collect();
+        src.ack(ack_of(l.settle(t[2])).unwrap());
+        src.ack(ack_of(l.settle(t[1])).unwrap());
+        assert!(pubacks(&mut src).is_empty(), "3 and 2 wait for 1");
+        src.ack(ack_of(l.settle(t[0])).unwrap());
+        assert_eq!(pubacks(&mut src), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_dropped_message_is_acknowledged_without_the_ledger_and_does_not_block_others() {
+        // A message a plugin dropped (or that was dead-lettered and its dead letter
+        // acknowledged) is handled: its ack goes straight to the source, in order.
+        let (mut src, acks) = source_with(2);
+        let mut l = Ledger::default();
+        let t = l.forward(1, Some(acks[1]), Instant::now());
+        src.ack(acks[0]);
+        assert_eq!(pubacks(&mut src), [1]);
+        src.ack(ack_of(l.settle(t.start)).unwrap());
+        assert_eq!(pubacks(&mut src), [2]);
+    }
+
+    #[test]
+    fn a_refused_copy_still_completes_its_group() {
+        let (mut src, acks) = source_with(1);
+        let mut l = Ledger::default();
+        let tokens: Vec<Token> = l.forward(2, Some(acks[0]), Instant::now()).collect();
+        // The target refused the first copy (e.g. not authorized): settled all the same.
+        assert_eq!(l.settle(tokens[0]), Settled::Copy);
+        src.ack(ack_of(l.settle(tokens[1])).unwrap());
+        assert_eq!(pubacks(&mut src), [1]);
+    }
+
+    #[test]
+    fn after_a_source_reconnect_old_acks_are_void_and_the_redelivery_is_acknowledged() {
+        let (mut src, acks) = source_with(1);
+        let mut l = Ledger::default();
+        let first = l.forward(1, Some(acks[0]), Instant::now());
+        // The source connection drops before the target acknowledged: the broker keeps the
+        // message and redelivers it on the next connection.
+        src.on_disconnect(false);
+        src.on_connack(&ConnAckInfo {
+            session_present: true,
+            ..Default::default()
+        })
+        .unwrap();
+        src.take_events();
+        src.on_incoming(Incoming::Publish {
+            pkid: 1,
+            dup: true,
+            msg: Message {
+                topic: "t".into(),
+                payload: Default::default(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Default::default(),
+            },
+        })
+        .unwrap();
+        let redelivered = match src.take_events().pop() {
+            Some(StateEvent::Message { ack: Some(a), .. }) => a,
+            other => panic!("{other:?}"),
+        };
+        let second = l.forward(1, Some(redelivered), Instant::now());
+        src.ack(ack_of(l.settle(first.start)).unwrap());
+        assert!(
+            pubacks(&mut src).is_empty(),
+            "the first connection's ack is void"
+        );
+        src.ack(ack_of(l.settle(second.start)).unwrap());
+        assert_eq!(
+            pubacks(&mut src),
+            [1],
+            "the redelivered copy is acknowledged"
+        );
+    }
+
+    #[test]
+    fn qos0_messages_carry_no_ack() {
+        let mut l = Ledger::default();
+        let t = l.forward(1, None, Instant::now());
+        assert!(matches!(
+            l.settle(t.start),
+            Settled::Message { ack: None, .. }
+        ));
+    }
+}

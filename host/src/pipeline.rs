@@ -1,0 +1,355 @@
+//! What a route does to one received message, without any I/O: the source filter check, loop
+//! prevention, the chain of plugin stages with the route's `onPluginError` policy, the QoS
+//! ceiling and the topic mapping. It returns the messages to publish (none: the message was
+//! handled and is acknowledged) and counts what it drops.
+//!
+//! A stage is anything implementing [`Stage`]: the WebAssembly plugin stage in production
+//! ([`crate::plugin::stage::Stage`]), fakes in tests.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tracing::{debug, error, warn};
+
+use crate::config::{OnPluginError, Route};
+use crate::counters::{DropReason, RouteCounters};
+use crate::model::{Message, Properties};
+use crate::plugin::stage::{Outcome, StageError};
+use crate::routing::{self, LoopGuard, LoopVerdict, Side};
+use crate::topic;
+
+/// User property carrying the plugin error on dead-lettered messages (MQTT 5).
+pub const ERROR_PROPERTY: &str = "edgebridge-error";
+
+/// One step of a route's chain: decides about a message going to `target`.
+pub trait Stage: Send {
+    /// Its name, for logs.
+    fn name(&self) -> &str;
+
+    /// Decides about `msg` (whose topic is the source topic), going to `target`.
+    fn run(
+        &mut self,
+        msg: &Message,
+        target: &str,
+    ) -> impl Future<Output = Result<Outcome, StageError>> + Send;
+}
+
+/// The route's logic for one route client.
+pub struct Pipeline<S> {
+    route: Route,
+    source: Side,
+    target: Side,
+    v5: bool,
+    /// This process's id in MQTT 5 loop marks.
+    bridge_id: Arc<str>,
+    /// MQTT 3.1.1 loop prevention, shared by the route clients of a connector.
+    guard: Arc<Mutex<LoopGuard>>,
+    stages: Vec<S>,
+}
+
+impl<S: Stage> Pipeline<S> {
+    /// The pipeline of `route` reading from `source` and writing to `target`.
+    pub fn new(
+        route: Route,
+        (source, target): (Side, Side),
+        v5: bool,
+        bridge_id: Arc<str>,
+        guard: Arc<Mutex<LoopGuard>>,
+        stages: Vec<S>,
+    ) -> Pipeline<S> {
+        Pipeline {
+            route,
+            source,
+            target,
+            v5,
+            bridge_id,
+            guard,
+            stages,
+        }
+    }
+
+    /// Decides about one received message: appends the messages to publish to `out` (empty:
+    /// handled, acknowledge it) and counts what is not forwarded in `counters`.
+    pub async fn process(
+        &mut self,
+        msg: Message,
+        out: &mut Vec<Message>,
+        counters: &RouteCounters,
+    ) {
+        let route = &self.route;
+        if !topic::matches(&route.source, &msg.topic) {
+            debug!(route = %route.name, topic = %msg.topic, "Message does not match the route's source; not forwarded");
+            counters.count_drop(DropReason::Unmatched);
+            return;
+        }
+        // MQTT 5 needs no shared state (the mark travels in the message): no lock, no clock.
+        let verdict = if self.v5 {
+            routing::check_via(&self.bridge_id, &msg)
+        } else {
+            self.guard
+                .lock()
+                .expect("loop guard lock")
+                .check(self.source, &msg, Instant::now())
+        };
+        if verdict != LoopVerdict::Forward {
+            debug!(route = %route.name, ?verdict, "Message not forwarded");
+            counters.count_drop(DropReason::Loop);
+            return;
+        }
+        // The route's QoS is a ceiling: a message goes on at the QoS it came with, at most.
+        let msg = Message {
+            qos: msg.qos.min(route.qos),
+            properties: if self.v5 {
+                msg.properties
+            } else {
+                Properties::default()
+            },
+            ..msg
+        };
+        let first = out.len();
+        if self.stages.is_empty() {
+            // Same-as-source routes keep the received topic string: no copy.
+            let topic = match &route.target {
+                Some(t) => t.clone(),
+                None => msg.topic,
+            };
+            out.push(Message { topic, ..msg });
+        } else {
+            let target = routing::target_topic(route, &msg.topic).to_string();
+            match run_chain(&mut self.stages, &msg, target.clone(), counters).await {
+                Ok(list) => out.extend(list),
+                Err(e) => {
+                    RouteCounters::add(&counters.plugin_errors);
+                    let e = crate::error::chain(&e);
+                    match &route.on_plugin_error {
+                        OnPluginError::Drop => {
+                            counters.count_drop(DropReason::PluginError);
+                            error!(route = %route.name, topic = %msg.topic, "{e}; message dropped (onPluginError: drop)");
+                        }
+                        OnPluginError::Pass => {
+                            warn!(route = %route.name, topic = %msg.topic, "{e}; forwarding the original (onPluginError: pass)");
+                            out.push(Message {
+                                topic: target,
+                                ..msg
+                            });
+                        }
+                        OnPluginError::DeadLetter(dlq) => {
+                            counters.count_drop(DropReason::DeadLettered);
+                            warn!(route = %route.name, topic = %msg.topic, dead_letter = %dlq, "{e}; message dead-lettered");
+                            let mut m = Message {
+                                topic: dlq.clone(),
+                                ..msg
+                            };
+                            if self.v5 {
+                                m.properties
+                                    .user_properties
+                                    .push((ERROR_PROPERTY.to_string(), e));
+                            }
+                            out.push(m);
+                        }
+                    }
+                }
+            }
+        }
+        // MQTT 5: the target session stamps the loop mark as it encodes.
+        if !self.v5 && out.len() > first {
+            let now = Instant::now();
+            let mut guard = self.guard.lock().expect("loop guard lock");
+            for m in &mut out[first..] {
+                m.properties = Properties::default();
+                guard.mark(self.target, m, now);
+            }
+        }
+    }
+}
+
+/// Runs the message through every stage. The message handed to each stage keeps the source
+/// topic; what it is going to is the `target` beside it.
+async fn run_chain<S: Stage>(
+    stages: &mut [S],
+    msg: &Message,
+    target: String,
+    counters: &RouteCounters,
+) -> Result<Vec<Message>, StageError> {
+    let mut current = vec![(msg.clone(), target)];
+    for stage in stages.iter_mut() {
+        let mut next = Vec::with_capacity(current.len());
+        for (m, target) in current {
+            match stage.run(&m, &target).await? {
+                Outcome::Pass => next.push((m, target)),
+                Outcome::Drop(reason) => {
+                    counters.count_drop(DropReason::Filtered);
+                    debug!(plugin = %stage.name(), topic = %m.topic, %reason, "Dropped by plugin");
+                }
+                Outcome::Emit(list) => {
+                    for e in list {
+                        let target = e.topic;
+                        next.push((
+                            Message {
+                                topic: m.topic.clone(),
+                                ..e
+                            },
+                            target,
+                        ));
+                    }
+                }
+            }
+        }
+        current = next;
+    }
+    Ok(current
+        .into_iter()
+        .map(|(m, target)| Message { topic: target, ..m })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Direction;
+    use crate::model::QoS;
+    use bytes::Bytes;
+    use std::time::Duration;
+
+    /// A stage that answers from a script.
+    struct Fake(Vec<Result<Outcome, StageError>>);
+
+    impl Stage for Fake {
+        fn name(&self) -> &str {
+            "fake"
+        }
+        async fn run(&mut self, _: &Message, _: &str) -> Result<Outcome, StageError> {
+            self.0.remove(0)
+        }
+    }
+
+    fn route(qos: QoS, target: Option<&str>, on_error: OnPluginError) -> Route {
+        Route {
+            name: "r".into(),
+            topic_map: "m".into(),
+            direction: Direction::LocalToRemote,
+            qos,
+            source: "a/#".into(),
+            target: target.map(str::to_string),
+            shared: None,
+            plugins: vec![],
+            on_plugin_error: on_error,
+            origin: crate::config::Origin {
+                file: "x".into(),
+                line: 1,
+            },
+        }
+    }
+
+    fn msg(topic: &str, qos: QoS) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"p"),
+            qos,
+            retain: false,
+            properties: Default::default(),
+        }
+    }
+
+    fn pipeline(r: Route, stages: Vec<Fake>) -> (Pipeline<Fake>, RouteCounters) {
+        let guard = Arc::new(Mutex::new(LoopGuard::new(Duration::from_secs(10), 100)));
+        (
+            Pipeline::new(
+                r,
+                (Side::Local, Side::Remote),
+                true,
+                "me".into(),
+                guard,
+                stages,
+            ),
+            RouteCounters::new("r", Direction::LocalToRemote, "c", "local", "remote"),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_route_qos_is_a_ceiling_not_a_setting() {
+        let (mut p, c) = pipeline(route(QoS::AtLeastOnce, None, OnPluginError::Drop), vec![]);
+        let mut out = vec![];
+        p.process(msg("a/x", QoS::AtMostOnce), &mut out, &c).await;
+        assert_eq!(
+            out[0].qos,
+            QoS::AtMostOnce,
+            "QoS 0 through a QoS 1 route stays 0"
+        );
+        let (mut p, c) = pipeline(route(QoS::AtMostOnce, None, OnPluginError::Drop), vec![]);
+        out.clear();
+        p.process(msg("a/x", QoS::AtLeastOnce), &mut out, &c).await;
+        assert_eq!(
+            out[0].qos,
+            QoS::AtMostOnce,
+            "QoS 1 through a QoS 0 route goes as 0"
+        );
+    }
+
+    #[tokio::test]
+    async fn unmatched_and_looped_messages_are_counted_not_forwarded() {
+        let (mut p, c) = pipeline(
+            route(QoS::AtLeastOnce, Some("t"), OnPluginError::Drop),
+            vec![],
+        );
+        let mut out = vec![];
+        p.process(msg("b/x", QoS::AtLeastOnce), &mut out, &c).await;
+        let mut looped = msg("a/x", QoS::AtLeastOnce);
+        looped
+            .properties
+            .user_properties
+            .push((routing::VIA_PROPERTY.into(), "me".into()));
+        p.process(looped, &mut out, &c).await;
+        assert!(out.is_empty());
+        assert_eq!(c.dropped(DropReason::Unmatched), 1);
+        assert_eq!(c.dropped(DropReason::Loop), 1);
+        p.process(msg("a/x", QoS::AtLeastOnce), &mut out, &c).await;
+        assert_eq!(out[0].topic, "t", "static target");
+    }
+
+    #[tokio::test]
+    async fn plugin_failures_follow_the_routes_policy() {
+        let fail = || {
+            Err(StageError::Returned {
+                plugin: "fake".into(),
+                message: "no".into(),
+            })
+        };
+        let mut out = vec![];
+        let (mut p, c) = pipeline(
+            route(QoS::AtLeastOnce, None, OnPluginError::Drop),
+            vec![Fake(vec![fail()])],
+        );
+        p.process(msg("a/x", QoS::AtLeastOnce), &mut out, &c).await;
+        assert!(out.is_empty());
+        assert_eq!(c.dropped(DropReason::PluginError), 1);
+        let (mut p, c) = pipeline(
+            route(
+                QoS::AtLeastOnce,
+                None,
+                OnPluginError::DeadLetter("dlq".into()),
+            ),
+            vec![Fake(vec![fail()])],
+        );
+        p.process(msg("a/x", QoS::AtLeastOnce), &mut out, &c).await;
+        assert_eq!(out[0].topic, "dlq");
+        assert!(
+            out[0].properties.user_properties[0]
+                .1
+                .contains("returned an error: no")
+        );
+        assert_eq!(c.dropped(DropReason::DeadLettered), 1);
+        out.clear();
+        let (mut p, c) = pipeline(
+            route(QoS::AtLeastOnce, None, OnPluginError::Pass),
+            vec![Fake(vec![fail(), Ok(Outcome::Drop("x".into()))])],
+        );
+        p.process(msg("a/x", QoS::AtLeastOnce), &mut out, &c).await;
+        assert_eq!(out[0].topic, "a/x", "the original, to its target");
+        out.clear();
+        p.process(msg("a/y", QoS::AtLeastOnce), &mut out, &c).await;
+        assert!(out.is_empty());
+        assert_eq!(c.dropped(DropReason::Filtered), 1);
+    }
+}
