@@ -352,6 +352,7 @@ impl Collector {
     pub async fn start(port: u16, client_id: &str, filter: &str, persistent: bool) -> Collector {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(Some(16 << 20));
         opts.set_clean_start(!persistent);
         if persistent {
             opts.set_session_expiry_interval(Some(3600));
@@ -561,6 +562,7 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 pub mod auth;
+pub mod faults;
 
 /// Source-document fixtures shipped in `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {

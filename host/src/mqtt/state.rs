@@ -137,8 +137,10 @@ struct Inflight {
     stage: Stage,
     /// Order of the first send (packet ids wrap; this does not).
     seq: u64,
-    /// Encoded size when last written; 0 while not written on this connection.
-    written: usize,
+    /// Written on this connection.
+    written: bool,
+    /// Encoded size when last written.
+    size: usize,
     /// Disconnects in a row right after it was the oldest publish written and unacknowledged.
     strikes: u32,
 }
@@ -342,22 +344,22 @@ impl SessionState {
         let suspect = self
             .inflight
             .iter()
-            .filter(|(_, e)| e.written > 0 && e.stage == Stage::Published)
+            .filter(|(_, e)| e.written && e.stage == Stage::Published)
             .min_by_key(|(_, e)| e.seq)
             .map(|(p, _)| *p);
         for (pkid, e) in self.inflight.iter_mut() {
             if right_after_send && Some(*pkid) == suspect {
                 e.strikes += 1;
-            } else if e.written > 0 {
+            } else if e.written {
                 e.strikes = 0;
             }
-            e.written = 0;
+            e.written = false;
         }
         if let Some(pkid) = suspect
             && self.inflight[&pkid].strikes >= POISON_STRIKES
         {
             let e = self.inflight.remove(&pkid).expect("suspect is inflight");
-            let size = encoded_size(&e.msg);
+            let size = e.size;
             if size > self.largest_delivered {
                 // Larger than anything the broker took: its size limit is the likely cause.
                 // Remember it, so the next such message is refused at once instead of costing
@@ -403,7 +405,8 @@ impl SessionState {
                         token,
                         stage: Stage::Published,
                         seq: self.next_seq,
-                        written: 0,
+                        written: false,
+                        size: 0,
                         strikes: 0,
                     },
                 );
@@ -442,7 +445,10 @@ impl SessionState {
                     match codec::encode_publish(
                         w.version, pkid, dup, &e.msg, w.buf, max_packet, w.stamp,
                     ) {
-                        Ok(()) => e.written = w.buf.len() - before,
+                        Ok(()) => {
+                            e.written = true;
+                            e.size = w.buf.len() - before;
+                        }
                         Err(CodecError::TooLarge { size, max }) => {
                             let e = self.inflight.remove(&pkid).expect("just found");
                             self.events.push(StateEvent::Undeliverable {
@@ -582,7 +588,7 @@ impl SessionState {
                     self.events.push(if code >= 0x80 {
                         StateEvent::Rejected(entry.token, code)
                     } else {
-                        self.largest_delivered = self.largest_delivered.max(entry.written);
+                        self.largest_delivered = self.largest_delivered.max(entry.size);
                         StateEvent::Delivered(entry.token)
                     });
                     self.pump();
@@ -604,7 +610,7 @@ impl SessionState {
             }
             Incoming::PubComp(pkid) => {
                 if let Some(entry) = self.inflight.remove(&pkid) {
-                    self.largest_delivered = self.largest_delivered.max(entry.written);
+                    self.largest_delivered = self.largest_delivered.max(entry.size);
                     self.events.push(StateEvent::Delivered(entry.token));
                     self.pump();
                 }
@@ -632,16 +638,6 @@ impl SessionState {
             Incoming::PingResp | Incoming::Other => {}
         }
         Ok(())
-    }
-}
-
-/// Size of a PUBLISH of `msg` on MQTT 5 without a stamp (an estimate for 3.1.1).
-fn encoded_size(msg: &Message) -> usize {
-    let mut buf = BytesMut::new();
-    match codec::encode_publish(Version::V5, 1, false, msg, &mut buf, None, None) {
-        Ok(()) => buf.len(),
-        Err(CodecError::TooLarge { size, .. }) => size,
-        Err(_) => msg.payload.len() + msg.topic.len(),
     }
 }
 

@@ -3,4 +3,5 @@
 mod auth;
 mod config;
 mod e2e;
+mod faults;
 mod plugins;
