@@ -213,6 +213,9 @@ pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, 
         .map(|l| l.registry.clone())
         .unwrap_or_default();
     let runtime = loaded.map(|l| {
+        for m in &l.missing {
+            warn!("{m}: the route waits for it, reading nothing from its source until it is there");
+        }
         tasks.push(l.registry.clone().watch(
             l.runtime.clone(),
             opts.plugins_dir.clone(),
@@ -276,11 +279,16 @@ pub struct LoadedPlugins {
     pub policies: Policies,
     /// Which routes use which plugin, with which config.
     pub uses: Uses,
+    /// Plugins a route names that are not in the folder ([`PluginError::Missing`]): not an
+    /// error, their routes wait for them (the folder is watched).
+    pub missing: Vec<PluginError>,
 }
 
 /// Loads the policies and every plugin the routes use, canary-testing each with every route
-/// config that uses it. Any problem is an error naming the file, plugin or route; `Ok(None)`
-/// when no route uses plugins.
+/// config that uses it. A file that is refused (not a component, wrong world, an import its
+/// policy does not grant, a config its `init` refuses...) is an error naming the file, plugin
+/// or route; a plugin that is not in the folder at all is not (see
+/// [`LoadedPlugins::missing`]). `Ok(None)` when no route uses plugins.
 pub async fn load_plugins(
     config: &Config,
     plugins_dir: &std::path::Path,
@@ -303,32 +311,32 @@ pub async fn load_plugins(
     let runtime = Runtime::new().map_err(BridgeError::Runtime)?;
     let registry = Arc::new(Registry::default());
     // Files in the folder that no route uses do not stop the bridge.
-    let mut errors: Vec<PluginError> = registry
+    let errors: Vec<PluginError> = registry
         .scan(&runtime, plugins_dir, &policies, &uses)
         .await
         .into_iter()
         .filter(|e| uses.contains_key(&e.plugin()))
         .collect();
-    let mut names: Vec<&String> = uses.keys().collect();
-    names.sort();
-    for plugin in names {
-        let already = errors.iter().any(|e| e.plugin() == *plugin);
-        if registry.current(plugin).is_none() && !already {
-            errors.push(PluginError::Missing {
-                route: uses[plugin][0].0.clone(),
-                plugin: plugin.clone(),
-                dir: plugins_dir.display().to_string(),
-            });
-        }
-    }
     if !errors.is_empty() {
         return Err(BridgeError::Plugins(errors));
     }
+    let mut names: Vec<&String> = uses.keys().collect();
+    names.sort();
+    let missing = names
+        .into_iter()
+        .filter(|plugin| registry.current(plugin).is_none())
+        .map(|plugin| PluginError::Missing {
+            route: uses[plugin][0].0.clone(),
+            plugin: plugin.clone(),
+            dir: plugins_dir.display().to_string(),
+        })
+        .collect();
     Ok(Some(LoadedPlugins {
         runtime,
         registry,
         policies,
         uses,
+        missing,
     }))
 }
 

@@ -42,11 +42,14 @@ pub enum DropReason {
     Unmatched,
     /// The source broker sent a topic name with wildcards or otherwise invalid.
     InvalidTopic,
+    /// MQTT 3.1.1: a retained message the source broker sent again because the bridge
+    /// subscribed again on a resumed session (already forwarded when it was new).
+    RetainedReplay,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Filtered,
         DropReason::PluginError,
         DropReason::DeadLettered,
@@ -57,6 +60,7 @@ impl DropReason {
         DropReason::Qos0Overflow,
         DropReason::Unmatched,
         DropReason::InvalidTopic,
+        DropReason::RetainedReplay,
     ];
 
     /// The metric label.
@@ -72,6 +76,7 @@ impl DropReason {
             DropReason::Qos0Overflow => "qos0_overflow",
             DropReason::Unmatched => "unmatched",
             DropReason::InvalidTopic => "invalid_topic",
+            DropReason::RetainedReplay => "retained_replay",
         }
     }
 
@@ -249,6 +254,8 @@ pub struct RouteCounters {
     pub last_progress_ms: AtomicU64,
     /// [`uptime_ms`] when messages started waiting (nothing in flight before).
     pub busy_since_ms: AtomicU64,
+    /// The plugin the route waits for (not loaded): it does not read its source meanwhile.
+    pub waiting_for_plugin: Mutex<Option<String>>,
 }
 
 impl RouteCounters {
@@ -275,6 +282,7 @@ impl RouteCounters {
             target: Arc::new(SessionCounters::new(target)),
             last_progress_ms: AtomicU64::new(0),
             busy_since_ms: AtomicU64::new(0),
+            waiting_for_plugin: Mutex::new(None),
         }
     }
 

@@ -304,14 +304,22 @@ fn main() -> ExitCode {
         Command::Check { files, plugin_dirs } => match files.load() {
             Ok(cfg) => {
                 let rt = tokio::runtime::Runtime::new().expect("runtime");
-                if let Err(e) = rt.block_on(edgebridge::bridge::load_plugins(
+                match rt.block_on(edgebridge::bridge::load_plugins(
                     &cfg,
                     &plugin_dirs.plugins_dir,
                     &plugin_dirs.policies_dir,
                 )) {
-                    eprintln!("{e}");
-                    eprintln!("Plugins or policies have problems.");
-                    return ExitCode::FAILURE;
+                    Err(e) => {
+                        eprintln!("{e}");
+                        eprintln!("Plugins or policies have problems.");
+                        return ExitCode::FAILURE;
+                    }
+                    Ok(Some(loaded)) => {
+                        for m in &loaded.missing {
+                            eprintln!("warning: {m} (the route will wait for it)");
+                        }
+                    }
+                    Ok(None) => {}
                 }
                 for c in &cfg.connectors {
                     println!(

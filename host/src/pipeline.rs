@@ -35,6 +35,21 @@ pub trait Stage: Send {
     ) -> impl Future<Output = Result<Outcome, StageError>> + Send;
 }
 
+/// What [`Pipeline::process`] did with a message.
+#[derive(Debug)]
+pub enum Processed {
+    /// Decided: the messages to publish are in `out` (none: handled, acknowledge it).
+    Done,
+    /// A plugin of the chain is not loaded: the message waits, as it is, for it to be; the
+    /// route reads nothing more meanwhile (nothing is lost, nothing overtakes it).
+    Hold {
+        /// The message, to process again later.
+        msg: Message,
+        /// The plugin waited for.
+        plugin: String,
+    },
+}
+
 /// The route's logic for one route client.
 pub struct Pipeline<S> {
     route: Route,
@@ -76,12 +91,12 @@ impl<S: Stage> Pipeline<S> {
         msg: Message,
         out: &mut Vec<Message>,
         counters: &RouteCounters,
-    ) {
+    ) -> Processed {
         let route = &self.route;
         if !topic::matches(&route.source, &msg.topic) {
             debug!(route = %route.name, topic = %msg.topic, "Message does not match the route's source; not forwarded");
             counters.count_drop(DropReason::Unmatched);
-            return;
+            return Processed::Done;
         }
         // MQTT 5 needs no shared state (the mark travels in the message): no lock, no clock.
         let verdict = if self.v5 {
@@ -95,7 +110,7 @@ impl<S: Stage> Pipeline<S> {
         if verdict != LoopVerdict::Forward {
             debug!(route = %route.name, ?verdict, "Message not forwarded");
             counters.count_drop(DropReason::Loop);
-            return;
+            return Processed::Done;
         }
         // The route's QoS is a ceiling: a message goes on at the QoS it came with, at most.
         let msg = Message {
@@ -119,6 +134,7 @@ impl<S: Stage> Pipeline<S> {
             let target = routing::target_topic(route, &msg.topic).to_string();
             match run_chain(&mut self.stages, &msg, target.clone(), counters).await {
                 Ok(list) => out.extend(list),
+                Err(StageError::Missing(plugin)) => return Processed::Hold { msg, plugin },
                 Err(e) => {
                     RouteCounters::add(&counters.plugin_errors);
                     let e = crate::error::chain(&e);
@@ -161,6 +177,7 @@ impl<S: Stage> Pipeline<S> {
                 guard.mark(self.target, m, now);
             }
         }
+        Processed::Done
     }
 }
 
@@ -306,6 +323,26 @@ mod tests {
         assert_eq!(c.dropped(DropReason::Loop), 1);
         p.process(msg("a/x", QoS::AtLeastOnce), &mut out, &c).await;
         assert_eq!(out[0].topic, "t", "static target");
+    }
+
+    #[tokio::test]
+    async fn a_missing_plugin_holds_the_message_as_it_is() {
+        let (mut p, c) = pipeline(
+            route(QoS::AtLeastOnce, None, OnPluginError::Drop),
+            vec![Fake(vec![Err(StageError::Missing("gone".into()))])],
+        );
+        let mut out = vec![];
+        let r = p.process(msg("a/x", QoS::AtLeastOnce), &mut out, &c).await;
+        assert!(
+            matches!(&r, Processed::Hold { msg, plugin } if msg.topic == "a/x" && plugin == "gone"),
+            "{r:?}"
+        );
+        assert!(out.is_empty());
+        assert_eq!(
+            c.dropped(DropReason::PluginError),
+            0,
+            "not an error: a wait"
+        );
     }
 
     #[tokio::test]

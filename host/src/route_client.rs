@@ -14,6 +14,7 @@
 //! down, say) reads again to shed QoS 0 messages, counted as `qos0_overflow`; QoS 1/2
 //! messages are never dropped: past twice the window the source is not read at all.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -27,14 +28,16 @@ use tracing::{error, info, warn};
 use crate::counters::{DropReason, RouteCounters, uptime_ms};
 use crate::delivery::{Ledger, Settled};
 use crate::model::{Message, QoS};
-use crate::mqtt::SubFilter;
 use crate::mqtt::link::{Link, LinkOptions};
 use crate::mqtt::state::{SessionState, StateEvent, Undeliverable};
-use crate::pipeline::{Pipeline, Stage};
+use crate::mqtt::{AckToken, SubFilter, Version};
+use crate::pipeline::{Pipeline, Processed, Stage};
 use crate::routing::RouteClient;
 
 /// How long a stalled route stops reading its source before it sheds QoS 0 messages.
 pub const QOS0_WAIT: Duration = Duration::from_millis(500);
+/// How often a route waiting for a plugin looks for it again.
+const HOLD_RETRY: Duration = Duration::from_millis(250);
 
 /// Everything a route client's task needs.
 pub struct RouteClientSetup<S> {
@@ -65,7 +68,7 @@ pub async fn run<S: Stage>(
         target,
         max_inflight,
         drain_timeout,
-        mut pipeline,
+        pipeline,
     } = setup;
     let max = max_inflight as usize;
     let mut src_state = SessionState::new(
@@ -75,11 +78,21 @@ pub async fn run<S: Stage>(
         }],
         max_inflight,
     );
-    let mut dst_state = SessionState::new(vec![], max_inflight);
-    let mut src = Link::new(source, counters.source.clone());
-    let mut dst = Link::new(target, counters.target.clone());
-    let mut ledger = Ledger::default();
-    let (mut events, mut out) = (Vec::new(), Vec::<Message>::new());
+    let mut c = Client {
+        v3: source.version == Version::V4,
+        plan,
+        pipeline,
+        counters,
+        ledger: Ledger::default(),
+        dst_state: SessionState::new(vec![], max_inflight),
+        out: Vec::new(),
+        held: VecDeque::new(),
+        retry_at: None,
+        src_resumed: false,
+    };
+    let mut src = Link::new(source, c.counters.source.clone());
+    let mut dst = Link::new(target, c.counters.target.clone());
+    let mut events = Vec::new();
     let mut stopping = *stop.borrow();
     let mut drain_at: Option<Instant> = stopping.then(|| Instant::now() + drain_timeout);
     let mut stalled_since: Option<Instant> = None;
@@ -87,14 +100,15 @@ pub async fn run<S: Stage>(
     tokio::pin!(wake);
     let mut wake_at: Option<Instant> = None;
     loop {
-        let room = ledger.len() < max;
+        let room = c.ledger.len() < max;
         let shedding = !room
-            && ledger.len() < 2 * max
+            && c.ledger.len() < 2 * max
             && stalled_since.is_some_and(|t| t.elapsed() >= QOS0_WAIT);
-        let read = !stopping && (room || shedding);
-        let want_wake = match (drain_at, stalled_since) {
-            (Some(d), _) => Some(d),
-            (None, Some(s)) if !room && !shedding => Some(s + QOS0_WAIT),
+        let read = !stopping && c.held.is_empty() && (room || shedding);
+        let want_wake = match (drain_at, c.retry_at, stalled_since) {
+            (Some(d), _, _) => Some(d),
+            (None, Some(r), _) => Some(r),
+            (None, None, Some(s)) if !room && !shedding => Some(s + QOS0_WAIT),
             _ => None,
         };
         if want_wake != wake_at {
@@ -105,7 +119,7 @@ pub async fn run<S: Stage>(
         }
         tokio::select! {
             () = poll_fn(|cx| {
-                let a = dst.poll(cx, &mut dst_state, true).is_ready();
+                let a = dst.poll(cx, &mut c.dst_state, true).is_ready();
                 let b = src.poll(cx, &mut src_state, read).is_ready();
                 if a || b { Poll::Ready(()) } else { Poll::Pending }
             }) => {}
@@ -118,98 +132,213 @@ pub async fn run<S: Stage>(
             () = &mut wake, if wake_at.is_some() => {}
         }
         // The target first: what it settled frees room and acknowledges the source.
-        dst_state.swap_events(&mut events);
+        c.dst_state.swap_events(&mut events);
         if !events.is_empty() {
             let now = std::time::Instant::now();
             let mut settled = false;
             for ev in events.drain(..) {
-                settled |= on_target_event(
-                    ev,
-                    &plan,
-                    &mut ledger,
-                    &mut src_state,
-                    &mut dst_state,
-                    &counters,
-                    now,
-                );
+                settled |= c.on_target_event(ev, &mut src_state, now);
             }
             if settled {
-                counters
+                c.counters
                     .last_progress_ms
                     .store(uptime_ms(), Ordering::Relaxed);
             }
         }
+        let was_idle = c.ledger.is_empty();
+        if !c.held.is_empty() && c.retry_at.is_none_or(|t| Instant::now() >= t) {
+            c.retry_held(&mut src_state).await;
+        }
         src_state.swap_events(&mut events);
         if !events.is_empty() {
-            let was_idle = ledger.is_empty();
             let now = std::time::Instant::now();
             for ev in events.drain(..) {
-                match ev {
-                    StateEvent::Message { msg, ack, dup } => {
-                        RouteCounters::add(&counters.received);
-                        if dup {
-                            RouteCounters::add(&counters.redelivered);
-                        }
-                        if shedding && msg.qos == QoS::AtMostOnce {
-                            counters.count_drop(DropReason::Qos0Overflow);
-                            continue;
-                        }
-                        pipeline.process(msg, &mut out, &counters).await;
-                        if out.is_empty() {
-                            // Handled (dropped or filtered): acknowledged at once.
-                            if let Some(ack) = ack {
-                                src_state.ack(ack);
-                            }
-                            continue;
-                        }
-                        let tokens = ledger.forward(out.len(), ack, now);
-                        for (m, token) in out.drain(..).zip(tokens) {
-                            dst_state.publish(m, token);
-                        }
-                    }
-                    StateEvent::Subscribed(result) => {
-                        for (filter, code) in result {
-                            if code >= 0x80 {
-                                error!(route = %plan.route.name, client_id = %plan.client_id, filter = %filter, "Source broker refused the subscription (code {code:#04x}); no messages flow on this client until it reconnects");
-                            } else {
-                                counters.source.subscribed.store(true, Ordering::Relaxed);
-                                info!(route = %plan.route.name, client_id = %plan.client_id, filter = %filter, granted_qos = code, "Subscribed");
-                            }
-                        }
-                    }
-                    StateEvent::InvalidTopic { topic, error } => {
-                        counters.count_drop(DropReason::InvalidTopic);
-                        warn!(route = %plan.route.name, client_id = %plan.client_id, side = counters.source.side, "The source broker sent a message to the invalid topic {topic:?} ({error}); acknowledged and dropped");
-                    }
-                    _ => {}
-                }
-            }
-            if was_idle && !ledger.is_empty() {
-                counters.busy_since_ms.store(uptime_ms(), Ordering::Relaxed);
+                c.on_source_event(ev, &mut src_state, shedding, now).await;
             }
         }
-        counters
+        if was_idle && !c.ledger.is_empty() {
+            c.counters
+                .busy_since_ms
+                .store(uptime_ms(), Ordering::Relaxed);
+        }
+        c.counters
             .in_flight
-            .store(ledger.len() as u64, Ordering::Relaxed);
-        stalled_since = match (ledger.len() < max, stalled_since) {
+            .store(c.ledger.len() as u64, Ordering::Relaxed);
+        stalled_since = match (c.ledger.len() < max, stalled_since) {
             (true, _) => None,
             (false, None) => Some(Instant::now()),
             (false, since) => since,
         };
         if stopping {
-            if ledger.is_empty() {
+            if c.ledger.is_empty() {
                 break;
             }
             if drain_at.is_some_and(|d| Instant::now() >= d) {
-                warn!(route = %plan.route.name, client_id = %plan.client_id, in_flight = ledger.len(), "Stopping: in-flight messages not acknowledged in time; the source broker redelivers them");
+                warn!(route = %c.plan.route.name, client_id = %c.plan.client_id, in_flight = c.ledger.len(), "Stopping: in-flight messages not acknowledged in time; the source broker redelivers them");
                 break;
             }
         }
     }
     // The acknowledgements of what settled, then DISCONNECT, on both sessions.
     src.close(&mut src_state).await;
-    dst.close(&mut dst_state).await;
-    counters.in_flight.store(0, Ordering::Relaxed);
+    dst.close(&mut c.dst_state).await;
+    c.counters.in_flight.store(0, Ordering::Relaxed);
+}
+
+/// A received message waiting for a plugin, with its acknowledgement and receipt time.
+type HeldMessage = (Message, Option<AckToken>, std::time::Instant);
+
+/// The state of a route client besides its two links and the source session.
+struct Client<S> {
+    plan: RouteClient,
+    pipeline: Pipeline<S>,
+    counters: Arc<RouteCounters>,
+    ledger: Ledger,
+    dst_state: SessionState,
+    /// Reused for the pipeline's output.
+    out: Vec<Message>,
+    /// Messages waiting for a plugin that is not loaded, in arrival order.
+    held: VecDeque<HeldMessage>,
+    /// When to look for the plugin again.
+    retry_at: Option<Instant>,
+    /// The source protocol is MQTT 3.1.1.
+    v3: bool,
+    /// The current source connection resumed a stored session.
+    src_resumed: bool,
+}
+
+impl<S: Stage> Client<S> {
+    async fn on_source_event(
+        &mut self,
+        ev: StateEvent,
+        src_state: &mut SessionState,
+        shedding: bool,
+        now: std::time::Instant,
+    ) {
+        let (route, client_id) = (&self.plan.route.name, &self.plan.client_id);
+        match ev {
+            StateEvent::Message { msg, ack, dup } => {
+                RouteCounters::add(&self.counters.received);
+                if dup {
+                    RouteCounters::add(&self.counters.redelivered);
+                }
+                if shedding && msg.qos == QoS::AtMostOnce {
+                    self.counters.count_drop(DropReason::Qos0Overflow);
+                } else if self.v3 && self.src_resumed && msg.retain {
+                    // MQTT 3.1.1 sets retain only on messages sent for a new subscription: on a
+                    // resumed session that is our SUBSCRIBE again, replaying what was
+                    // forwarded when it was new.
+                    self.counters.count_drop(DropReason::RetainedReplay);
+                    if let Some(ack) = ack {
+                        src_state.ack(ack);
+                    }
+                } else if !self.held.is_empty() {
+                    // Nothing overtakes a held message.
+                    self.held.push_back((msg, ack, now));
+                } else {
+                    self.process(msg, ack, now, src_state).await;
+                }
+            }
+            StateEvent::Connected { session_present } => self.src_resumed = session_present,
+            StateEvent::Subscribed(result) => {
+                for (filter, code) in result {
+                    if code >= 0x80 {
+                        error!(route = %route, client_id = %client_id, filter = %filter, "Source broker refused the subscription (code {code:#04x}); no messages flow on this client until it reconnects");
+                    } else {
+                        self.counters
+                            .source
+                            .subscribed
+                            .store(true, Ordering::Relaxed);
+                        info!(route = %route, client_id = %client_id, filter = %filter, granted_qos = code, "Subscribed");
+                    }
+                }
+            }
+            StateEvent::InvalidTopic { topic, error } => {
+                self.counters.count_drop(DropReason::InvalidTopic);
+                warn!(route = %route, client_id = %client_id, side = self.counters.source.side, "The source broker sent a message to the invalid topic {topic:?} ({error}); acknowledged and dropped");
+            }
+            _ => {}
+        }
+    }
+
+    /// Runs the pipeline on one message and forwards (or acknowledges) the result; holds the
+    /// message when a plugin of the chain is not loaded. False when it was held.
+    async fn process(
+        &mut self,
+        msg: Message,
+        ack: Option<AckToken>,
+        since: std::time::Instant,
+        src_state: &mut SessionState,
+    ) -> bool {
+        match self
+            .pipeline
+            .process(msg, &mut self.out, &self.counters)
+            .await
+        {
+            Processed::Done => {
+                if self.out.is_empty() {
+                    // Handled (dropped, filtered): acknowledged at once.
+                    if let Some(ack) = ack {
+                        src_state.ack(ack);
+                    }
+                } else {
+                    let tokens = self.ledger.forward(self.out.len(), ack, since);
+                    for (m, token) in self.out.drain(..).zip(tokens) {
+                        self.dst_state.publish(m, token);
+                    }
+                }
+                true
+            }
+            Processed::Hold { msg, plugin } => {
+                let mut waiting = self
+                    .counters
+                    .waiting_for_plugin
+                    .lock()
+                    .expect("counters lock");
+                if waiting.as_deref() != Some(plugin.as_str()) {
+                    warn!(route = %self.plan.route.name, client_id = %self.plan.client_id, plugin = %plugin, "The route waits for plugin \"{plugin}\", which is not loaded: it reads nothing from its source until the plugin is in the plugins folder (nothing is lost)");
+                    *waiting = Some(plugin);
+                }
+                self.held.push_front((msg, ack, since));
+                self.retry_at = Some(Instant::now() + HOLD_RETRY);
+                false
+            }
+        }
+    }
+
+    /// Processes the held messages in order, until one is held again.
+    async fn retry_held(&mut self, src_state: &mut SessionState) {
+        self.retry_at = None;
+        while let Some((msg, ack, since)) = self.held.pop_front() {
+            if !self.process(msg, ack, since, src_state).await {
+                return;
+            }
+        }
+        *self
+            .counters
+            .waiting_for_plugin
+            .lock()
+            .expect("counters lock") = None;
+        info!(route = %self.plan.route.name, client_id = %self.plan.client_id, "The plugins of the route are loaded: it reads its source again");
+    }
+
+    /// Handles one event of the target session; true when a message was settled.
+    fn on_target_event(
+        &mut self,
+        ev: StateEvent,
+        src_state: &mut SessionState,
+        now: std::time::Instant,
+    ) -> bool {
+        on_target_event(
+            ev,
+            &self.plan,
+            &mut self.ledger,
+            src_state,
+            &mut self.dst_state,
+            &self.counters,
+            now,
+        )
+    }
 }
 
 /// Handles one event of the target session; true when a message was settled.

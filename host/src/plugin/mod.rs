@@ -114,8 +114,8 @@ pub enum PluginError {
         /// Cause.
         message: String,
     },
-    /// A route names a plugin that is not loaded.
-    #[error("route \"{route}\" uses plugin \"{plugin}\", but {dir} has no loadable {plugin}.wasm")]
+    /// A route names a plugin that is not in the plugins folder.
+    #[error("route \"{route}\" uses plugin \"{plugin}\", but {dir} has no {plugin}.wasm")]
     Missing {
         /// Route.
         route: String,
@@ -822,7 +822,7 @@ impl Registry {
             if let Some(old) = self.plugins.write().expect("registry lock").remove(&name) {
                 self.changes.fetch_add(1, Ordering::AcqRel);
                 self.seen.lock().expect("seen lock").remove(&old.file);
-                warn!(plugin = %name, version = old.generation, "Plugin file removed: unloaded; routes using it apply their onPluginError policy");
+                warn!(plugin = %name, version = old.generation, "Plugin file removed: unloaded; routes using it wait for it (they read nothing from their source until it is back)");
             }
         }
         errors
