@@ -204,15 +204,15 @@ impl Policies {
             .collect();
         files.sort();
         for file in files {
-            let text = match std::fs::read_to_string(&file) {
+            let text = match crate::config::read_text(&file) {
                 Ok(t) => t,
-                Err(e) => {
+                Err(message) => {
                     errors.push(ConfigError {
                         file,
                         line: None,
                         document: None,
                         field: None,
-                        message: format!("cannot read file: {e}"),
+                        message,
                     });
                     continue;
                 }
@@ -402,7 +402,7 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
                                 cx.err(
                                     item.line,
                                     &ip,
-                                    format!("invalid topic filter \"{f}\": {e}"),
+                                    format!("invalid topic filter \"{}\": {e}", topic::shorten(&f)),
                                 );
                                 ok = false;
                             }

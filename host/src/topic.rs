@@ -111,6 +111,18 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// A topic (or any text from outside) for a message: at most 100 characters, longer ones cut
+/// with their length given, so that a 70,000-byte topic does not fill a log line.
+pub fn shorten(s: &str) -> String {
+    const MAX: usize = 100;
+    if s.chars().count() <= MAX {
+        s.to_string()
+    } else {
+        let head: String = s.chars().take(MAX).collect();
+        format!("{head}… ({} bytes)", s.len())
+    }
+}
+
 /// The filter to subscribe to for a shared subscription group.
 pub fn shared_filter(group: &str, filter: &str) -> String {
     format!("$share/{group}/{filter}")
@@ -119,6 +131,14 @@ pub fn shared_filter(group: &str, filter: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_text_is_shortened_with_its_length() {
+        assert_eq!(shorten("a/b"), "a/b");
+        let long = "x".repeat(70_000);
+        let s = shorten(&long);
+        assert!(s.ends_with("… (70000 bytes)") && s.len() < 130, "{s}");
+    }
 
     #[test]
     fn names_with_wildcards_are_rejected() {

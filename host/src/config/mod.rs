@@ -372,14 +372,14 @@ pub fn load(paths: &[PathBuf], opts: &LoadOptions) -> Result<Config, ConfigRepor
     }
     let mut sources = Vec::new();
     for file in files {
-        match std::fs::read_to_string(&file) {
+        match read_text(&file) {
             Ok(text) => sources.push((file, text)),
-            Err(e) => report.errors.push(ConfigError {
+            Err(message) => report.errors.push(ConfigError {
                 file,
                 line: None,
                 document: None,
                 field: None,
-                message: format!("cannot read file: {e}"),
+                message,
             }),
         }
     }
@@ -395,6 +395,31 @@ pub fn load(paths: &[PathBuf], opts: &LoadOptions) -> Result<Config, ConfigRepor
             Err(report)
         }
     }
+}
+
+/// Largest configuration or policy file read, bytes.
+pub const MAX_FILE_SIZE: u64 = 16 << 20;
+
+/// Reads a configuration or policy file: at most [`MAX_FILE_SIZE`] bytes of UTF-8 text.
+pub(crate) fn read_text(file: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let f = std::fs::File::open(file).map_err(|e| format!("cannot read file: {e}"))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read file: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(format!(
+            "the file is larger than {} MiB; refused",
+            MAX_FILE_SIZE >> 20
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "not UTF-8 text (invalid byte at offset {}); YAML files must be UTF-8",
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 fn collect_files(path: &Path, files: &mut Vec<PathBuf>, report: &mut ConfigReport) {

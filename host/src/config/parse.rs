@@ -871,7 +871,11 @@ fn read_route(cx: &mut Cx, node: &Node, path: &str, map: &str) -> Option<Route> 
             }
             Ok(()) => Some(s),
             Err(e) => {
-                cx.err(n.line, &p, format!("invalid topic filter \"{s}\": {e}"));
+                cx.err(
+                    n.line,
+                    &p,
+                    format!("invalid topic filter \"{}\": {e}", topic::shorten(&s)),
+                );
                 None
             }
         }
@@ -881,7 +885,11 @@ fn read_route(cx: &mut Cx, node: &Node, path: &str, map: &str) -> Option<Route> 
         Some((p, n)) => string(cx, (p.clone(), n)).and_then(|s| match topic::validate_name(&s) {
             Ok(()) => Some(Some(s)),
             Err(e) => {
-                cx.err(n.line, &p, format!("invalid target topic \"{s}\": {e}"));
+                cx.err(
+                    n.line,
+                    &p,
+                    format!("invalid target topic \"{}\": {e}", topic::shorten(&s)),
+                );
                 None
             }
         }),
@@ -973,7 +981,7 @@ fn read_route(cx: &mut Cx, node: &Node, path: &str, map: &str) -> Option<Route> 
                 cx.err(
                     n.line,
                     &p,
-                    format!("invalid dead-letter topic \"{s}\": {e}"),
+                    format!("invalid dead-letter topic \"{}\": {e}", topic::shorten(&s)),
                 );
                 None
             }
@@ -1036,6 +1044,8 @@ fn link(
             seen.insert(key, c.origin.clone());
         }
     }
+    // Route names per connector (a lookup per route: large files stay linear).
+    let mut route_names: HashMap<String, HashMap<String, usize>> = HashMap::new();
     for map in maps {
         let Some(c) = connectors.iter_mut().find(|c| c.name == map.connector_ref) else {
             if broken.contains(&map.connector_ref) {
@@ -1062,8 +1072,15 @@ fn link(
             });
             continue;
         };
+        let names = route_names.entry(c.name.clone()).or_insert_with(|| {
+            c.routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.name.clone(), i))
+                .collect()
+        });
         for route in map.routes {
-            if let Some(first) = c.routes.iter().find(|r| r.name == route.name) {
+            if let Some(first) = names.get(&route.name).map(|i| &c.routes[*i]) {
                 errors.push(ConfigError {
                     file: route.origin.file.clone(),
                     line: Some(route.origin.line),
@@ -1076,6 +1093,7 @@ fn link(
                 });
                 continue;
             }
+            names.insert(route.name.clone(), c.routes.len());
             c.routes.push(route);
         }
     }

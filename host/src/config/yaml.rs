@@ -98,6 +98,12 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+/// Most nodes that aliases may add to a file (each alias copies its anchored node): a
+/// "billion laughs" file of nested aliases is refused instead of growing without bound.
+pub const MAX_ALIAS_NODES: usize = 100_000;
+/// Deepest nesting of mappings and lists accepted.
+pub const MAX_DEPTH: usize = 64;
+
 /// Parses every document of a YAML stream. Empty documents are skipped.
 pub fn parse_documents(text: &str) -> Result<Vec<Node>, SyntaxError> {
     let mut builder = Builder::default();
@@ -117,8 +123,20 @@ pub fn parse_documents(text: &str) -> Result<Vec<Node>, SyntaxError> {
 struct Builder {
     docs: Vec<Node>,
     stack: Vec<Partial>,
-    anchors: Vec<(usize, Node)>,
+    /// Anchored nodes with their size in nodes.
+    anchors: Vec<(usize, Node, usize)>,
+    /// Nodes added by aliases so far.
+    alias_nodes: usize,
     error: Option<SyntaxError>,
+}
+
+/// Number of nodes in a tree.
+fn size(node: &Node) -> usize {
+    1 + match &node.kind {
+        NodeKind::Scalar { .. } => 0,
+        NodeKind::Seq(items) => items.iter().map(size).sum(),
+        NodeKind::Map(entries) => entries.iter().map(|(k, v)| size(k) + size(v)).sum(),
+    }
 }
 
 enum Partial {
@@ -140,14 +158,26 @@ impl Builder {
 
     fn remember(&mut self, anchor: usize, node: &Node) {
         if anchor > 0 {
-            self.anchors.push((anchor, node.clone()));
+            self.anchors.push((anchor, node.clone(), size(node)));
         }
+    }
+
+    fn fail(&mut self, mark: Marker, message: String) {
+        self.error.get_or_insert(SyntaxError {
+            line: mark.line(),
+            col: mark.col() + 1,
+            message,
+        });
     }
 }
 
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         let line = mark.line();
+        if self.error.is_some() {
+            // The file is refused: nothing more is built.
+            return;
+        }
         match ev {
             Event::Scalar(value, style, anchor, _tag) => {
                 let quoted = matches!(
@@ -160,6 +190,12 @@ impl MarkedEventReceiver for Builder {
                 };
                 self.remember(anchor, &node);
                 self.push_value(node);
+            }
+            Event::SequenceStart(..) | Event::MappingStart(..) if self.stack.len() >= MAX_DEPTH => {
+                self.fail(
+                    mark,
+                    format!("nested more than {MAX_DEPTH} levels deep; refused"),
+                );
             }
             Event::SequenceStart(anchor, _) => self.stack.push(Partial::Seq(line, anchor, vec![])),
             Event::MappingStart(anchor, _) => {
@@ -187,21 +223,20 @@ impl MarkedEventReceiver for Builder {
                 };
                 self.push_value(node);
             }
-            Event::Alias(id) => {
-                match self.anchors.iter().rev().find(|(a, _)| *a == id) {
-                    Some((_, node)) => {
-                        let node = node.clone();
-                        self.push_value(node);
-                    }
-                    None => {
-                        self.error.get_or_insert(SyntaxError {
-                            line,
-                            col: mark.col() + 1,
-                            message: "alias refers to an unknown anchor".into(),
-                        });
-                    }
-                };
-            }
+            Event::Alias(id) => match self.anchors.iter().rev().find(|(a, _, _)| *a == id) {
+                Some((_, _, n)) if self.alias_nodes + n > MAX_ALIAS_NODES => {
+                    let message = format!(
+                        "aliases expand to more than {MAX_ALIAS_NODES} nodes (nested anchors and aliases, a \"billion laughs\" file?); refused"
+                    );
+                    self.fail(mark, message);
+                }
+                Some((_, node, n)) => {
+                    let node = node.clone();
+                    self.alias_nodes += *n;
+                    self.push_value(node);
+                }
+                None => self.fail(mark, "alias refers to an unknown anchor".into()),
+            },
             Event::DocumentEnd => {
                 // A document that held only null/empty is dropped by the caller.
             }
@@ -253,6 +288,37 @@ mod tests {
         assert_eq!(
             to_json(&docs[0]).to_string(),
             r#"{"field":"severity","l":["a",1],"min":3,"n":null,"on":true,"q":"3","ratio":0.5}"#
+        );
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_quickly_with_bounded_memory() {
+        // 10 levels of 9 aliases each: 9^10 (3.5 billion) nodes if expanded. This one is 861
+        // bytes under an unknown key, as in the report.
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let p = i - 1;
+            text.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let started = std::time::Instant::now();
+        let err =
+            parse_documents(&format!("unknownKey:\n  {}", text.replace('\n', "\n  "))).unwrap_err();
+        assert!(
+            err.message.contains("aliases expand to more than"),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let text = format!("{}1{}", "[".repeat(500), "]".repeat(500));
+        let err = parse_documents(&text).unwrap_err();
+        assert!(
+            err.message.contains("nested more than 64 levels"),
+            "{err:?}"
         );
     }
 

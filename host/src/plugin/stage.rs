@@ -348,11 +348,12 @@ pub fn validate(
     }
     let mut out = Vec::with_capacity(emitted.len());
     for e in emitted {
-        topic::validate_name(&e.topic).map_err(|err| format!("topic \"{}\" {err}", e.topic))?;
+        topic::validate_name(&e.topic)
+            .map_err(|err| format!("topic \"{}\" {err}", topic::shorten(&e.topic)))?;
         if !policy.may_emit_to(&e.topic, &route.target_namespace) {
             return Err(format!(
                 "topic \"{}\" is outside what its policy allows (emitTopics: {})",
-                e.topic,
+                topic::shorten(&e.topic),
                 policy
                     .emit_topics
                     .join(", ")

@@ -393,3 +393,110 @@ fn an_endpoint_without_port_is_reported() {
     let yaml = CONNECTOR.replace("remote:8883", "remote");
     assert_one(&errors_of(&yaml), &[":8:", "endpoint", "no port"]);
 }
+
+/// Hostile or absurd configuration files are refused with a named error, quickly and with
+/// bounded memory: an alias bomb (even under an unknown key), deep nesting, a file over the
+/// size limit, bytes that are not UTF-8, tabs, absurd numbers, a 70,000-byte topic.
+#[test]
+fn hostile_configuration_files_get_named_errors() {
+    let mut bomb = String::from("lol0: &l0 [x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..10 {
+        let p = i - 1;
+        bomb.push_str(&format!(
+            "lol{i}: &l{i} [*l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}]\n"
+        ));
+    }
+    let bombed = CONNECTOR.replace(
+        "spec:\n",
+        &format!(
+            "  labels:\n{}spec:\n",
+            bomb.lines()
+                .map(|l| format!("    {l}\n"))
+                .collect::<String>()
+        ),
+    );
+    let started = std::time::Instant::now();
+    assert_one(
+        &errors_of(&bombed),
+        &[
+            "YAML syntax error",
+            "aliases expand to more than 100000 nodes",
+        ],
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "refused at once"
+    );
+
+    let deep = format!(
+        "{}---\nx: {}1{}\n",
+        CONNECTOR,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    assert_one(&errors_of(&deep), &["nested more than 64 levels deep"]);
+
+    assert_one(
+        &errors_of(&CONNECTOR.replace("    endpoint", "\tendpoint")),
+        &["YAML syntax error", "tab"],
+    );
+    assert_one(
+        &errors_of(&CONNECTOR.replace(
+            "  protocol: v5\n",
+            "  protocol: v5\n  bridgeInstances: 1000000\n",
+        )),
+        &[
+            "spec.bridgeInstances",
+            "1000000 is out of range; expected 1 to 1000",
+        ],
+    );
+    let long = "a".repeat(70_000);
+    let errors = errors_of(&with_routes(&format!(
+        "    - {{direction: local-to-remote, name: r, source: \"{long}\"}}\n"
+    )));
+    assert_one(
+        &errors,
+        &[
+            "spec.routes[0].source",
+            "(70000 bytes)",
+            "more than MQTT's 65535",
+        ],
+    );
+    assert!(
+        errors[0].len() < 400,
+        "the topic is not echoed in full: {} bytes",
+        errors[0].len()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("binary.yaml");
+    std::fs::write(&binary, b"apiVersion: \xff\xfe\n").unwrap();
+    let big = dir.path().join("big.yaml");
+    std::fs::write(&big, format!("# {}\n", "x".repeat(17 << 20))).unwrap();
+    let report = config::load(&[binary, big], &LoadOptions::default()).unwrap_err();
+    let text = report.to_string();
+    assert!(
+        text.contains("binary.yaml: not UTF-8 text (invalid byte at offset 12)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("big.yaml: the file is larger than 16 MiB; refused"),
+        "{text}"
+    );
+}
+
+/// Many routes load in one pass (route names are checked with a lookup, not a scan per route).
+#[test]
+fn ten_thousand_routes_load() {
+    let routes: String = (0..10_000)
+        .map(|i| format!("    - {{direction: local-to-remote, name: r{i}, source: \"t/{i}/#\"}}\n"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "many.yaml", &with_routes(&routes));
+    let cfg = load(&[path], &LoadOptions::default());
+    assert_eq!(cfg.connectors[0].routes.len(), 10_000);
+    let mut dup = routes.clone();
+    dup.push_str("    - {direction: local-to-remote, name: r5000, source: \"t/x\"}\n");
+    let errors = errors_of(&with_routes(&dup));
+    assert_one(&errors, &["route name \"r5000\" is already used"]);
+}
