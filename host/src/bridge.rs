@@ -1,7 +1,8 @@
 //! The one place that wires sessions to routes to plugins: for every route client this
 //! instance runs, its source and target connection settings, its pipeline (with the plugin
 //! stages) and its counters, handed to one [`route_client`] task; plus the embedded brokers,
-//! the plugin runtime and its folder watcher, and shutdown.
+//! the plugin runtime and its folder watcher, configuration reloads (applied as a
+//! difference: only what changed restarts), and shutdown.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -60,6 +61,9 @@ pub struct RunOptions {
     pub reload_interval: Duration,
     /// Where managed-identity tokens come from.
     pub identity: crate::credentials::IdentityOptions,
+    /// A route with messages in flight and none acknowledged for this long makes `/healthz`
+    /// fail.
+    pub stall_timeout: Duration,
 }
 
 impl Default for RunOptions {
@@ -78,11 +82,12 @@ impl Default for RunOptions {
             policies_dir: PathBuf::from(DEFAULT_POLICIES_DIR),
             reload_interval: Duration::from_secs(1),
             identity: crate::credentials::IdentityOptions::from_env(),
+            stall_timeout: Duration::from_secs(60),
         }
     }
 }
 
-/// Errors that stop the bridge from starting.
+/// Errors that stop the bridge from starting (or a reload from being applied).
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
     /// An embedded broker did not start.
@@ -109,35 +114,126 @@ pub enum BridgeError {
 
 /// A route client's running task.
 struct Running {
+    plan: RouteClient,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    counters: Arc<RouteCounters>,
+}
+
+/// The route clients of one connector, and what they share.
+struct ConnectorRun {
+    shared: Arc<Shared>,
+    clients: Vec<Running>,
+}
+
+/// The plugin runtime, once a route uses plugins.
+struct PluginHost {
+    runtime: Arc<Runtime>,
+    /// What the folder watcher canary-tests new files with.
+    config: watch::Sender<(Policies, Uses)>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// Route clients started (new routes).
+    pub started: Vec<String>,
+    /// Route clients restarted (their route or connector changed).
+    pub restarted: Vec<String>,
+    /// Route clients stopped (their route is gone).
+    pub stopped: Vec<String>,
+    /// Route clients left running untouched.
+    pub kept: usize,
+}
+
+impl std::fmt::Display for ReloadSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        write!(
+            f,
+            "started {}; restarted {}; stopped {}; {} unchanged",
+            list(&self.started),
+            list(&self.restarted),
+            list(&self.stopped),
+            self.kept
+        )
+    }
 }
 
 /// A started bridge.
 pub struct RunningBridge {
+    opts: RunOptions,
+    config: Config,
+    connectors: HashMap<String, ConnectorRun>,
+    plugin_host: Option<PluginHost>,
     stop: watch::Sender<bool>,
-    clients: Vec<Running>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Internal tasks (the plugin folder watcher), by name, for health.
+    background: Vec<(String, JoinHandle<()>)>,
+    /// Route clients being stopped (removed or replaced), until they finished.
+    retiring: Vec<JoinHandle<()>>,
     /// Live counters.
     pub stats: Arc<Stats>,
-    /// The route clients this instance runs.
-    pub route_clients: Vec<RouteClient>,
     /// The running plugin versions (empty when no route uses plugins).
     pub plugins: Arc<Registry>,
 }
 
 impl RunningBridge {
+    /// The route clients this instance runs.
+    pub fn route_clients(&self) -> Vec<RouteClient> {
+        let mut names: Vec<&String> = self.connectors.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .flat_map(|n| self.connectors[n].clients.iter().map(|c| c.plan.clone()))
+            .collect()
+    }
+
+    /// The configuration running now.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Internal tasks that ended although nothing asked them to; recorded in the counters.
+    pub fn check_tasks(&self) {
+        if *self.stop.borrow() {
+            return;
+        }
+        let mut dead: Vec<String> = self
+            .background
+            .iter()
+            .filter(|(_, t)| t.is_finished())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for c in self.connectors.values() {
+            for r in &c.clients {
+                if r.task.is_finished() && !*r.stop.borrow() {
+                    dead.push(format!("route client {}", r.plan.client_id));
+                }
+            }
+        }
+        *self.stats.dead_tasks.lock().expect("stats lock") = dead;
+    }
+
     /// Stops taking new messages, waits (up to the drain timeout) for in-flight ones to be
     /// acknowledged end to end, then disconnects every session.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        for c in &self.clients {
-            let _ = c.stop.send(true);
+        let mut tasks = Vec::new();
+        for (_, c) in self.connectors.drain() {
+            for r in c.clients {
+                let _ = r.stop.send(true);
+                tasks.push(r.task);
+            }
         }
-        for c in self.clients {
-            let _ = c.task.await;
-        }
-        for t in self.tasks {
+        tasks.append(&mut self.retiring);
+        tasks.extend(self.background.drain(..).map(|(_, t)| t));
+        for t in tasks {
             let _ = t.await;
         }
     }
@@ -145,10 +241,15 @@ impl RunningBridge {
     /// Ends every task and drops every connection at once without draining or acknowledging
     /// anything more, as a crash would (for tests of restarts).
     pub fn abort(self) {
-        for c in &self.clients {
-            c.task.abort();
+        for c in self.connectors.values() {
+            for r in &c.clients {
+                r.task.abort();
+            }
         }
-        for t in &self.tasks {
+        for t in &self.retiring {
+            t.abort();
+        }
+        for (_, t) in &self.background {
             t.abort();
         }
     }
@@ -164,136 +265,217 @@ impl RunningBridge {
         }
         self.stats.ready()
     }
-}
 
-/// Decides the instance index of this process for a connector.
-pub fn resolve_instance(connector: &Connector, requested: Option<u32>) -> Result<u32, BridgeError> {
-    let n = connector.bridge_instances;
-    let index = match requested {
-        Some(i) => i,
-        None if n == 1 => 0,
-        None => {
-            let host = hostname();
-            routing::ordinal_from_hostname(&host).ok_or_else(|| BridgeError::Instance {
-                connector: connector.name.clone(),
-                message: format!(
-                    "bridgeInstances is {n}: give --instance <0..{}> or run with a host name ending in -<index> (this host: \"{host}\")",
-                    n - 1
-                ),
-            })?
+    /// Applies a new configuration as a difference. Everything that can fail is checked
+    /// first (instance indices, embedded brokers, policies, every plugin a route uses, each
+    /// with every route configuration that uses it); on any problem nothing changes. Then:
+    /// routes that are new start; routes that are gone stop (they stop reading, finish what is
+    /// in flight, disconnect); routes whose settings changed, and every route of a connector
+    /// whose connection changed, restart (the old client finishes before the new one
+    /// connects, so they never share the client ID); all others keep running untouched.
+    pub async fn reload(&mut self, config: Config) -> Result<ReloadSummary, BridgeError> {
+        // Check.
+        let mut plans = Vec::new();
+        for connector in &config.connectors {
+            let index = resolve_instance(connector, self.opts.instance)?;
+            plans.push(routing::plan(connector, index, connector.bridge_instances));
         }
-    };
-    if index >= n {
-        return Err(BridgeError::Instance {
-            connector: connector.name.clone(),
-            message: format!("instance {index} is out of range for bridgeInstances {n}"),
-        });
-    }
-    Ok(index)
-}
-
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-/// Starts embedded brokers and every route client of every connector.
-pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, BridgeError> {
-    let (stop, stop_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
-    let stats = Arc::new(Stats::default());
-    let mut clients = Vec::new();
-    let mut route_clients = Vec::new();
-    let loaded = load_plugins(config, &opts.plugins_dir, &opts.policies_dir).await?;
-    let registry = loaded
-        .as_ref()
-        .map(|l| l.registry.clone())
-        .unwrap_or_default();
-    let runtime = loaded.map(|l| {
-        for m in &l.missing {
-            warn!("{m}: the route waits for it, reading nothing from its source until it is there");
-        }
-        tasks.push(l.registry.clone().watch(
-            l.runtime.clone(),
-            opts.plugins_dir.clone(),
-            l.policies,
-            l.uses,
-            opts.reload_interval,
-            stop_rx.clone(),
-        ));
-        l.runtime
-    });
-    for connector in &config.connectors {
-        for conn in [&connector.local, &connector.remote] {
-            if conn.endpoint.embedded {
-                let endpoint = conn.endpoint.clone();
-                let protocol = connector.protocol;
-                tokio::task::spawn_blocking(move || embedded::start(&endpoint, protocol))
-                    .await
-                    .expect("embedded broker start does not panic")?;
+        start_embedded(&config).await?;
+        let plugins = self.prepare_plugins(&config).await?;
+        // Apply.
+        let mut summary = ReloadSummary::default();
+        let mut old = std::mem::take(&mut self.connectors);
+        if let Some((host, uses, policies)) = plugins {
+            let _ = host.config.send((policies, uses));
+            if self.plugin_host.is_none() {
+                let rx = host.config.subscribe();
+                self.background.push((
+                    "plugin folder watcher".into(),
+                    self.plugins.clone().watch(
+                        host.runtime.clone(),
+                        self.opts.plugins_dir.clone(),
+                        rx,
+                        self.opts.reload_interval,
+                        self.stop.subscribe(),
+                    ),
+                ));
+                self.plugin_host = Some(host);
             }
         }
-        let index = resolve_instance(connector, opts.instance)?;
-        let planned = routing::plan(connector, index, connector.bridge_instances);
-        if connector.routes.is_empty() {
-            warn!(connector = %connector.name, "No MqttBridgeTopicMap references this connector; nothing to bridge");
+        for (connector, planned) in config.connectors.iter().zip(plans) {
+            let previous = old.remove(&connector.name);
+            let same_connection = previous
+                .as_ref()
+                .is_some_and(|p| same_connection(&p.shared.connector, connector));
+            let shared = match &previous {
+                Some(p) if same_connection => {
+                    let mut s = (*p.shared).clone();
+                    s.connector = connector.clone();
+                    s.plugins = self.plugin_runtime();
+                    Arc::new(s)
+                }
+                _ => Arc::new(Shared::new(connector, &self.opts, self.plugin_runtime())),
+            };
+            let mut running: HashMap<String, Running> = previous
+                .map(|p| {
+                    p.clients
+                        .into_iter()
+                        .map(|r| (r.plan.client_id.clone(), r))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if connector.routes.is_empty() {
+                warn!(connector = %connector.name, "No MqttBridgeTopicMap references this connector; nothing to bridge");
+            }
+            let mut clients = Vec::new();
+            for plan in planned {
+                match running.remove(&plan.client_id) {
+                    Some(r) if same_connection && same_route_client(&r.plan, &plan) => {
+                        summary.kept += 1;
+                        clients.push(r);
+                    }
+                    Some(r) => {
+                        summary.restarted.push(plan.client_id.clone());
+                        let predecessor = self.retire(r);
+                        clients.push(shared.spawn(plan, &self.stats, Some(predecessor)));
+                    }
+                    None => {
+                        summary.started.push(plan.client_id.clone());
+                        clients.push(shared.spawn(plan, &self.stats, None));
+                    }
+                }
+            }
+            for (id, r) in running {
+                summary.stopped.push(id);
+                let t = self.retire(r);
+                self.retiring.push(t);
+            }
+            self.connectors
+                .insert(connector.name.clone(), ConnectorRun { shared, clients });
         }
-        info!(
-            connector = %connector.name,
-            instance = index,
-            instances = connector.bridge_instances,
-            routes = connector.routes.len(),
-            clients = planned.len(),
-            "Starting"
-        );
-        let shared = Shared::new(
-            connector,
-            opts,
-            runtime.clone().map(|rt| (rt, registry.clone())),
-        );
-        for plan in planned {
-            route_clients.push(plan.clone());
-            clients.push(shared.spawn(plan, &stats));
+        for (_, gone) in old {
+            for r in gone.clients {
+                summary.stopped.push(r.plan.client_id.clone());
+                let t = self.retire(r);
+                self.retiring.push(t);
+            }
         }
+        self.retiring.retain(|t| !t.is_finished());
+        self.config = config;
+        Ok(summary)
     }
-    Ok(RunningBridge {
-        stop,
-        clients,
-        tasks,
-        stats,
-        route_clients,
-        plugins: registry,
-    })
+
+    fn plugin_runtime(&self) -> Option<(Arc<Runtime>, Arc<Registry>)> {
+        self.plugin_host
+            .as_ref()
+            .map(|h| (h.runtime.clone(), self.plugins.clone()))
+    }
+
+    /// Stops a route client; the returned task ends when it has drained and disconnected
+    /// (and its counters are gone).
+    fn retire(&self, r: Running) -> JoinHandle<()> {
+        let _ = r.stop.send(true);
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            let _ = r.task.await;
+            stats.unregister(&r.counters);
+        })
+    }
+
+    /// Loads what the plugins of `config` need and canary-tests every (plugin, route
+    /// config) the current one does not already run; `None` when no route uses plugins.
+    async fn prepare_plugins(
+        &self,
+        config: &Config,
+    ) -> Result<Option<(PluginHost, Uses, Policies)>, BridgeError> {
+        let uses = plugin_uses(config);
+        if uses.is_empty() {
+            return Ok(None);
+        }
+        let policies =
+            Policies::load_dir(&self.opts.policies_dir).map_err(BridgeError::Policies)?;
+        let runtime = match &self.plugin_host {
+            Some(h) => h.runtime.clone(),
+            None => Runtime::new().map_err(BridgeError::Runtime)?,
+        };
+        let old = plugin_uses(&self.config);
+        let errors: Vec<PluginError> = self
+            .plugins
+            .scan(&runtime, &self.opts.plugins_dir, &policies, &uses)
+            .await
+            .into_iter()
+            .filter(|e| uses.contains_key(&e.plugin()))
+            .collect();
+        if !errors.is_empty() {
+            return Err(BridgeError::Plugins(errors));
+        }
+        let mut errors = Vec::new();
+        for (plugin, list) in &uses {
+            let Some(loaded) = self.plugins.current(plugin) else {
+                warn!(
+                    "{}",
+                    PluginError::Missing {
+                        route: list[0].0.clone(),
+                        plugin: plugin.clone(),
+                        dir: self.opts.plugins_dir.display().to_string(),
+                    }
+                );
+                continue;
+            };
+            for (route, cfg) in list {
+                let known = old
+                    .get(plugin)
+                    .is_some_and(|l| l.iter().any(|(r, c)| r == route && c == cfg));
+                if !known && let Err(e) = runtime.instantiate(&loaded, route, cfg).await {
+                    errors.push(e);
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(BridgeError::Plugins(errors));
+        }
+        let host = match &self.plugin_host {
+            Some(h) => PluginHost {
+                runtime: h.runtime.clone(),
+                config: h.config.clone(),
+            },
+            None => PluginHost {
+                runtime,
+                config: watch::channel((policies.clone(), uses.clone())).0,
+            },
+        };
+        Ok(Some((host, uses, policies)))
+    }
 }
 
-/// Policies, runtime and loaded plugins of a configuration whose routes use plugins.
-pub struct LoadedPlugins {
-    /// The engine.
-    pub runtime: Arc<Runtime>,
-    /// The running versions.
-    pub registry: Arc<Registry>,
-    /// The policies they were checked against.
-    pub policies: Policies,
-    /// Which routes use which plugin, with which config.
-    pub uses: Uses,
-    /// Plugins a route names that are not in the folder ([`PluginError::Missing`]): not an
-    /// error, their routes wait for them (the folder is watched).
-    pub missing: Vec<PluginError>,
+/// Whether two connectors connect the same way (a difference restarts all their routes).
+fn same_connection(a: &Connector, b: &Connector) -> bool {
+    a.protocol == b.protocol
+        && a.client_id_prefix == b.client_id_prefix
+        && a.bridge_instances == b.bridge_instances
+        && a.local == b.local
+        && a.remote == b.remote
 }
 
-/// Loads the policies and every plugin the routes use, canary-testing each with every route
-/// config that uses it. A file that is refused (not a component, wrong world, an import its
-/// policy does not grant, a config its `init` refuses...) is an error naming the file, plugin
-/// or route; a plugin that is not in the folder at all is not (see
-/// [`LoadedPlugins::missing`]). `Ok(None)` when no route uses plugins.
-pub async fn load_plugins(
-    config: &Config,
-    plugins_dir: &std::path::Path,
-    policies_dir: &std::path::Path,
-) -> Result<Option<LoadedPlugins>, BridgeError> {
+/// Whether a route client would run the same way (its place in the files aside).
+fn same_route_client(a: &RouteClient, b: &RouteClient) -> bool {
+    let (ra, rb) = (&a.route, &b.route);
+    a.subscription == b.subscription
+        && a.source == b.source
+        && a.target == b.target
+        && a.share_index == b.share_index
+        && ra.name == rb.name
+        && ra.direction == rb.direction
+        && ra.qos == rb.qos
+        && ra.source == rb.source
+        && ra.target == rb.target
+        && ra.shared == rb.shared
+        && ra.plugins == rb.plugins
+        && ra.on_plugin_error == rb.on_plugin_error
+}
+
+/// Which routes use which plugin, with which config.
+fn plugin_uses(config: &Config) -> Uses {
     let mut uses: Uses = HashMap::new();
     for c in &config.connectors {
         for r in &c.routes {
@@ -304,6 +486,73 @@ pub async fn load_plugins(
             }
         }
     }
+    uses
+}
+
+/// Starts the embedded brokers `config` names that are not running yet.
+async fn start_embedded(config: &Config) -> Result<(), BridgeError> {
+    for connector in &config.connectors {
+        for conn in [&connector.local, &connector.remote] {
+            if conn.endpoint.embedded {
+                let endpoint = conn.endpoint.clone();
+                let protocol = connector.protocol;
+                tokio::task::spawn_blocking(move || embedded::start(&endpoint, protocol))
+                    .await
+                    .expect("embedded broker start does not panic")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts embedded brokers and every route client of every connector.
+pub async fn start(config: &Config, opts: &RunOptions) -> Result<RunningBridge, BridgeError> {
+    let mut bridge = RunningBridge {
+        opts: opts.clone(),
+        config: Config {
+            connectors: Vec::new(),
+        },
+        connectors: HashMap::new(),
+        plugin_host: None,
+        stop: watch::channel(false).0,
+        background: Vec::new(),
+        retiring: Vec::new(),
+        stats: Arc::new(Stats::default()),
+        plugins: Arc::new(Registry::default()),
+    };
+    let summary = bridge.reload(config.clone()).await?;
+    for connector in &config.connectors {
+        info!(
+            connector = %connector.name,
+            instances = connector.bridge_instances,
+            routes = connector.routes.len(),
+            "Started"
+        );
+    }
+    tracing::debug!("{summary}");
+    Ok(bridge)
+}
+
+/// Policies, runtime and loaded plugins of a configuration whose routes use plugins.
+pub struct LoadedPlugins {
+    /// The running versions.
+    pub registry: Arc<Registry>,
+    /// Plugins a route names that are not in the folder ([`PluginError::Missing`]): not an
+    /// error, their routes wait for them (the folder is watched).
+    pub missing: Vec<PluginError>,
+}
+
+/// Loads the policies and every plugin the routes use, canary-testing each with every route
+/// config that uses it (what `check` does). A file that is refused (not a component, wrong
+/// world, an import its policy does not grant, a config its `init` refuses...) is an error
+/// naming the file, plugin or route; a plugin that is not in the folder at all is not (see
+/// [`LoadedPlugins::missing`]). `Ok(None)` when no route uses plugins.
+pub async fn load_plugins(
+    config: &Config,
+    plugins_dir: &std::path::Path,
+    policies_dir: &std::path::Path,
+) -> Result<Option<LoadedPlugins>, BridgeError> {
+    let uses = plugin_uses(config);
     if uses.is_empty() {
         return Ok(None);
     }
@@ -331,13 +580,7 @@ pub async fn load_plugins(
             dir: plugins_dir.display().to_string(),
         })
         .collect();
-    Ok(Some(LoadedPlugins {
-        runtime,
-        registry,
-        policies,
-        uses,
-        missing,
-    }))
+    Ok(Some(LoadedPlugins { registry, missing }))
 }
 
 /// Runs until `shutdown` completes, then drains and stops.
@@ -355,6 +598,7 @@ pub async fn run(
 
 /// What the route clients of one connector share: connection settings, credentials (one
 /// token fetch serves every session of a broker side), loop prevention and the plugins.
+#[derive(Clone)]
 struct Shared {
     connector: Connector,
     local: Arc<BrokerConnection>,
@@ -401,8 +645,14 @@ impl Shared {
         }
     }
 
-    /// Starts the task of one route client.
-    fn spawn(&self, plan: RouteClient, stats: &Stats) -> Running {
+    /// Starts the task of one route client (after `predecessor`, the client it replaces
+    /// under the same client ID, has finished).
+    fn spawn(
+        &self,
+        plan: RouteClient,
+        stats: &Stats,
+        predecessor: Option<JoinHandle<()>>,
+    ) -> Running {
         let v5 = self.connector.protocol == Protocol::V5;
         let opts = &self.opts;
         let route = &plan.route;
@@ -466,6 +716,7 @@ impl Shared {
                                 .clone()
                                 .unwrap_or_else(|| route.source.clone()),
                         },
+                        stats.plugin(&p.name, &route.name),
                     )
                 })
                 .collect(),
@@ -489,14 +740,59 @@ impl Shared {
         stats.register(counters.clone());
         let (stop, stop_rx) = watch::channel(false);
         let setup = RouteClientSetup {
-            plan,
+            plan: plan.clone(),
             source,
             target,
             max_inflight: opts.max_inflight,
             drain_timeout: opts.drain_timeout,
             pipeline,
         };
-        let task = tokio::spawn(route_client::run(setup, counters, stop_rx));
-        Running { stop, task }
+        let c = counters.clone();
+        let task = tokio::spawn(async move {
+            if let Some(p) = predecessor {
+                let _ = p.await;
+            }
+            route_client::run(setup, c, stop_rx).await
+        });
+        Running {
+            plan,
+            stop,
+            task,
+            counters,
+        }
     }
+}
+
+/// Decides the instance index of this process for a connector.
+pub fn resolve_instance(connector: &Connector, requested: Option<u32>) -> Result<u32, BridgeError> {
+    let n = connector.bridge_instances;
+    let index = match requested {
+        Some(i) => i,
+        None if n == 1 => 0,
+        None => {
+            let host = hostname();
+            routing::ordinal_from_hostname(&host).ok_or_else(|| BridgeError::Instance {
+                connector: connector.name.clone(),
+                message: format!(
+                    "bridgeInstances is {n}: give --instance <0..{}> or run with a host name ending in -<index> (this host: \"{host}\")",
+                    n - 1
+                ),
+            })?
+        }
+    };
+    if index >= n {
+        return Err(BridgeError::Instance {
+            connector: connector.name.clone(),
+            message: format!("instance {index} is out of range for bridgeInstances {n}"),
+        });
+    }
+    Ok(index)
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }

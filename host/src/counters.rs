@@ -85,43 +85,78 @@ impl DropReason {
     }
 }
 
-/// Upper bounds of the latency histogram buckets, seconds (`+Inf` is implied).
+/// Upper bounds of the forward-latency histogram buckets, seconds (`+Inf` is implied).
 pub const LATENCY_BUCKETS: [f64; 16] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 10.0,
 ];
 
+/// Upper bounds of the plugin-call histogram buckets, seconds (`+Inf` is implied).
+pub const CALL_BUCKETS: [f64; 16] = [
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002_5,
+    0.005,
+    0.01,
+    0.025,
+    0.1,
+    1.0,
+];
+
 /// A histogram of durations with fixed buckets: an observation is three relaxed adds.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Histogram {
-    /// Counts per bucket of [`LATENCY_BUCKETS`] (not cumulative), then the `+Inf` bucket.
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    bounds: &'static [f64],
+    /// Counts per bucket (not cumulative), then the `+Inf` bucket.
+    buckets: Vec<AtomicU64>,
     sum_nanos: AtomicU64,
     count: AtomicU64,
 }
 
 impl Histogram {
+    /// A histogram with these bucket bounds (seconds, ascending).
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_nanos: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
     /// Records one duration.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let i = LATENCY_BUCKETS
+        let i = self
+            .bounds
             .iter()
             .position(|b| secs <= *b)
-            .unwrap_or(LATENCY_BUCKETS.len());
+            .unwrap_or(self.bounds.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_nanos
             .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// (cumulative counts per bucket bound, sum in seconds, count).
+    /// (count per bucket, not cumulative, by upper bound with `f64::MAX` for `+Inf`; sum in
+    /// seconds; count).
     pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
-        let mut total = 0;
-        let mut out = Vec::with_capacity(LATENCY_BUCKETS.len());
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            total += self.buckets[i].load(Ordering::Relaxed);
-            out.push((*bound, total));
-        }
+        let out = self
+            .bounds
+            .iter()
+            .copied()
+            .chain([f64::MAX])
+            .zip(&self.buckets)
+            .map(|(b, c)| (b, c.load(Ordering::Relaxed)))
+            .collect();
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
         (out, sum, self.count.load(Ordering::Relaxed))
     }
@@ -277,7 +312,7 @@ impl RouteCounters {
             redelivered: AtomicU64::new(0),
             plugin_errors: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
-            latency: Histogram::default(),
+            latency: Histogram::new(&LATENCY_BUCKETS),
             source: Arc::new(SessionCounters::new(source)),
             target: Arc::new(SessionCounters::new(target)),
             last_progress_ms: AtomicU64::new(0),
@@ -365,10 +400,117 @@ impl std::ops::Add for Counts {
     }
 }
 
-/// Every route client this process runs (clients come and go with configuration reloads).
+/// What a plugin call ended in; the `outcome` label of `edgebridge_plugin_calls_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// Forward unchanged (a filter's `true`, a mapper's `pass`).
+    Pass,
+    /// Drop (a filter's `false`, a mapper's `drop`).
+    Drop,
+    /// Emit messages.
+    Emit,
+    /// The plugin returned an error.
+    Error,
+    /// The call trapped (panic, time budget, memory limit).
+    Trap,
+    /// The decision broke the policy or the route's limits.
+    Refused,
+    /// Not called: the circuit breaker is open.
+    BreakerOpen,
+    /// Its instance could not be started.
+    StartFailed,
+}
+
+impl CallOutcome {
+    /// Every outcome, in label order.
+    pub const ALL: [CallOutcome; 8] = [
+        CallOutcome::Pass,
+        CallOutcome::Drop,
+        CallOutcome::Emit,
+        CallOutcome::Error,
+        CallOutcome::Trap,
+        CallOutcome::Refused,
+        CallOutcome::BreakerOpen,
+        CallOutcome::StartFailed,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Pass => "pass",
+            CallOutcome::Drop => "drop",
+            CallOutcome::Emit => "emit",
+            CallOutcome::Error => "error",
+            CallOutcome::Trap => "trap",
+            CallOutcome::Refused => "refused",
+            CallOutcome::BreakerOpen => "breaker_open",
+            CallOutcome::StartFailed => "start_failed",
+        }
+    }
+}
+
+/// Counters of one plugin on one route (shared by the route's clients).
+#[derive(Debug)]
+pub struct PluginCounters {
+    /// Plugin name.
+    pub plugin: String,
+    /// Route name.
+    pub route: String,
+    calls: [AtomicU64; CallOutcome::ALL.len()],
+    /// Duration of each call that ran.
+    pub duration: Histogram,
+    /// Whether the circuit breaker of a stage is open now (gauge, 0/1).
+    pub breaker_open: AtomicU64,
+}
+
+impl PluginCounters {
+    /// Counters for `plugin` on `route` (a running bridge keeps them in [`Stats::plugin`]).
+    pub fn new(plugin: &str, route: &str) -> PluginCounters {
+        PluginCounters {
+            plugin: plugin.to_string(),
+            route: route.to_string(),
+            calls: Default::default(),
+            duration: Histogram::new(&CALL_BUCKETS),
+            breaker_open: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one call.
+    pub fn call(&self, outcome: CallOutcome) {
+        self.calls[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls with `outcome` so far.
+    pub fn calls(&self, outcome: CallOutcome) -> u64 {
+        self.calls[outcome as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// The outcome of the last configuration reload.
+#[derive(Debug, Clone)]
+pub struct ReloadOutcome {
+    /// When it happened.
+    pub at: SystemTime,
+    /// Every problem found (empty: applied).
+    pub errors: Vec<String>,
+    /// What changed: routes started, restarted, stopped.
+    pub summary: String,
+}
+
+/// Everything this process counts: its route clients (which come and go with configuration
+/// reloads), their plugins, configuration reloads, and its internal tasks.
 #[derive(Debug, Default)]
 pub struct Stats {
     clients: RwLock<Vec<Arc<RouteCounters>>>,
+    plugins: RwLock<Vec<Arc<PluginCounters>>>,
+    /// Reloads applied (including ones that changed nothing).
+    pub reloads_ok: AtomicU64,
+    /// Reloads refused (the configuration had problems; nothing changed).
+    pub reloads_failed: AtomicU64,
+    /// The last reload.
+    pub last_reload: Mutex<Option<ReloadOutcome>>,
+    /// Internal tasks that ended although nothing asked them to (a failure of the process).
+    pub dead_tasks: Mutex<Vec<String>>,
 }
 
 impl Stats {
@@ -388,6 +530,22 @@ impl Stats {
     /// Every route client, in start order.
     pub fn clients(&self) -> Vec<Arc<RouteCounters>> {
         self.clients.read().expect("stats lock").clone()
+    }
+
+    /// The counters of `plugin` on `route` (created on first use, shared afterwards).
+    pub fn plugin(&self, plugin: &str, route: &str) -> Arc<PluginCounters> {
+        let mut all = self.plugins.write().expect("stats lock");
+        if let Some(p) = all.iter().find(|p| p.plugin == plugin && p.route == route) {
+            return p.clone();
+        }
+        let p = Arc::new(PluginCounters::new(plugin, route));
+        all.push(p.clone());
+        p
+    }
+
+    /// Every plugin's counters.
+    pub fn plugins(&self) -> Vec<Arc<PluginCounters>> {
+        self.plugins.read().expect("stats lock").clone()
     }
 
     /// Sum over the clients of `route` (zero if this process runs none of them).
@@ -425,8 +583,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_histogram_is_cumulative_with_sum_and_count() {
-        let h = Histogram::default();
+    fn the_histogram_counts_per_bucket_with_sum_and_count() {
+        let h = Histogram::new(&LATENCY_BUCKETS);
         h.observe(Duration::from_micros(40));
         h.observe(Duration::from_micros(300));
         h.observe(Duration::from_secs(60));
@@ -434,8 +592,13 @@ mod tests {
         assert_eq!(count, 3);
         assert!((sum - 60.00034).abs() < 1e-6, "{sum}");
         assert_eq!(buckets[0], (0.000_05, 1));
-        assert_eq!(buckets[3], (0.000_5, 2));
-        assert_eq!(buckets.last().unwrap().1, 2, "60 s is only in +Inf");
+        assert_eq!(buckets[3], (0.000_5, 1));
+        assert_eq!(buckets.len(), LATENCY_BUCKETS.len() + 1);
+        assert_eq!(
+            *buckets.last().unwrap(),
+            (f64::MAX, 1),
+            "60 s is in +Inf only"
+        );
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub enum Processed {
     /// route reads nothing more meanwhile (nothing is lost, nothing overtakes it).
     Hold {
         /// The message, to process again later.
-        msg: Message,
+        msg: Box<Message>,
         /// The plugin waited for.
         plugin: String,
     },
@@ -134,7 +134,12 @@ impl<S: Stage> Pipeline<S> {
             let target = routing::target_topic(route, &msg.topic).to_string();
             match run_chain(&mut self.stages, &msg, target.clone(), counters).await {
                 Ok(list) => out.extend(list),
-                Err(StageError::Missing(plugin)) => return Processed::Hold { msg, plugin },
+                Err(StageError::Missing(plugin)) => {
+                    return Processed::Hold {
+                        msg: Box::new(msg),
+                        plugin,
+                    };
+                }
                 Err(e) => {
                     RouteCounters::add(&counters.plugin_errors);
                     let e = crate::error::chain(&e);

@@ -299,7 +299,7 @@ impl<S: Stage> Client<S> {
                     warn!(route = %self.plan.route.name, client_id = %self.plan.client_id, plugin = %plugin, "The route waits for plugin \"{plugin}\", which is not loaded: it reads nothing from its source until the plugin is in the plugins folder (nothing is lost)");
                     *waiting = Some(plugin);
                 }
-                self.held.push_front((msg, ack, since));
+                self.held.push_front((*msg, ack, since));
                 self.retry_at = Some(Instant::now() + HOLD_RETRY);
                 false
             }

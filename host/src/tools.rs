@@ -230,7 +230,8 @@ pub async fn plugin_test(t: &PluginTest) -> Result<(), String> {
         qos: QoS::AtLeastOnce,
         target_namespace: t.target.clone().unwrap_or_else(|| t.source.clone()),
     };
-    let mut stage = Stage::new(runtime, registry, &name, &t.config, route);
+    let counters = std::sync::Arc::new(crate::counters::PluginCounters::new(&name, "test"));
+    let mut stage = Stage::new(runtime, registry, &name, &t.config, route, counters);
     let msg = Message {
         topic: t.topic.clone(),
         payload: Bytes::from(t.payload.clone()),

@@ -143,7 +143,16 @@ fn plugin_calls(c: &mut Criterion) {
                 r#"{"envelope":true}"#,
             ),
         ] {
-            let mut stage = Stage::new(runtime.clone(), registry.clone(), plugin, config, route());
+            let counters =
+                std::sync::Arc::new(edgebridge::counters::PluginCounters::new(plugin, "bench"));
+            let mut stage = Stage::new(
+                runtime.clone(),
+                registry.clone(),
+                plugin,
+                config,
+                route(),
+                counters,
+            );
             rt.block_on(stage.decide(&msg, "site")).unwrap();
             g.bench_function(BenchmarkId::new(label, size), |b| {
                 b.iter_custom(|iters| {

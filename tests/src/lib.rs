@@ -335,6 +335,8 @@ pub struct Received {
     pub payload: String,
     /// Retain flag.
     pub retain: bool,
+    /// QoS it was delivered with (the collector subscribes at QoS 1).
+    pub qos: u8,
     /// MQTT 5 properties.
     pub properties: Option<PublishProperties>,
 }
@@ -343,6 +345,7 @@ pub struct Received {
 pub struct Collector {
     received: Arc<Mutex<Vec<Received>>>,
     errors: Arc<Mutex<Vec<String>>>,
+    subscribed: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -364,6 +367,8 @@ impl Collector {
         let mut ready = Some(ready_tx);
         let store = received.clone();
         let errs = errors.clone();
+        let subscribed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let subs = subscribed.clone();
         let filter = filter.to_string();
         let task = tokio::spawn(async move {
             loop {
@@ -372,6 +377,7 @@ impl Collector {
                         let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        subs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         if let Some(r) = ready.take() {
                             let _ = r.send(());
                         }
@@ -381,6 +387,7 @@ impl Collector {
                             topic: String::from_utf8_lossy(&p.topic).into_owned(),
                             payload: String::from_utf8_lossy(&p.payload).into_owned(),
                             retain: p.retain,
+                            qos: p.qos as u8,
                             properties: p.properties,
                         });
                     }
@@ -399,6 +406,7 @@ impl Collector {
         Collector {
             received,
             errors,
+            subscribed,
             task,
         }
     }
@@ -406,6 +414,11 @@ impl Collector {
     /// Everything received so far.
     pub fn messages(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// Subscriptions granted so far (one per connection).
+    pub fn subscriptions(&self) -> usize {
+        self.subscribed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Connection errors the collector saw (each one a reconnect).

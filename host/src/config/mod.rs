@@ -136,7 +136,7 @@ pub struct Connector {
 }
 
 /// Where and how to connect to one broker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConnection {
     /// `endpoint`.
     pub endpoint: Endpoint,

@@ -332,8 +332,11 @@ pub struct Loaded {
     pub size: usize,
     /// The policy it was checked against and runs under.
     pub policy: Arc<Policy>,
-    /// Increases with every load in this process: the "version" shown in logs.
-    pub generation: u64,
+    /// This plugin's version in this process: 1 for the first file loaded under its name, one
+    /// more for every replacement (set when it is installed in a [`Registry`]).
+    pub version: u64,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
     pre: Pre,
 }
 
@@ -343,7 +346,7 @@ impl std::fmt::Debug for Loaded {
             .field("name", &self.name)
             .field("sha256", &self.sha256)
             .field("world", &self.world)
-            .field("generation", &self.generation)
+            .field("version", &self.version)
             .finish()
     }
 }
@@ -360,7 +363,6 @@ pub struct Runtime {
     linker: Linker<HostState>,
     filter_linker: Linker<HostState>,
     kv: Mutex<HashMap<(String, String), SharedKv>>,
-    generation: AtomicU64,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -401,7 +403,6 @@ impl Runtime {
             linker,
             filter_linker,
             kv: Mutex::new(HashMap::new()),
-            generation: AtomicU64::new(0),
             stop_ticker,
         }))
     }
@@ -507,7 +508,8 @@ impl Runtime {
             world,
             size: bytes.len(),
             policy: Arc::new(policy),
-            generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
+            version: 0,
+            loaded_at: SystemTime::now(),
             pre,
         })
     }
@@ -669,6 +671,8 @@ pub struct Registry {
     plugins: RwLock<HashMap<String, Arc<Loaded>>>,
     /// Bumped on every install or removal, so stages notice a change without a lookup.
     changes: AtomicU64,
+    /// The last version installed under each name.
+    versions: Mutex<HashMap<String, u64>>,
     seen: Mutex<HashMap<PathBuf, (SystemTime, u64)>>,
 }
 
@@ -690,13 +694,22 @@ impl Registry {
         self.changes.load(Ordering::Acquire)
     }
 
-    /// Makes `loaded` the running version of its plugin (used by `edgebridge plugin test`).
-    pub fn install(&self, loaded: Loaded) {
-        self.plugins
+    /// Makes `loaded` the running version of its plugin, numbering it; returns the version
+    /// it replaced.
+    pub fn install(&self, mut loaded: Loaded) -> Option<Arc<Loaded>> {
+        {
+            let mut versions = self.versions.lock().expect("versions lock");
+            let v = versions.entry(loaded.name.clone()).or_insert(0);
+            *v += 1;
+            loaded.version = *v;
+        }
+        let previous = self
+            .plugins
             .write()
             .expect("registry lock")
             .insert(loaded.name.clone(), Arc::new(loaded));
         self.changes.fetch_add(1, Ordering::AcqRel);
+        previous
     }
 
     /// Every running plugin, by name.
@@ -793,20 +806,15 @@ impl Registry {
             if !ok {
                 continue;
             }
-            let previous = self
-                .plugins
-                .write()
-                .expect("registry lock")
-                .insert(name.clone(), Arc::new(loaded));
-            self.changes.fetch_add(1, Ordering::AcqRel);
+            let previous = self.install(loaded);
             let now = self.current(&name).expect("just inserted");
             info!(
                 plugin = %name,
                 file = %now.file.display(),
                 sha256 = %now.sha256,
                 world = now.world.as_str(),
-                version = now.generation,
-                replaced = previous.as_ref().map(|p| p.generation),
+                version = now.version,
+                replaced = previous.as_ref().map(|p| p.version),
                 "Plugin loaded"
             );
         }
@@ -822,19 +830,20 @@ impl Registry {
             if let Some(old) = self.plugins.write().expect("registry lock").remove(&name) {
                 self.changes.fetch_add(1, Ordering::AcqRel);
                 self.seen.lock().expect("seen lock").remove(&old.file);
-                warn!(plugin = %name, version = old.generation, "Plugin file removed: unloaded; routes using it wait for it (they read nothing from their source until it is back)");
+                warn!(plugin = %name, version = old.version, "Plugin file removed: unloaded; routes using it wait for it (they read nothing from their source until it is back)");
             }
         }
         errors
     }
 
-    /// Polls `dir` every `interval` until `stop` turns true, logging refused files.
+    /// Polls `dir` every `interval` until `stop` turns true, logging refused files; the
+    /// policies and the routes' uses are the latest sent on `config` (a configuration reload
+    /// changes them).
     pub fn watch(
         self: Arc<Self>,
         runtime: Arc<Runtime>,
         dir: PathBuf,
-        policies: Policies,
-        uses: Uses,
+        config: tokio::sync::watch::Receiver<(Policies, Uses)>,
         interval: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
@@ -845,6 +854,7 @@ impl Registry {
                     _ = tokio::time::sleep(interval) => {}
                     _ = stop.changed() => return,
                 }
+                let (policies, uses) = config.borrow().clone();
                 for e in self.scan(&runtime, &dir, &policies, &uses).await {
                     let text = e.to_string();
                     let key = e.plugin();

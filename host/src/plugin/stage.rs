@@ -8,9 +8,12 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use wasmtime::Store;
 
+use std::sync::atomic::Ordering;
+
 use super::bindings::types as wit;
 use super::{HostState, Instance, Loaded, Registry, Runtime, arm_budget, describe_trap};
 use crate::config::Direction;
+use crate::counters::{CallOutcome, PluginCounters};
 use crate::model::{Message, Properties, QoS};
 use crate::topic;
 
@@ -102,6 +105,7 @@ pub struct Stage {
     open_until: Option<Instant>,
     /// Next breaker pause; `None` until the first opening (then the policy's `pause`).
     backoff: Option<Duration>,
+    counters: Arc<PluginCounters>,
 }
 
 impl Stage {
@@ -112,6 +116,7 @@ impl Stage {
         plugin: &str,
         config: &str,
         route: RouteInfo,
+        counters: Arc<PluginCounters>,
     ) -> Stage {
         let ctx = wit::Context {
             route: route.name.clone(),
@@ -134,6 +139,7 @@ impl Stage {
             failures: 0,
             open_until: None,
             backoff: None,
+            counters,
         }
     }
 
@@ -160,7 +166,7 @@ impl Stage {
         {
             Ok((store, instance)) => {
                 if let Some(old) = &self.live {
-                    tracing::info!(route = %self.route.name, plugin = %self.plugin, from = old.loaded.generation, to = current.generation, "Route switched to the new plugin version");
+                    tracing::info!(route = %self.route.name, plugin = %self.plugin, from = old.loaded.version, to = current.version, "Route switched to the new plugin version");
                 }
                 self.live = Some(Live {
                     loaded: current,
@@ -185,11 +191,30 @@ impl Stage {
     pub async fn decide(&mut self, msg: &Message, target: &str) -> Result<Outcome, StageError> {
         if let Some(until) = self.open_until {
             if Instant::now() < until {
+                self.counters.call(CallOutcome::BreakerOpen);
                 return Err(StageError::CircuitOpen(self.plugin.clone()));
             }
             self.open_until = None;
+            self.counters.breaker_open.store(0, Ordering::Relaxed);
         }
+        let started = std::time::Instant::now();
         let result = self.call(msg, target).await;
+        let outcome = match &result {
+            Ok(Outcome::Pass) => Some(CallOutcome::Pass),
+            Ok(Outcome::Drop(_)) => Some(CallOutcome::Drop),
+            Ok(Outcome::Emit(_)) => Some(CallOutcome::Emit),
+            Err(StageError::Returned { .. }) => Some(CallOutcome::Error),
+            Err(StageError::Trap { .. }) => Some(CallOutcome::Trap),
+            Err(StageError::Invalid { .. }) => Some(CallOutcome::Refused),
+            Err(StageError::Start(_)) => Some(CallOutcome::StartFailed),
+            Err(StageError::Missing(_) | StageError::CircuitOpen(_)) => None,
+        };
+        if let Some(o) = outcome {
+            self.counters.call(o);
+            if o != CallOutcome::StartFailed {
+                self.counters.duration.observe(started.elapsed());
+            }
+        }
         match &result {
             Ok(_) => {
                 self.failures = 0;
@@ -209,6 +234,7 @@ impl Stage {
                     self.open_until = Some(Instant::now() + pause);
                     self.backoff = Some((pause * 2).min(breaker.max_pause));
                     self.failures = 0;
+                    self.counters.breaker_open.store(1, Ordering::Relaxed);
                 }
             }
         }

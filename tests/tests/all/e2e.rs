@@ -208,6 +208,47 @@ async fn mqtt_5_properties_and_the_retain_flag_pass_through() {
     b.shutdown().await;
 }
 
+/// A route's `qos` is a ceiling: a message goes on at the QoS it came with, at most the
+/// route's. QoS 0 through a QoS 1 route arrives as QoS 0 (no acknowledgements nobody asked
+/// for); QoS 1 through a QoS 0 route as QoS 0; QoS 1 through a QoS 1 route as QoS 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_qos_is_a_maximum_in_both_directions() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = v5_config(
+        dir.path(),
+        &local,
+        &remote,
+        "    - {direction: local-to-remote, name: one, source: \"q1/#\", qos: 1}
+    - {direction: local-to-remote, name: zero, source: \"q0/#\", qos: 0}
+",
+    );
+    let b = start(&cfg, &opts()).await;
+    let at_remote = Collector::start(remote.port, "qos-sub", "#", false).await;
+    let lp = Publisher::connect(local.port, "qos-pub").await;
+    lp.publish("q1/at0", 0, false, "a").await;
+    lp.publish("q1/at1", 1, false, "b").await;
+    lp.publish("q0/at1", 1, false, "c").await;
+    assert_eq!(at_remote.wait_for(3, 10 * SECOND).await, 3);
+    let mut got: Vec<(String, u8)> = at_remote
+        .messages()
+        .into_iter()
+        .map(|m| (m.topic, m.qos))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("q0/at1".to_string(), 0),
+            ("q1/at0".to_string(), 0),
+            ("q1/at1".to_string(), 1)
+        ]
+    );
+    b.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_targets_maximum_packet_size_is_refused_alone() {
     init_tracing();
@@ -270,13 +311,13 @@ async fn a_shared_subscription_route_runs_n_clients_that_split_the_messages() {
     );
     let b = start(&cfg, &opts()).await;
     let ids: Vec<String> = b
-        .route_clients
+        .route_clients()
         .iter()
         .map(|p| p.client_id.clone())
         .collect();
     assert_eq!(ids, ["edge-shared-0", "edge-shared-1", "edge-shared-2"]);
     assert!(
-        b.route_clients
+        b.route_clients()
             .iter()
             .all(|p| p.subscription == "$share/sub-group/shared/#")
     );
@@ -353,13 +394,13 @@ async fn two_instances_split_the_routes_and_cover_each_once() {
     )
     .await;
     assert!(
-        !b0.route_clients.is_empty() && !b1.route_clients.is_empty(),
+        !b0.route_clients().is_empty() && !b1.route_clients().is_empty(),
         "both instances work"
     );
     let mut all: Vec<String> = b0
-        .route_clients
+        .route_clients()
         .iter()
-        .chain(&b1.route_clients)
+        .chain(&b1.route_clients())
         .map(|p| p.client_id.clone())
         .collect();
     all.sort();

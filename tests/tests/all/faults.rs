@@ -546,10 +546,12 @@ async fn a_remote_broker_restart_without_persistence_loses_nothing() {
         })
         .await
         .unwrap();
-        // The collector resubscribes (its session was lost too), then the bridge may return.
-        let before = at_remote.errors().len();
-        assert!(eventually(10 * SECOND, || at_remote.errors().len() > before).await || true);
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // The collector subscribes again (its session was lost too), then the bridge may
+        // return.
+        assert!(
+            eventually(15 * SECOND, || at_remote.subscriptions() >= 2).await,
+            "the collector is back"
+        );
         proxy.set(Mode::Forward);
         remote
     };

@@ -465,12 +465,8 @@ async fn hot_reload_under_traffic_loses_nothing() {
     // Version 2: another component under the same name (it accepts the config and passes).
     install_plugin(&plugins_dir, "misbehave", "stamp");
     assert!(
-        eventually(30 * SECOND, || b
-            .plugins
-            .current("stamp")
-            .unwrap()
-            .generation
-            != v1.generation)
+        eventually(30 * SECOND, || b.plugins.current("stamp").unwrap().version
+            != v1.version)
         .await,
         "new version loaded"
     );
@@ -528,7 +524,7 @@ async fn hot_reload_under_traffic_loses_nothing() {
     println!(
         "hot reload: {total} published, {} received, version 1 handled {first_unstamped}, version {} the rest",
         msgs.len(),
-        v2.generation
+        v2.version
     );
     b.shutdown().await;
 }
