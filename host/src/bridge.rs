@@ -9,12 +9,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::config::{BrokerConnection, Config, Connector, Protocol};
-use crate::counters::{RouteCounters, Stats};
+use crate::config::{self, BrokerConnection, Config, Connector, LoadOptions, Protocol};
+use crate::counters::{ReloadOutcome, RouteCounters, Stats};
 use crate::credentials::Provider;
 use crate::embedded;
 use crate::mqtt::Version;
@@ -25,6 +26,8 @@ use crate::plugin::{PluginError, Registry, Runtime, Uses};
 use crate::policy::Policies;
 use crate::route_client::{self, RouteClientSetup};
 use crate::routing::{self, LoopGuard, RouteClient, Side};
+use crate::status::Observed;
+use crate::{http, reload};
 
 /// Default plugins folder.
 pub const DEFAULT_PLUGINS_DIR: &str = "/etc/edgebridge/plugins";
@@ -64,6 +67,8 @@ pub struct RunOptions {
     /// A route with messages in flight and none acknowledged for this long makes `/healthz`
     /// fail.
     pub stall_timeout: Duration,
+    /// Where to serve `/metrics`, `/healthz`, `/readyz` and `/status` ([`run`] only).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 impl Default for RunOptions {
@@ -83,6 +88,7 @@ impl Default for RunOptions {
             reload_interval: Duration::from_secs(1),
             identity: crate::credentials::IdentityOptions::from_env(),
             stall_timeout: Duration::from_secs(60),
+            http: None,
         }
     }
 }
@@ -102,6 +108,15 @@ pub enum BridgeError {
     /// The plugin runtime could not start.
     #[error("plugin runtime: {0}")]
     Runtime(String),
+    /// The HTTP endpoint could not listen.
+    #[error("cannot serve HTTP on {addr}")]
+    Http {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The instance index does not fit `bridgeInstances`.
     #[error("connector \"{connector}\": {message}")]
     Instance {
@@ -583,17 +598,117 @@ pub async fn load_plugins(
     Ok(Some(LoadedPlugins { registry, missing }))
 }
 
-/// Runs until `shutdown` completes, then drains and stops.
+/// Where the configuration comes from, so that it can be read again.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The `-f` files and folders.
+    pub files: Vec<PathBuf>,
+    /// Where secrets and ConfigMaps are.
+    pub load: LoadOptions,
+}
+
+/// Runs `config` until `shutdown` completes, then drains and stops. With a `source`, the
+/// configuration is reloaded when its files change or on SIGHUP; with `opts.http`, the
+/// endpoints are served.
 pub async fn run(
     config: &Config,
+    source: Option<&ConfigSource>,
     opts: &RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), BridgeError> {
-    let bridge = start(config, opts).await?;
-    shutdown.await;
+    let listener = match opts.http {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| BridgeError::Http { addr, source })?,
+        ),
+        None => None,
+    };
+    let started = std::time::SystemTime::now();
+    let mut bridge = start(config, opts).await?;
+    if let Some(listener) = listener {
+        let observed = Arc::new(Observed {
+            stats: bridge.stats.clone(),
+            plugins: bridge.plugins.clone(),
+            stall_timeout: opts.stall_timeout,
+            started,
+        });
+        if let Ok(addr) = listener.local_addr() {
+            info!(address = %addr, "Serving /metrics, /healthz, /readyz and /status");
+        }
+        let stop = bridge.stop.subscribe();
+        bridge.background.push((
+            "HTTP endpoint".into(),
+            tokio::spawn(http::serve(listener, http::router(observed), stop)),
+        ));
+    }
+    let mut triggers = source.map(|s| reload::Triggers::start(&s.files));
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = async {
+                match &mut triggers {
+                    Some(t) => t.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(source) = source {
+                    reload_from(&mut bridge, source).await;
+                }
+            }
+            _ = tick.tick() => bridge.check_tasks(),
+        }
+    }
     info!("Shutting down: finishing in-flight messages");
     bridge.shutdown().await;
     Ok(())
+}
+
+/// Reads the configuration again and applies it; a configuration with problems changes
+/// nothing (every problem is logged as `check` prints it and counted).
+pub async fn reload_from(bridge: &mut RunningBridge, source: &ConfigSource) {
+    let outcome = match config::load(&source.files, &source.load) {
+        Err(report) => {
+            for e in &report.errors {
+                error!("Configuration not reloaded: {e}");
+            }
+            Err(report.errors.iter().map(ToString::to_string).collect())
+        }
+        Ok(new) => match bridge.reload(new).await {
+            Ok(summary) => {
+                info!("Configuration reloaded: {summary}");
+                Ok(summary)
+            }
+            Err(e) => {
+                let text = crate::error::chain(&e);
+                for line in text.lines() {
+                    error!("Configuration not reloaded: {line}");
+                }
+                Err(text.lines().map(str::to_string).collect())
+            }
+        },
+    };
+    let stats = &bridge.stats;
+    let (errors, summary) = match outcome {
+        Ok(summary) => {
+            stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            (Vec::new(), summary.to_string())
+        }
+        Err(errors) => {
+            stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            (
+                errors,
+                "refused; the running configuration is unchanged".into(),
+            )
+        }
+    };
+    *stats.last_reload.lock().expect("stats lock") = Some(ReloadOutcome {
+        at: std::time::SystemTime::now(),
+        errors,
+        summary,
+    });
 }
 
 /// What the route clients of one connector share: connection settings, credentials (one
@@ -730,13 +845,15 @@ impl Shared {
             self.guard.clone(),
             stages,
         );
-        let counters = Arc::new(RouteCounters::new(
+        let mut counters = RouteCounters::new(
             &route.name,
             route.direction,
             &plan.client_id,
             plan.source.as_str(),
             plan.target.as_str(),
-        ));
+        );
+        counters.plugins = route.plugins.iter().map(|p| p.name.clone()).collect();
+        let counters = Arc::new(counters);
         stats.register(counters.clone());
         let (stop, stop_rx) = watch::channel(false);
         let setup = RouteClientSetup {

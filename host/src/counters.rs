@@ -291,6 +291,8 @@ pub struct RouteCounters {
     pub busy_since_ms: AtomicU64,
     /// The plugin the route waits for (not loaded): it does not read its source meanwhile.
     pub waiting_for_plugin: Mutex<Option<String>>,
+    /// The route's plugin chain, in order.
+    pub plugins: Vec<String>,
 }
 
 impl RouteCounters {
@@ -318,6 +320,7 @@ impl RouteCounters {
             last_progress_ms: AtomicU64::new(0),
             busy_since_ms: AtomicU64::new(0),
             waiting_for_plugin: Mutex::new(None),
+            plugins: Vec::new(),
         }
     }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use crate::config::Auth;
+use crate::http::HttpError;
 use crate::secret::Secret;
 
 /// Default IMDS token endpoint.
@@ -116,26 +117,6 @@ pub enum CredentialError {
         /// The allowed folder.
         allowed: PathBuf,
     },
-}
-
-/// Why an HTTP request to the identity endpoint failed.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    /// The URL is not `http://host[:port]/path`.
-    #[error("{0}")]
-    Url(String),
-    /// TCP connect failed.
-    #[error("cannot connect")]
-    Connect(#[source] std::io::Error),
-    /// No complete answer within the time limit.
-    #[error("no complete answer within {0:?}")]
-    Timeout(Duration),
-    /// The HTTP exchange failed (malformed response, connection closed early).
-    #[error("HTTP exchange failed")]
-    Http(#[source] hyper::Error),
-    /// Reading the body failed.
-    #[error("reading the response body failed")]
-    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A fetched access token.
@@ -350,102 +331,20 @@ fn parse_token(body: &[u8]) -> Result<Token, String> {
     })
 }
 
-struct HttpResponse {
-    status: u16,
-    headers: hyper::HeaderMap,
-    body: bytes::Bytes,
-}
-
-impl HttpResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-}
-
-/// One HTTP/1.1 GET to a link-local or localhost identity endpoint, with hyper: chunked and
-/// `Content-Length` bodies, keep-alive or not, at most [`MAX_RESPONSE`] bytes, everything
-/// within `timeout`, redirects not followed (the caller refuses a 3xx).
+/// One GET to the identity endpoint (see [`crate::http::get`]), its failures named for the
+/// endpoint.
 async fn http_get(
     url: &str,
     headers: &[(&str, String)],
     timeout: Duration,
-) -> Result<HttpResponse, CredentialError> {
-    use http_body_util::{BodyExt, Empty, Limited};
+) -> Result<crate::http::Response, CredentialError> {
     let endpoint = url.split('?').next().unwrap_or(url).to_string();
-    let fail = |source: HttpError| CredentialError::Endpoint {
-        endpoint: endpoint.clone(),
-        source,
-    };
-    let uri: hyper::Uri = url
-        .parse()
-        .map_err(|e| fail(HttpError::Url(format!("not a URL: {e}"))))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(fail(HttpError::Url(
-            "only http:// identity endpoints are supported (they are link-local or localhost)"
-                .into(),
-        )));
-    }
-    let (Some(host), Some(authority)) = (uri.host(), uri.authority()) else {
-        return Err(fail(HttpError::Url("the URL has no host".into())));
-    };
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = uri.port_u16().unwrap_or(80);
-    let mut request = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(hyper::header::HOST, authority.as_str());
-    for (k, v) in headers {
-        request = request.header(*k, v);
-    }
-    let request = request
-        .body(Empty::<bytes::Bytes>::new())
-        .map_err(|e| fail(HttpError::Url(e.to_string())))?;
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(HttpError::Connect)?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(HttpError::Http)?;
-        // The connection is driven beside the request and ends with this exchange.
-        let driver = tokio::spawn(conn);
-        let _abort = AbortOnDrop(driver);
-        let resp = sender
-            .send_request(request)
-            .await
-            .map_err(HttpError::Http)?;
-        let (parts, body) = resp.into_parts();
-        let body = match Limited::new(body, MAX_RESPONSE).collect().await {
-            Ok(b) => Some(b.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => None,
-            Err(e) => return Err(HttpError::Body(e)),
-        };
-        Ok((parts, body))
-    };
-    let (parts, body) = tokio::time::timeout(timeout, exchange)
+    crate::http::get(url, headers, timeout, MAX_RESPONSE)
         .await
-        .map_err(|_| fail(HttpError::Timeout(timeout)))?
-        .map_err(fail)?;
-    let body = body.ok_or_else(|| CredentialError::TooLarge {
-        endpoint: endpoint.clone(),
-        limit: MAX_RESPONSE,
-    })?;
-    Ok(HttpResponse {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body,
-    })
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+        .map_err(|source| match source {
+            HttpError::TooLarge(limit) => CredentialError::TooLarge { endpoint, limit },
+            source => CredentialError::Endpoint { endpoint, source },
+        })
 }
 
 #[cfg(test)]

@@ -10,16 +10,26 @@
 //! - [`config`]: YAML → validated [`config::Config`], every problem reported with file and line.
 //! - [`topic`]: topic and filter validation and matching (pure).
 //! - [`model`]: [`model::Message`], [`model::QoS`], MQTT 5 properties.
-//! - [`routing`]: which clients an instance runs, topic mapping, loop prevention (pure).
-//! - [`mqtt`]: client sessions — codec adapter, sans-I/O [`mqtt::state`], transports, the I/O
-//!   driver [`mqtt::session`]. Knows nothing about routes.
-//! - [`bridge`]: the only module that wires sessions to routes; owns the tasks and shutdown.
+//! - [`routing`]: which route clients an instance runs, topic mapping, loop prevention (pure).
+//! - [`pipeline`]: what a route does to one message: filter, loop guard, plugin stages, QoS
+//!   ceiling, topic map (no I/O).
+//! - [`delivery`]: the sans-I/O ledger that acknowledges a source message once the target
+//!   acknowledged every copy.
+//! - [`mqtt`]: the client side of MQTT — codec, sans-I/O session [`mqtt::state`],
+//!   transports, and [`mqtt::link`], one connection's I/O as explicit phases, polled by its
+//!   owner. Knows nothing about routes.
+//! - [`route_client`]: the one task of a route client: two links, the pipeline and the
+//!   ledger in one loop.
+//! - [`bridge`]: the only module that wires sessions to routes to plugins; starts, reloads
+//!   (as a difference) and stops route clients.
+//! - [`counters`]: the live counters (relaxed atomics); [`metrics`] (Prometheus),
+//!   [`status`] (health, readiness, `/status`) and [`http`] (the endpoint, and a small
+//!   client) read them; [`reload`] says when to reload the configuration.
+//! - [`plugin`]: the WebAssembly runtime; [`policy`]: what each plugin may do (pure).
 //! - [`credentials`]: user/password, Kubernetes SAT and managed-identity tokens for CONNECT.
 //! - [`embedded`]: an in-process broker for `embedded://` endpoints.
-//! - [`policy`]: what each plugin may do (pure).
-//! - [`secret`]: values that never print.
-//! - [`error`]: printing an error with its causes.
-//! - [`tools`]: the `pub` / `sub` test clients of the command line.
+//! - [`secret`]: values that never print; [`error`]: printing an error with its causes.
+//! - [`tools`]: the `pub` / `sub` / `plugin test` / `plugins list` commands.
 //!
 //! # Example
 //!
@@ -29,7 +39,7 @@
 //!     &["examples/quickstart.yaml".into()],
 //!     &edgebridge::config::LoadOptions::default(),
 //! )?;
-//! edgebridge::bridge::run(&config, &Default::default(), async {
+//! edgebridge::bridge::run(&config, None, &Default::default(), async {
 //!     let _ = tokio::signal::ctrl_c().await;
 //! })
 //! .await?;
@@ -44,13 +54,17 @@ pub mod credentials;
 pub mod delivery;
 pub mod embedded;
 pub mod error;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod pipeline;
 pub mod plugin;
 pub mod policy;
+pub mod reload;
 pub mod route_client;
 pub mod routing;
 pub mod secret;
+pub mod status;
 pub mod tools;
 pub mod topic;

@@ -39,11 +39,30 @@ enum Command {
         /// Longest delay between reconnect attempts, seconds.
         #[arg(long, default_value_t = 30)]
         max_backoff: u64,
-        /// Log level (overrides `logLevel`; RUST_LOG overrides both).
-        #[arg(long)]
-        log_level: Option<String>,
+        /// Keep-alive of every session, seconds; a dead connection is noticed within 1.5x
+        /// this.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=65535))]
+        keep_alive: u64,
+        /// Serve /metrics, /healthz, /readyz and /status on this address (e.g. 0.0.0.0:9102).
+        #[arg(long, env = "EDGEBRIDGE_HTTP")]
+        http: Option<std::net::SocketAddr>,
+        /// /healthz fails when a route has had messages in flight and none acknowledged for
+        /// this many seconds.
+        #[arg(long, default_value_t = 60)]
+        stall_timeout: u64,
+        #[command(flatten)]
+        logs: LogArgs,
         #[command(flatten)]
         plugin_dirs: PluginDirs,
+    },
+    /// Show a running bridge's state: routes, sessions, rates, in flight, errors, plugins.
+    Status {
+        /// The bridge's --http address.
+        #[arg(long, env = "EDGEBRIDGE_HTTP", default_value = "127.0.0.1:9102")]
+        http: String,
+        /// Print the /status JSON instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// List the plugins of a folder: world, size, sha256, policy; refused files and why.
     Plugins {
@@ -133,6 +152,16 @@ enum PluginCommand {
 }
 
 #[derive(Args)]
+struct LogArgs {
+    /// Log level (overrides `logLevel`; RUST_LOG overrides both).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// `text` (colours only on a terminal) or `json` (one object per line).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"], env = "EDGEBRIDGE_LOG_FORMAT")]
+    log_format: String,
+}
+
+#[derive(Args)]
 struct PluginDirs {
     /// Folder of plugin components (<name>.wasm), watched for changes.
     #[arg(long, default_value = edgebridge::bridge::DEFAULT_PLUGINS_DIR, env = "EDGEBRIDGE_PLUGINS_DIR")]
@@ -205,25 +234,37 @@ struct Files {
 }
 
 impl Files {
-    fn load(&self) -> Result<config::Config, config::ConfigReport> {
-        config::load(
-            &self.files,
-            &LoadOptions {
+    fn source(&self) -> bridge::ConfigSource {
+        bridge::ConfigSource {
+            files: self.files.clone(),
+            load: LoadOptions {
                 secrets_dir: self.secrets_dir.clone(),
                 configmaps_dir: self.configmaps_dir.clone(),
             },
-        )
+        }
+    }
+
+    fn load(&self) -> Result<config::Config, config::ConfigReport> {
+        let s = self.source();
+        config::load(&s.files, &s.load)
     }
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},rumqttd=off")));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        // One object per line: timestamp, level, message and the fields (route, side,
+        // plugin, client_id...) flattened beside it.
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 fn main() -> ExitCode {
@@ -341,13 +382,39 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Status { http, json } => run_tool(async move {
+            let url = format!("http://{http}/status");
+            let fetch = || async {
+                let r = edgebridge::http::get(&url, &[], Duration::from_secs(5), 16 << 20)
+                    .await
+                    .map_err(|e| format!("{url}: {}", edgebridge::error::chain(&e)))?;
+                serde_json::from_slice::<serde_json::Value>(&r.body)
+                    .map_err(|e| format!("{url} answered {}: not /status JSON ({e})", r.status))
+            };
+            let first = fetch().await?;
+            if json {
+                println!("{first:#}");
+                return Ok(());
+            }
+            let interval = Duration::from_secs(1);
+            tokio::time::sleep(interval).await;
+            let second = fetch().await?;
+            print!(
+                "{}",
+                edgebridge::status::render_table(&second, Some(&first), interval)
+            );
+            Ok(())
+        }),
         Command::Run {
             files,
             instance,
             bridge_id,
             max_inflight,
             max_backoff,
-            log_level,
+            keep_alive,
+            http,
+            stall_timeout,
+            logs,
             plugin_dirs,
         } => {
             let cfg = match files.load() {
@@ -358,13 +425,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let level = log_level.unwrap_or_else(|| {
+            let level = logs.log_level.clone().unwrap_or_else(|| {
                 cfg.connectors
                     .first()
                     .map(|c| c.log_level.as_str().to_string())
                     .unwrap_or_else(|| "info".into())
             });
-            init_logging(&level);
+            init_logging(&level, &logs.log_format);
             let opts = RunOptions {
                 instance,
                 bridge_id,
@@ -373,6 +440,9 @@ fn main() -> ExitCode {
                     Duration::from_millis(100),
                     Duration::from_secs(max_backoff.max(1)),
                 ),
+                keep_alive: Duration::from_secs(keep_alive),
+                http,
+                stall_timeout: Duration::from_secs(stall_timeout.max(1)),
                 plugins_dir: plugin_dirs.plugins_dir,
                 policies_dir: plugin_dirs.policies_dir,
                 ..RunOptions::default()
@@ -384,11 +454,15 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let result = runtime.block_on(bridge::run(&cfg, &opts, shutdown_signal()));
+            let source = files.source();
+            let result =
+                runtime.block_on(bridge::run(&cfg, Some(&source), &opts, shutdown_signal()));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e}");
+                    for line in edgebridge::error::chain(&e).lines() {
+                        tracing::error!("{line}");
+                    }
                     ExitCode::FAILURE
                 }
             }

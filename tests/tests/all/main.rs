@@ -4,4 +4,5 @@ mod auth;
 mod config;
 mod e2e;
 mod faults;
+mod operate;
 mod plugins;

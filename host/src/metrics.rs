@@ -1,0 +1,315 @@
+//! `/metrics`: the counters in the Prometheus text exposition format, encoded by
+//! `prometheus-client` from a collector that reads [`crate::counters`] at scrape time (so the
+//! hot path pays only its relaxed atomic adds). The metric names and labels are a contract,
+//! documented in the README.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::counters::{CallOutcome, DropReason, Histogram};
+use crate::status::Observed;
+
+/// Encodes every metric of `observed`.
+pub fn render(observed: std::sync::Arc<Observed>) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape(observed)));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+struct Scrape(std::sync::Arc<Observed>);
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("edgebridge metrics")
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// A family of counters or gauges: (labels, value).
+fn family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in rows {
+        let mut e = m.encode_family(labels)?;
+        match kind {
+            MetricType::Counter => e.encode_counter::<NoLabelSet, u64, u64>(v, None)?,
+            _ => e.encode_gauge(&(*v as i64))?,
+        }
+    }
+    Ok(())
+}
+
+/// A family of histograms: (labels, [histograms summed]).
+fn histograms(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, Vec<&Histogram>)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, hs) in rows {
+        let mut buckets: Vec<(f64, u64)> = Vec::new();
+        let (mut sum, mut count) = (0.0, 0);
+        for h in hs {
+            let (b, s, c) = h.snapshot();
+            if buckets.is_empty() {
+                buckets = b;
+            } else {
+                for (acc, x) in buckets.iter_mut().zip(b) {
+                    acc.1 += x.1;
+                }
+            }
+            sum += s;
+            count += c;
+        }
+        m.encode_family(labels)?
+            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+    }
+    Ok(())
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let o = &self.0;
+        let clients = o.stats.clients();
+        // Per route: the sum over its clients (a shared subscription has several).
+        let mut routes: BTreeMap<(String, &'static str), Vec<_>> = BTreeMap::new();
+        for c in &clients {
+            routes
+                .entry((c.route.clone(), c.direction.as_str()))
+                .or_default()
+                .push(c.clone());
+        }
+        let route_labels = |(r, d): &(String, &'static str)| -> Labels {
+            vec![("route", r.clone()), ("direction", d.to_string())]
+        };
+        let sum = |f: &dyn Fn(&crate::counters::RouteCounters) -> u64| -> Vec<(Labels, u64)> {
+            routes
+                .iter()
+                .map(|(k, cs)| (route_labels(k), cs.iter().map(|c| f(c)).sum()))
+                .collect()
+        };
+        family(
+            &mut encoder,
+            "edgebridge_messages_received",
+            "Messages received from the route's source broker.",
+            MetricType::Counter,
+            &sum(&|c| c.received.load(Ordering::Relaxed)),
+        )?;
+        family(
+            &mut encoder,
+            "edgebridge_messages_forwarded",
+            "Messages acknowledged by the route's target broker (QoS 0: written to it).",
+            MetricType::Counter,
+            &sum(&|c| c.forwarded.load(Ordering::Relaxed)),
+        )?;
+        let mut dropped = Vec::new();
+        for (k, cs) in &routes {
+            for r in DropReason::ALL {
+                let mut labels = route_labels(k);
+                labels.push(("reason", r.as_str().to_string()));
+                dropped.push((labels, cs.iter().map(|c| c.dropped(r)).sum()));
+            }
+        }
+        family(
+            &mut encoder,
+            "edgebridge_messages_dropped",
+            "Messages received and not forwarded to the target, by reason.",
+            MetricType::Counter,
+            &dropped,
+        )?;
+        family(
+            &mut encoder,
+            "edgebridge_messages_in_flight",
+            "Messages forwarded and not yet acknowledged by the target broker.",
+            MetricType::Gauge,
+            &sum(&|c| c.in_flight.load(Ordering::Relaxed)),
+        )?;
+        let latency: Vec<(Labels, Vec<&Histogram>)> = routes
+            .iter()
+            .map(|(k, cs)| (route_labels(k), cs.iter().map(|c| &c.latency).collect()))
+            .collect();
+        histograms(
+            &mut encoder,
+            "edgebridge_forward_latency_seconds",
+            "Time from receipt at the source to acknowledgement by the target, per message.",
+            &latency,
+        )?;
+        // Per session.
+        let mut connected = Vec::new();
+        let mut reconnects = Vec::new();
+        let mut lost = Vec::new();
+        for c in &clients {
+            for s in [&c.source, &c.target] {
+                let labels: Labels = vec![
+                    ("route", c.route.clone()),
+                    ("side", s.side.to_string()),
+                    ("client_id", c.client_id.clone()),
+                ];
+                connected.push((labels.clone(), u64::from(s.connected())));
+                reconnects.push((labels.clone(), s.reconnects()));
+                lost.push((labels, s.source_lost.load(Ordering::Relaxed)));
+            }
+        }
+        family(
+            &mut encoder,
+            "edgebridge_session_connected",
+            "1 while the session is connected.",
+            MetricType::Gauge,
+            &connected,
+        )?;
+        family(
+            &mut encoder,
+            "edgebridge_session_reconnects",
+            "Connections of the session after its first.",
+            MetricType::Counter,
+            &reconnects,
+        )?;
+        family(
+            &mut encoder,
+            "edgebridge_session_source_lost",
+            "The broker did not resume the bridge's persistent session (session present = 0): messages it held for the bridge may be lost.",
+            MetricType::Counter,
+            &lost,
+        )?;
+        // Per plugin on a route.
+        let plugins = o.stats.plugins();
+        let plugin_labels = |p: &crate::counters::PluginCounters| -> Labels {
+            vec![("plugin", p.plugin.clone()), ("route", p.route.clone())]
+        };
+        let mut calls = Vec::new();
+        for p in &plugins {
+            for k in CallOutcome::ALL {
+                let mut labels = plugin_labels(p);
+                labels.push(("outcome", k.as_str().to_string()));
+                calls.push((labels, p.calls(k)));
+            }
+        }
+        family(
+            &mut encoder,
+            "edgebridge_plugin_calls",
+            "Plugin calls by outcome.",
+            MetricType::Counter,
+            &calls,
+        )?;
+        let durations: Vec<(Labels, Vec<&Histogram>)> = plugins
+            .iter()
+            .map(|p| (plugin_labels(p), vec![&p.duration]))
+            .collect();
+        histograms(
+            &mut encoder,
+            "edgebridge_plugin_call_duration_seconds",
+            "Duration of plugin calls.",
+            &durations,
+        )?;
+        let breaker: Vec<(Labels, u64)> = plugins
+            .iter()
+            .map(|p| (plugin_labels(p), p.breaker_open.load(Ordering::Relaxed)))
+            .collect();
+        family(
+            &mut encoder,
+            "edgebridge_plugin_breaker_open",
+            "1 while the plugin's circuit breaker is open on the route.",
+            MetricType::Gauge,
+            &breaker,
+        )?;
+        let mut info = encoder.encode_descriptor(
+            "edgebridge_plugin",
+            "The running version of each plugin.",
+            None,
+            MetricType::Info,
+        )?;
+        for l in o.plugins.list() {
+            let labels: Labels = vec![
+                ("plugin", l.name.clone()),
+                ("sha256", l.sha256.clone()),
+                ("version", l.version.to_string()),
+            ];
+            info.encode_info(&labels)?;
+        }
+        // Process.
+        let mut build = encoder.encode_descriptor(
+            "edgebridge_build",
+            "The edgebridge build.",
+            None,
+            MetricType::Info,
+        )?;
+        build.encode_info(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])?;
+        family(
+            &mut encoder,
+            "edgebridge_config_reloads",
+            "Configuration reloads: ok (applied, or nothing changed) and failed (refused; nothing changed).",
+            MetricType::Counter,
+            &[
+                (
+                    vec![("result", "ok".to_string())],
+                    o.stats.reloads_ok.load(Ordering::Relaxed),
+                ),
+                (
+                    vec![("result", "failed".to_string())],
+                    o.stats.reloads_failed.load(Ordering::Relaxed),
+                ),
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Direction;
+    use crate::counters::{RouteCounters, Stats};
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn routes_sessions_and_the_process_are_exposed_with_their_labels() {
+        let stats = Arc::new(Stats::default());
+        for id in ["c-r-0", "c-r-1"] {
+            let c = Arc::new(RouteCounters::new(
+                "r",
+                Direction::LocalToRemote,
+                id,
+                "local",
+                "remote",
+            ));
+            c.received.fetch_add(2, Ordering::Relaxed);
+            c.count_drop(DropReason::Loop);
+            c.latency.observe(Duration::from_micros(300));
+            stats.register(c);
+        }
+        stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        let o = Arc::new(Observed {
+            stats,
+            plugins: Arc::new(crate::plugin::Registry::default()),
+            stall_timeout: Duration::from_secs(60),
+            started: SystemTime::now(),
+        });
+        let text = render(o).unwrap();
+        for line in [
+            "edgebridge_messages_received_total{route=\"r\",direction=\"local-to-remote\"} 4",
+            "edgebridge_messages_dropped_total{route=\"r\",direction=\"local-to-remote\",reason=\"loop\"} 2",
+            "edgebridge_forward_latency_seconds_count{route=\"r\",direction=\"local-to-remote\"} 2",
+            "edgebridge_forward_latency_seconds_bucket{le=\"0.0005\",route=\"r\",direction=\"local-to-remote\"} 2",
+            "edgebridge_session_connected{route=\"r\",side=\"remote\",client_id=\"c-r-1\"} 0",
+            "edgebridge_config_reloads_total{result=\"failed\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(text.contains("edgebridge_build_info{version=\""), "{text}");
+    }
+}

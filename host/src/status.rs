@@ -1,0 +1,438 @@
+//! What a running bridge says about itself: liveness (forward progress, not socket state),
+//! readiness (every session connected and subscribed), the `/status` document, and the table
+//! `edgebridge status` prints from it. Reads the counters; does no I/O.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use crate::counters::{CallOutcome, DropReason, RouteCounters, SessionCounters, Stats, uptime_ms};
+use crate::plugin::Registry;
+
+/// What the HTTP endpoint reports on.
+pub struct Observed {
+    /// The counters.
+    pub stats: Arc<Stats>,
+    /// The running plugin versions.
+    pub plugins: Arc<Registry>,
+    /// A route with messages in flight and none acknowledged for this long is not live.
+    pub stall_timeout: Duration,
+    /// When the process started.
+    pub started: SystemTime,
+}
+
+/// Liveness: `Err` with a one-line reason when a route has had messages in flight and none
+/// acknowledged for longer than the stall timeout, or an internal task died.
+pub fn health(o: &Observed) -> Result<(), String> {
+    let dead = o.stats.dead_tasks.lock().expect("stats lock").clone();
+    if !dead.is_empty() {
+        return Err(format!("internal task ended: {}", dead.join(", ")));
+    }
+    let now = uptime_ms();
+    for c in o.stats.clients() {
+        let in_flight = c.in_flight.load(Ordering::Relaxed);
+        if in_flight == 0 {
+            continue;
+        }
+        let since = c
+            .last_progress_ms
+            .load(Ordering::Relaxed)
+            .max(c.busy_since_ms.load(Ordering::Relaxed));
+        let stalled = Duration::from_millis(now.saturating_sub(since));
+        if stalled > o.stall_timeout {
+            return Err(format!(
+                "route \"{}\" (client {}) has {in_flight} message(s) in flight and none acknowledged by its {} broker for {} s (stall timeout {} s)",
+                c.route,
+                c.client_id,
+                c.target.side,
+                stalled.as_secs(),
+                o.stall_timeout.as_secs()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Readiness: every session of every route client connected, every source subscribed;
+/// `Err` lists what is not.
+pub fn readiness(o: &Observed) -> Result<(), Vec<String>> {
+    let mut not = Vec::new();
+    for c in o.stats.clients() {
+        for (role, s) in [("source", &c.source), ("target", &c.target)] {
+            if !s.connected() {
+                let error = s
+                    .last_error()
+                    .map(|(e, _)| format!(": {e}"))
+                    .unwrap_or_default();
+                not.push(format!(
+                    "route \"{}\" client {} {role} ({}) {}{error}",
+                    c.route,
+                    c.client_id,
+                    s.side,
+                    s.state().as_str()
+                ));
+            } else if role == "source" && !s.subscribed.load(Ordering::Relaxed) {
+                not.push(format!(
+                    "route \"{}\" client {} source ({}) not subscribed",
+                    c.route, c.client_id, s.side
+                ));
+            }
+        }
+    }
+    if not.is_empty() { Ok(()) } else { Err(not) }
+}
+
+/// `2026-11-30T05:10:43Z` (UTC, seconds).
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn session_json(s: &SessionCounters) -> Value {
+    json!({
+        "side": s.side,
+        "state": s.state().as_str(),
+        "reconnects": s.reconnects(),
+        "source_lost": s.source_lost.load(Ordering::Relaxed),
+        "last_error": s.last_error().map(|(message, at)| json!({"message": message, "at": rfc3339(at)})),
+    })
+}
+
+fn client_json(c: &RouteCounters, o: &Observed) -> Value {
+    let n = c.snapshot();
+    let dropped: serde_json::Map<String, Value> = DropReason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_string(), json!(n.dropped(*r))))
+        .collect();
+    let (_, sum, count) = c.latency.snapshot();
+    let plugins: Vec<Value> = c
+        .plugins
+        .iter()
+        .map(|name| {
+            let counters = o.stats.plugin(name, &c.route);
+            let calls: serde_json::Map<String, Value> = CallOutcome::ALL
+                .iter()
+                .map(|k| (k.as_str().to_string(), json!(counters.calls(*k))))
+                .collect();
+            let running = o.plugins.current(name);
+            json!({
+                "name": name,
+                "loaded": running.is_some(),
+                "version": running.as_ref().map(|l| l.version),
+                "sha256": running.as_ref().map(|l| l.sha256.clone()),
+                "loaded_at": running.as_ref().map(|l| rfc3339(l.loaded_at)),
+                "calls": calls,
+                "breaker_open": counters.breaker_open.load(Ordering::Relaxed) == 1,
+            })
+        })
+        .collect();
+    json!({
+        "route": c.route,
+        "direction": c.direction.as_str(),
+        "client_id": c.client_id,
+        "source": session_json(&c.source),
+        "target": session_json(&c.target),
+        "received": n.received,
+        "forwarded": n.forwarded,
+        "dropped": dropped,
+        "in_flight": n.in_flight,
+        "redelivered": n.redelivered,
+        "plugin_errors": n.plugin_errors,
+        "waiting_for_plugin": c.waiting_for_plugin.lock().expect("counters lock").clone(),
+        "forward_latency_seconds": {"count": count, "sum": sum},
+        "plugins": plugins,
+    })
+}
+
+/// The `/status` document.
+pub fn status_json(o: &Observed) -> Value {
+    let last = o.stats.last_reload.lock().expect("stats lock").clone();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "started": rfc3339(o.started),
+        "uptime_seconds": o.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+        "healthy": health(o).is_ok(),
+        "health": health(o).err(),
+        "ready": readiness(o).is_ok(),
+        "not_ready": readiness(o).err().unwrap_or_default(),
+        "config": {
+            "reloads_ok": o.stats.reloads_ok.load(Ordering::Relaxed),
+            "reloads_failed": o.stats.reloads_failed.load(Ordering::Relaxed),
+            "last_reload": last.map(|r| json!({
+                "at": rfc3339(r.at),
+                "ok": r.errors.is_empty(),
+                "errors": r.errors,
+                "summary": r.summary,
+            })),
+        },
+        "route_clients": o.stats.clients().iter().map(|c| client_json(c, o)).collect::<Vec<_>>(),
+    })
+}
+
+/// Prints `/status` documents as a table a person reads at a glance: one row per route
+/// client (states, counts, messages per second between `before` and `now`, last error), then
+/// the plugin versions and the last reload.
+pub fn render_table(now: &Value, before: Option<&Value>, interval: Duration) -> String {
+    let mut out = String::new();
+    let get = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    out.push_str(&format!(
+        "edgebridge {}  up {}s  {}  {}\n",
+        now["version"].as_str().unwrap_or("?"),
+        get(now, "uptime_seconds"),
+        if now["healthy"].as_bool() == Some(true) {
+            "healthy".to_string()
+        } else {
+            format!("UNHEALTHY: {}", now["health"].as_str().unwrap_or(""))
+        },
+        if now["ready"].as_bool() == Some(true) {
+            "ready"
+        } else {
+            "NOT READY"
+        },
+    ));
+    let rows: Vec<Vec<String>> = now["route_clients"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            let id = c["client_id"].as_str().unwrap_or("");
+            let rate = before
+                .and_then(|b| b["route_clients"].as_array())
+                .and_then(|l| l.iter().find(|x| x["client_id"] == c["client_id"]))
+                .map(|b| {
+                    let d = get(c, "forwarded").saturating_sub(get(b, "forwarded"));
+                    format!("{:.0}", d as f64 / interval.as_secs_f64().max(0.001))
+                })
+                .unwrap_or_else(|| "-".into());
+            let dropped: u64 = c["dropped"]
+                .as_object()
+                .map(|m| m.values().filter_map(Value::as_u64).sum())
+                .unwrap_or(0);
+            let state = |s: &Value| {
+                format!(
+                    "{} {}",
+                    s["side"].as_str().unwrap_or(""),
+                    s["state"].as_str().unwrap_or("")
+                )
+            };
+            let error = [&c["source"], &c["target"]]
+                .iter()
+                .filter_map(|s| s["last_error"]["message"].as_str())
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(60)
+                .collect::<String>();
+            let waiting = c["waiting_for_plugin"]
+                .as_str()
+                .map(|p| format!("waits for plugin {p}"))
+                .unwrap_or(error);
+            vec![
+                c["route"].as_str().unwrap_or("").to_string(),
+                id.to_string(),
+                state(&c["source"]),
+                state(&c["target"]),
+                get(c, "received").to_string(),
+                get(c, "forwarded").to_string(),
+                dropped.to_string(),
+                get(c, "in_flight").to_string(),
+                rate,
+                waiting,
+            ]
+        })
+        .collect();
+    let header: Vec<String> = [
+        "ROUTE",
+        "CLIENT",
+        "SOURCE",
+        "TARGET",
+        "RECEIVED",
+        "FORWARDED",
+        "DROPPED",
+        "IN FLIGHT",
+        "MSG/S",
+        "LAST ERROR",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in std::iter::once(&header).chain(rows.iter()) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    let mut plugins: Vec<String> = Vec::new();
+    for c in now["route_clients"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        for p in c["plugins"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let line = if p["loaded"].as_bool() == Some(true) {
+                format!(
+                    "plugin {} v{}  sha256 {}  loaded {}",
+                    p["name"].as_str().unwrap_or(""),
+                    p["version"],
+                    p["sha256"]
+                        .as_str()
+                        .unwrap_or("")
+                        .chars()
+                        .take(16)
+                        .collect::<String>(),
+                    p["loaded_at"].as_str().unwrap_or("")
+                )
+            } else {
+                format!("plugin {} not loaded", p["name"].as_str().unwrap_or(""))
+            };
+            if !plugins.contains(&line) {
+                plugins.push(line);
+            }
+        }
+    }
+    for p in plugins {
+        out.push_str(&p);
+        out.push('\n');
+    }
+    if let Some(r) = now["config"]["last_reload"].as_object() {
+        out.push_str(&format!(
+            "last reload {} {}: {}\n",
+            r["at"].as_str().unwrap_or(""),
+            if r["ok"].as_bool() == Some(true) {
+                "applied"
+            } else {
+                "REFUSED"
+            },
+            r["summary"].as_str().unwrap_or("")
+        ));
+        for e in r["errors"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            out.push_str(&format!("  {}\n", e.as_str().unwrap_or("")));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Direction;
+
+    fn observed() -> Observed {
+        Observed {
+            stats: Arc::new(Stats::default()),
+            plugins: Arc::new(Registry::default()),
+            stall_timeout: Duration::from_secs(60),
+            started: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_796_015_443);
+        assert_eq!(rfc3339(t), "2026-11-30T05:10:43Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn a_route_with_messages_in_flight_and_no_acknowledgement_is_not_live() {
+        let mut o = observed();
+        o.stall_timeout = Duration::from_millis(50);
+        let c = Arc::new(RouteCounters::new(
+            "r",
+            Direction::LocalToRemote,
+            "c-r",
+            "local",
+            "remote",
+        ));
+        o.stats.register(c.clone());
+        assert!(health(&o).is_ok(), "idle is healthy");
+        c.in_flight.store(3, Ordering::Relaxed);
+        c.busy_since_ms.store(uptime_ms(), Ordering::Relaxed);
+        assert!(health(&o).is_ok(), "busy, within the bound");
+        std::thread::sleep(Duration::from_millis(120));
+        let e = health(&o).unwrap_err();
+        assert!(
+            e.contains("route \"r\"") && e.contains("3 message(s) in flight"),
+            "{e}"
+        );
+        c.last_progress_ms.store(uptime_ms(), Ordering::Relaxed);
+        assert!(health(&o).is_ok(), "an acknowledgement is progress");
+        o.stats
+            .dead_tasks
+            .lock()
+            .unwrap()
+            .push("plugin folder watcher".into());
+        assert!(health(&o).unwrap_err().contains("plugin folder watcher"));
+    }
+
+    #[test]
+    fn readiness_lists_what_is_not_connected_or_subscribed() {
+        let o = observed();
+        let c = Arc::new(RouteCounters::new(
+            "r",
+            Direction::LocalToRemote,
+            "c-r",
+            "local",
+            "remote",
+        ));
+        o.stats.register(c.clone());
+        c.source.set_error("cannot connect".into());
+        let not = readiness(&o).unwrap_err();
+        assert_eq!(not.len(), 2, "{not:?}");
+        assert!(
+            not[0].contains("source (local) connecting: cannot connect"),
+            "{not:?}"
+        );
+        c.source.set_state(crate::counters::LinkState::Up);
+        c.target.set_state(crate::counters::LinkState::Up);
+        assert!(readiness(&o).unwrap_err()[0].contains("not subscribed"));
+        c.source.subscribed.store(true, Ordering::Relaxed);
+        assert!(readiness(&o).is_ok());
+        let table = render_table(&status_json(&o), None, Duration::from_secs(1));
+        assert!(table.contains("ROUTE") && table.contains("c-r"), "{table}");
+    }
+}
