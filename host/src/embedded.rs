@@ -14,7 +14,7 @@ pub enum EmbeddedError {
     #[error("embedded broker address {0}: {1}")]
     Address(String, String),
     /// Something else listens there.
-    #[error("embedded broker cannot listen on {addr}: {source}")]
+    #[error("embedded broker cannot listen on {addr}")]
     Bind {
         /// Address.
         addr: SocketAddr,
@@ -26,8 +26,12 @@ pub enum EmbeddedError {
     NotReady(SocketAddr),
 }
 
+/// Embedded brokers started by this process, by address.
+static STARTED: std::sync::Mutex<Vec<(SocketAddr, Protocol)>> = std::sync::Mutex::new(Vec::new());
+
 /// Starts an embedded broker speaking `protocol` on `endpoint` and waits until it accepts
-/// connections. It runs on its own threads for the rest of the process.
+/// connections. It runs on its own threads for the rest of the process; starting it again
+/// (a configuration reload) is a no-op.
 pub fn start(endpoint: &Endpoint, protocol: Protocol) -> Result<SocketAddr, EmbeddedError> {
     let text = format!("{}:{}", endpoint.host, endpoint.port);
     let addr = text
@@ -35,6 +39,19 @@ pub fn start(endpoint: &Endpoint, protocol: Protocol) -> Result<SocketAddr, Embe
         .map_err(|e| EmbeddedError::Address(text.clone(), e.to_string()))?
         .next()
         .ok_or_else(|| EmbeddedError::Address(text.clone(), "no address".into()))?;
+    let mut started = STARTED.lock().expect("embedded brokers lock");
+    match started.iter().find(|(a, _)| *a == addr) {
+        Some((_, p)) if *p == protocol => return Ok(addr),
+        Some((_, p)) => {
+            return Err(EmbeddedError::Address(
+                text,
+                format!(
+                    "an embedded broker speaking {p:?} already runs there; restart the bridge to change its protocol"
+                ),
+            ));
+        }
+        None => {}
+    }
     // Bind once ourselves so that a busy port is a clear error instead of a log line from a
     // broker thread.
     drop(TcpListener::bind(addr).map_err(|source| EmbeddedError::Bind { addr, source })?);
@@ -87,6 +104,7 @@ pub fn start(endpoint: &Endpoint, protocol: Protocol) -> Result<SocketAddr, Embe
     while Instant::now() < deadline {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             tracing::info!("Embedded broker listening on {addr} ({protocol:?})");
+            started.push((addr, protocol));
             return Ok(addr);
         }
         std::thread::sleep(Duration::from_millis(20));

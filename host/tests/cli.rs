@@ -152,3 +152,97 @@ fn the_quick_start_bridges_with_nothing_installed() {
     assert!(status.success(), "{status:?}\n{log}");
     assert!(log.contains("Shutting down"), "{log}");
 }
+
+/// `run --http --log-format json` and `status`: the log is one JSON object per line (no
+/// terminal colours), `status` prints the running routes as a table, SIGHUP reloads.
+#[test]
+fn status_json_logs_and_sighup_through_the_binary() {
+    let (lp, rp, hp) = (free_port(), free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("quick.yaml");
+    let text = std::fs::read_to_string(quickstart())
+        .unwrap()
+        .replace("127.0.0.1:1883", &format!("127.0.0.1:{lp}"))
+        .replace("127.0.0.1:1884", &format!("127.0.0.1:{rp}"));
+    std::fs::write(&cfg, text).unwrap();
+    let mut bridge = edgebridge()
+        .args([
+            "run",
+            "--log-format",
+            "json",
+            "--http",
+            &format!("127.0.0.1:{hp}"),
+            "-f",
+        ])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = || {
+        edgebridge()
+            .args(["status", "--http", &format!("127.0.0.1:{hp}")])
+            .output()
+            .unwrap()
+    };
+    let mut out = status();
+    for _ in 0..100 {
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).contains(" ready") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        out = status();
+    }
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("healthy") && table.contains(" ready"),
+        "{table}"
+    );
+    assert!(
+        table.contains("ROUTE") && table.contains("MSG/S"),
+        "{table}"
+    );
+    assert!(
+        table.contains("telemetry") && table.contains("factory-gateway-commands"),
+        "{table}"
+    );
+    assert!(table.contains("local connected"), "{table}");
+    let _ = Command::new("kill")
+        .arg("-HUP")
+        .arg(bridge.id().to_string())
+        .status();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(bridge.id().to_string())
+        .status();
+    assert!(bridge.wait().unwrap().success());
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut bridge.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(
+        !log.contains('\u{1b}'),
+        "no terminal colour codes when stderr is not a terminal"
+    );
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let connected = lines
+        .iter()
+        .find(|l| l["message"] == "Connected")
+        .expect("a Connected line");
+    for key in ["timestamp", "level", "session", "client_id"] {
+        assert!(!connected[key].is_null(), "{key} in {connected}");
+    }
+    assert!(
+        lines.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Configuration reloaded"))),
+        "SIGHUP reloads: {log}"
+    );
+}

@@ -24,7 +24,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// TCP connect failed.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}")]
     Connect {
         /// host:port.
         addr: String,
@@ -43,7 +43,7 @@ pub enum TransportError {
     #[error("TLS configuration: {0}")]
     Config(String),
     /// The TLS handshake failed (untrusted server, hostname mismatch, expired certificate).
-    #[error("TLS handshake with {addr} failed: {source}{}", handshake_hint(source))]
+    #[error("TLS handshake with {addr} failed{}", handshake_hint(source))]
     Handshake {
         /// host:port.
         addr: String,
@@ -63,17 +63,20 @@ pub enum TransportError {
     },
 }
 
-/// What to check for the common handshake failures.
+/// What to check for the common handshake failures, as ` (hint)` (the cause follows as the
+/// error's source).
 fn handshake_hint(e: &io::Error) -> &'static str {
     let text = e.to_string();
     if text.contains("NotValidForName") || text.contains("not valid for name") {
-        "; the broker's certificate is not issued for this host name: use the name it was issued for in `endpoint`"
+        " (the broker's certificate is not issued for this host name: use the name it was issued for in `endpoint`)"
     } else if text.contains("Expired") || text.contains("expired") {
-        "; a certificate has expired: renew it"
+        " (a certificate has expired: renew it)"
+    } else if text.contains("UnsupportedCertVersion") {
+        " (a certificate of the broker's chain is an X.509 version 1 certificate, which TLS verification does not accept: issue a version 3 certificate)"
     } else if text.contains("invalid peer certificate") {
-        "; the broker's certificate is not trusted: `trustedCaCertificateConfigMap` must hold the CA that issued it (without one, the OS trust store is used)"
+        " (the broker's certificate is not trusted: `trustedCaCertificateConfigMap` must hold the CA that issued it; without one, the OS trust store is used)"
     } else if text.contains("alert") {
-        "; the broker refused the handshake: check the client certificate (x509 secret) and that the broker trusts its issuer"
+        " (the broker refused the handshake: check the client certificate (x509 secret) and that the broker trusts its issuer)"
     } else {
         ""
     }

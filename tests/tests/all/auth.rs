@@ -418,7 +418,7 @@ async fn tls_failures_are_clear() {
     let err = |c: BrokerConnection| async move {
         match transport::open(&c).await {
             Ok(_) => "connected".to_string(),
-            Err(e) => e.to_string(),
+            Err(e) => edgebridge::error::chain(&e),
         }
     };
     let e = err(conn(&wrong_ca, &cert, &key)).await;

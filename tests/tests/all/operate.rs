@@ -413,7 +413,11 @@ async fn live_reload_changes_only_what_changed() {
         assert!(
             metrics.contains("edgebridge_config_reloads_total{result=\"failed\"} 1"),
             "{}",
-            metrics.lines().filter(|l| l.contains("reload")).collect::<Vec<_>>().join("\n")
+            metrics
+                .lines()
+                .filter(|l| l.contains("reload"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         done_tx.send(true).unwrap();
     };
