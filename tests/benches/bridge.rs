@@ -3,13 +3,15 @@
 //! `bash bench/run` (builds the release binary, then runs this). Cases, in turns:
 //! (a) publish and subscribe on one broker (baseline, no bridge); (b) Mosquitto's built-in
 //! bridge; (c) edgebridge, one same-topic route; (d) the same through one plugin
-//! (topic-template); (e) through two (topic-template, json-filter). For QoS 0 and 1 and 64 B and
-//! 4 KiB payloads: throughput (first publish to last receive, loss and duplicates), latency
-//! p50/p99 at a fixed rate, and the bridge process's peak RSS and CPU seconds per million
-//! messages. Each case repeats; medians are printed with ratios against (a) and (b).
-//! `-- --quick` for fewer messages and repeats; `--only qos0-64` and `--cases bc` pick sections and
-//! cases (letters a-e), `--n 200000` sets the message count, `--soak 600` runs the memory soak.
-//! Bounded: every wait has a timeout.
+//! (topic-template); (e) through two (topic-template, json-filter); (f) edgebridge with its
+//! `/metrics` and `/status` scraped every second. Sections: publishers at QoS 0 through bridges
+//! configured for QoS 1 (as users configure them), QoS 1 through QoS 1, QoS 0 through QoS 0,
+//! each at 64 B and 4 KiB: throughput (first publish to last receive, loss and duplicates),
+//! latency p50/p99 at a fixed rate, and the bridge process's peak RSS and CPU seconds per
+//! million messages. Each case repeats; medians are printed with ratios against (a) and (b).
+//! `-- --quick` for fewer messages and repeats; `--only p1r1-64` and `--cases bc` pick sections
+//! and cases (letters a-f), `--n 200000` sets the message count, `--soak 600` runs the memory
+//! soak, `--scale` the 1,000-route and 10-route runs. Bounded: every wait has a timeout.
 
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
@@ -33,6 +35,7 @@ enum Case {
     Edgebridge,
     OnePlugin,
     TwoPlugins,
+    Metrics,
 }
 
 impl Case {
@@ -43,6 +46,7 @@ impl Case {
             Case::Edgebridge => "(c) edgebridge",
             Case::OnePlugin => "(d) edgebridge + 1 plugin",
             Case::TwoPlugins => "(e) edgebridge + 2 plugins",
+            Case::Metrics => "(f) edgebridge, /metrics scraped every second",
         }
     }
 }
@@ -145,7 +149,7 @@ fn edgebridge_binary() -> PathBuf {
 
 /// Starts the release binary on `cfg` in its own process group.
 /// `BENCH_BRIDGE_WRAP="perf record -g -o /tmp/p.data --"` runs it under a profiler.
-fn spawn_bridge(cfg: &Path, plugins_dir: &Path, policies_dir: &Path) -> Child {
+fn spawn_bridge(cfg: &Path, plugins_dir: &Path, policies_dir: &Path, extra: &[String]) -> Child {
     let wrap = std::env::var("BENCH_BRIDGE_WRAP").unwrap_or_default();
     let mut words: Vec<String> = wrap.split_whitespace().map(String::from).collect();
     words.push(edgebridge_binary().display().to_string());
@@ -159,6 +163,7 @@ fn spawn_bridge(cfg: &Path, plugins_dir: &Path, policies_dir: &Path) -> Child {
         .arg(policies_dir)
         .arg("--log-level")
         .arg("error")
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0)
@@ -337,12 +342,40 @@ async fn publish_over(
     secs
 }
 
-async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path) -> Run {
-    let qos = if qos_n == 0 {
+/// Scrapes `/metrics` and `/status` on `port` every second until aborted.
+fn scraper(port: u16) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for path in ["/metrics", "/status"] {
+                let _ = edgebridge::http::get(
+                    &format!("http://127.0.0.1:{port}{path}"),
+                    &[],
+                    Duration::from_secs(5),
+                    16 << 20,
+                )
+                .await;
+            }
+        }
+    })
+}
+
+/// One case: publishers at `pub_qos`, both bridges configured for `bridge_qos` (Mosquitto's
+/// `topic bench/# out <bridge_qos>`, edgebridge's route `qos:`), as users configure them.
+async fn run_case(
+    case: Case,
+    pub_qos: u8,
+    bridge_qos: u8,
+    size: usize,
+    n: u64,
+    plugins_dir: &Path,
+) -> Run {
+    let qos = if pub_qos == 0 {
         QoS::AtMostOnce
     } else {
         QoS::AtLeastOnce
     };
+    let qos_n = bridge_qos;
     let remote = tuned_mosquitto(None);
     let local = match case {
         Case::MosquittoBridge => tuned_mosquitto(Some((remote.port, qos_n))),
@@ -370,7 +403,11 @@ async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path
         }
     }
     let mut bridge: Option<Child> = None;
-    if matches!(case, Case::Edgebridge | Case::OnePlugin | Case::TwoPlugins) {
+    let mut scraping = None;
+    if matches!(
+        case,
+        Case::Edgebridge | Case::OnePlugin | Case::TwoPlugins | Case::Metrics
+    ) {
         let plugins = match case {
             Case::OnePlugin => {
                 "      plugins:\n        - {name: topic-template, config: {template: \"{#}\"}}\n"
@@ -383,11 +420,18 @@ async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path
         let dir = tempfile::tempdir().unwrap().keep();
         let cfg = dir.join("bench.yaml");
         std::fs::write(&cfg, bridge_yaml(local.port, remote.port, qos_n, plugins)).unwrap();
-        let child = spawn_bridge(&cfg, plugins_dir, &dir.join("none"));
+        let mut extra = Vec::new();
+        if case == Case::Metrics {
+            let port = free_port();
+            extra = vec!["--http".to_string(), format!("127.0.0.1:{port}")];
+            scraping = Some(scraper(port));
+        }
+        let child = spawn_bridge(&cfg, plugins_dir, &dir.join("none"), &extra);
         bridge = Some(child);
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
-    let (seen, task) = subscriber(sub_port, qos).await;
+    // The subscriber takes up to QoS 1: it sees each message at the QoS it was forwarded with.
+    let (seen, task) = subscriber(sub_port, QoS::AtLeastOnce).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = bridge.as_ref().map(|b| proc_stats(b.id()));
 
@@ -455,6 +499,9 @@ async fn run_case(case: Case, qos_n: u8, size: usize, n: u64, plugins_dir: &Path
         );
     }
     task.abort();
+    if let Some(s) = scraping {
+        s.abort();
+    }
     if let Some(mut b) = bridge {
         // SIGTERM first, so a profiler wrapped around the bridge can write its data.
         let _ = Command::new("kill")
@@ -494,7 +541,7 @@ async fn soak(secs: u64, plugins_dir: &Path) {
     let dir = tempfile::tempdir().unwrap().keep();
     let cfg = dir.join("soak.yaml");
     std::fs::write(&cfg, yaml).unwrap();
-    let mut bridge = spawn_bridge(&cfg, plugins_dir, &dir.join("none"));
+    let mut bridge = spawn_bridge(&cfg, plugins_dir, &dir.join("none"), &[]);
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let (seen, task) = subscriber(remote.port, QoS::AtLeastOnce).await;
     let n = secs * rate;
@@ -563,6 +610,142 @@ async fn soak(secs: u64, plugins_dir: &Path) {
     println!("samples (MiB): {}", line.join(" "));
 }
 
+/// `routes` same-shaped QoS 1 routes `r<i>` on `bench/r<i>/#`.
+fn many_routes(local: u16, remote: u16, routes: usize) -> String {
+    let mut list = String::new();
+    for i in 0..routes {
+        list.push_str(&format!(
+            "    - {{direction: local-to-remote, name: r{i}, source: \"bench/r{i}/#\", qos: 1}}\n"
+        ));
+    }
+    bridge_yaml(local, remote, 1, "").replace(
+        "    - direction: local-to-remote\n      name: bench\n      source: \"bench/#\"\n      qos: 1\n",
+        &list,
+    )
+}
+
+/// `--scale`: (1) 1,000 routes on one bridge: time from start to `/readyz` answering 200 (every
+/// session connected and subscribed) and resident memory then; (2) 10 routes forwarding QoS 1
+/// at once against one route, total throughput.
+async fn scale(n: u64) {
+    let remote = tuned_mosquitto(None);
+    let local = tuned_mosquitto(None);
+    let dir = tempfile::tempdir().unwrap().keep();
+    for routes in [1000usize] {
+        let cfg = dir.join(format!("scale-{routes}.yaml"));
+        std::fs::write(&cfg, many_routes(local.port, remote.port, routes)).unwrap();
+        let port = free_port();
+        let extra = vec!["--http".to_string(), format!("127.0.0.1:{port}")];
+        let t0 = Instant::now();
+        let mut bridge = spawn_bridge(&cfg, &dir, &dir.join("none"), &extra);
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        let mut ready = None;
+        while t0.elapsed() < Duration::from_secs(60) {
+            if let Ok(r) = edgebridge::http::get(&url, &[], Duration::from_secs(1), 1 << 20).await
+                && r.status == 200
+            {
+                ready = Some(t0.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (rss_hwm, _) = proc_stats(bridge.id());
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", bridge.id())).unwrap_or_default();
+        let rss: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        println!(
+            "scale: {routes} routes ({} sessions) ready after {} ms; RSS {:.1} MiB (peak {:.1} MiB)",
+            routes * 2,
+            ready
+                .map(|d| d.as_millis().to_string())
+                .unwrap_or_else(|| "- (not ready in 60 s)".into()),
+            rss as f64 / 1024.0,
+            rss_hwm as f64 / 1024.0
+        );
+        let _ = Command::new("kill")
+            .args(["-TERM", &bridge.id().to_string()])
+            .status();
+        let _ = bridge.wait();
+    }
+    // 10 routes at once against 1, each run publishing n messages in all.
+    for routes in [1usize, 10] {
+        let remote = tuned_mosquitto(None);
+        let local = tuned_mosquitto(None);
+        let cfg = dir.join(format!("parallel-{routes}.yaml"));
+        std::fs::write(&cfg, many_routes(local.port, remote.port, routes)).unwrap();
+        let mut bridge = spawn_bridge(&cfg, &dir, &dir.join("none"), &[]);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (seen, task) = subscriber(remote.port, QoS::AtLeastOnce).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t0 = Instant::now();
+        // One publisher per route, in parallel.
+        let per = n / routes as u64;
+        let mut pubs = Vec::new();
+        for r in 0..routes {
+            pubs.push(tokio::spawn(publish_on(
+                local.port,
+                format!("bench/r{r}/t"),
+                per,
+                r as u64 * per,
+            )));
+        }
+        for p in pubs {
+            let _ = p.await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (seen.lock().unwrap().len() as u64) < per * routes as u64 && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let rate = seen.lock().unwrap().len() as f64 / t0.elapsed().as_secs_f64();
+        task.abort();
+        println!(
+            "scale: {routes} route(s) forwarding at once: {rate:.0} msg/s in total (QoS 1, 64 B)"
+        );
+        let _ = bridge.kill();
+        let _ = bridge.wait();
+    }
+}
+
+/// Publishes `n` QoS 1 messages on `topic`, sequence numbers from `first`.
+async fn publish_on(port: u16, topic: String, n: u64, first: u64) {
+    let (handle, mut events, task) = session::spawn(
+        session_options(port, format!("bench-pub-{}", free_port()), vec![]),
+        4096,
+    );
+    let mut done = 0u64;
+    for i in 0..n {
+        let msg = Message {
+            topic: topic.clone(),
+            payload: payload(first + i, 64).into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Properties::default(),
+        };
+        handle.publish(msg, i);
+        while i + 1 - done > 2_000 {
+            if let Some(SessionEvent::State(StateEvent::Delivered(_))) = events.recv().await {
+                done += 1;
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while done < n {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(SessionEvent::State(StateEvent::Delivered(_)))) => done += 1,
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    drop(handle);
+    let _ = task.await;
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -574,7 +757,7 @@ fn main() {
             .and_then(|i| args.get(i + 1).cloned())
     };
     let only = flag("--only").unwrap_or_default();
-    let letters = flag("--cases").unwrap_or_else(|| "abcde".into());
+    let letters = flag("--cases").unwrap_or_else(|| "abcdef".into());
     let (n, repeats) = if quick {
         (10_000u64, 1)
     } else {
@@ -594,12 +777,17 @@ fn main() {
         rt.block_on(soak(secs, &plugins_dir));
         return;
     }
+    if args.iter().any(|a| a == "--scale") {
+        rt.block_on(scale(n));
+        return;
+    }
     let cases: Vec<Case> = [
         ('a', Case::Baseline),
         ('b', Case::MosquittoBridge),
         ('c', Case::Edgebridge),
         ('d', Case::OnePlugin),
         ('e', Case::TwoPlugins),
+        ('f', Case::Metrics),
     ]
     .into_iter()
     .filter(|(l, _)| letters.contains(*l))
@@ -608,13 +796,17 @@ fn main() {
     println!(
         "edgebridge end-to-end benchmark: {n} messages per throughput run, {repeats} repeat(s), medians"
     );
-    for qos in [0u8, 1] {
+    // (publishers' QoS, the bridges' configured QoS): QoS 0 telemetry through bridges set up
+    // for QoS 1 (what users run), QoS 1 through QoS 1, and QoS 0 through QoS 0.
+    for (pub_qos, bridge_qos) in [(0u8, 1u8), (1, 1), (0, 0)] {
         for size in [64usize, 4096] {
-            if !format!("qos{qos}-{size}").contains(&only) {
+            if !format!("p{pub_qos}r{bridge_qos}-{size}").contains(&only) {
                 continue;
             }
             println!();
-            println!("### QoS {qos}, {size} B");
+            println!(
+                "### publishers at QoS {pub_qos}, bridges configured for QoS {bridge_qos}, {size} B"
+            );
             println!(
                 "| case | msg/s | vs (a) | vs (b) | lost | dup | p50 µs @5k/s | p99 µs | bridge RSS MiB | CPU s / M msgs | broker drop notices |"
             );
@@ -625,7 +817,14 @@ fn main() {
             let mut all: Vec<Vec<Run>> = vec![Vec::new(); cases.len()];
             for _ in 0..repeats {
                 for (i, &case) in cases.iter().enumerate() {
-                    all[i].push(rt.block_on(run_case(case, qos, size, n, &plugins_dir)));
+                    all[i].push(rt.block_on(run_case(
+                        case,
+                        pub_qos,
+                        bridge_qos,
+                        size,
+                        n,
+                        &plugins_dir,
+                    )));
                 }
             }
             for (&case, runs) in cases.iter().zip(all) {
