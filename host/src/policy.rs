@@ -13,7 +13,7 @@
 //!   maxEmit: 8                  # messages emitted per input
 //!   maxPayload: 1Mi             # bytes per emitted payload
 //!   emitTopics: ["$target"]     # filters emitted topics must match; $target = the route's target namespace
-//!   imports: [log, clock, kv]   # host interfaces it may import
+//!   imports: [log, clock, kv]   # host interfaces it may import; also wasi-clocks, wasi-random
 //!   kv: {maxKeys: 10000, maxBytes: 1Mi}
 //!   mayChangeQos: false
 //!   mayChangeRetain: false
@@ -32,7 +32,8 @@ use crate::topic;
 /// apiVersion of policy documents.
 pub const API_VERSION: &str = "edgebridge.dev/v1alpha1";
 
-/// A host interface a plugin may import.
+/// Something a plugin may be granted: a host interface of the plugin package, or what it
+/// may observe through WASI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Import {
     /// `edgebridge:plugin/log`.
@@ -41,15 +42,33 @@ pub enum Import {
     Clock,
     /// `edgebridge:plugin/kv`.
     Kv,
+    /// The real time through WASI: `wasi:clocks/wall-clock` and `monotonic-clock` read the
+    /// host's clocks, and sleeping waits. Without it the wall clock reads 1970-01-01, the
+    /// monotonic clock never moves, and a sleep returns at once.
+    WasiClocks,
+    /// Real random numbers through WASI: `wasi:random/*`. Without it they are a fixed
+    /// sequence, the same for every instance.
+    WasiRandom,
 }
 
 impl Import {
-    /// The name used in policies and in the WIT package.
+    /// Every grant, in the order the policy reference lists them.
+    pub const ALL: [Import; 5] = [
+        Import::Log,
+        Import::Clock,
+        Import::Kv,
+        Import::WasiClocks,
+        Import::WasiRandom,
+    ];
+
+    /// The name used in policies (and, for the first three, in the WIT package).
     pub fn as_str(self) -> &'static str {
         match self {
             Import::Log => "log",
             Import::Clock => "clock",
             Import::Kv => "kv",
+            Import::WasiClocks => "wasi-clocks",
+            Import::WasiRandom => "wasi-random",
         }
     }
 
@@ -423,20 +442,21 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
                 p.imports.clear();
                 for (i, item) in items.iter().enumerate() {
                     let ip = format!("{path}[{i}]");
-                    match string(cx, (ip.clone(), item)).as_deref() {
-                        Some("log") => p.imports.push(Import::Log),
-                        Some("clock") => p.imports.push(Import::Clock),
-                        Some("kv") => p.imports.push(Import::Kv),
-                        Some(other) => {
-                            cx.err(
-                                item.line,
-                                &ip,
-                                format!(
-                                    "\"{other}\" is not a host import; expected log, clock or kv"
-                                ),
-                            );
-                            ok = false;
-                        }
+                    match string(cx, (ip.clone(), item)) {
+                        Some(name) => match Import::ALL.iter().find(|i| i.as_str() == name) {
+                            Some(i) => p.imports.push(*i),
+                            None => {
+                                cx.err(
+                                    item.line,
+                                    &ip,
+                                    format!(
+                                        "\"{name}\" is not something a policy grants; expected one of: {}",
+                                        Import::ALL.map(|i| i.as_str()).join(", ")
+                                    ),
+                                );
+                                ok = false;
+                            }
+                        },
                         None => ok = false,
                     }
                 }
@@ -561,7 +581,7 @@ mod tests {
         );
         assert!(
             errs.iter()
-                .any(|e| e.contains("\"net\" is not a host import"))
+                .any(|e| e.contains("\"net\" is not something a policy grants"))
         );
         assert!(
             errs.iter()

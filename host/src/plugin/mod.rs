@@ -11,6 +11,7 @@
 //!   trap, behind a circuit breaker.
 
 pub mod bindings;
+mod sandbox;
 pub mod stage;
 
 use std::collections::HashMap;
@@ -168,6 +169,8 @@ pub struct HostState {
     kv_max_bytes: usize,
     stderr: MemoryOutputPipe,
     budget: Option<CallBudget>,
+    /// The policy grants `wasi-clocks`: sleeping waits.
+    clocks_granted: bool,
 }
 
 /// The time budget of the call in progress. A call may run for its budget in wall time (the
@@ -200,7 +203,7 @@ impl CallBudget {
             return wasmtime::UpdateDeadline::Continue(ticks(self.cpu));
         };
         let wall = wall0.elapsed();
-        if wall >= (self.cpu * Self::WALL_FACTOR).max(Self::WALL_MIN) {
+        if wall >= wall_backstop(self.cpu) {
             return wasmtime::UpdateDeadline::Interrupt;
         }
         // Host imports do not suspend a call, but if the fiber ever resumed on another thread
@@ -215,6 +218,12 @@ impl CallBudget {
             _ => wasmtime::UpdateDeadline::Interrupt,
         }
     }
+}
+
+/// The longest a call with this time budget may take in wall time, whatever it does:
+/// [`CallBudget::WALL_FACTOR`] times the budget, at least [`CallBudget::WALL_MIN`].
+pub(crate) fn wall_backstop(budget: Duration) -> Duration {
+    (budget * CallBudget::WALL_FACTOR).max(CallBudget::WALL_MIN)
 }
 
 /// CPU time consumed by the current thread.
@@ -382,6 +391,7 @@ impl Runtime {
         let mut linker: Linker<HostState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| format!("linking WASI: {e}"))?;
+        sandbox::add_sleep_to_linker(&mut linker).map_err(|e| format!("linking WASI: {e}"))?;
         let mut filter_linker = linker.clone();
         RouteMapper::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| format!("linking host interfaces: {e}"))?;
@@ -482,6 +492,8 @@ impl Runtime {
                         i.as_str()
                     )));
                 }
+            } else if let Some(reason) = sandbox::refused_wasi_import(import) {
+                return Err(err(reason.into()));
             } else if !import.starts_with("wasi:") {
                 return Err(err("the bridge does not provide".into()));
             }
@@ -526,11 +538,25 @@ impl Runtime {
     /// A fresh store for `loaded` on `route`, with the policy's limits.
     pub(crate) fn store(&self, loaded: &Loaded, route: &str) -> Store<HostState> {
         let stderr = MemoryOutputPipe::new(16 * 1024);
-        let wasi = WasiCtxBuilder::new()
-            .stderr(stderr.clone())
-            .stdout(stderr.clone())
-            .build();
         let p = &loaded.policy;
+        // Nothing of the host: no files, no network, no environment. What a plugin may observe
+        // of the world — the time, random numbers — is a policy grant; without it, it is
+        // fixed, so a plugin decides the same way every time.
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stderr(stderr.clone()).stdout(stderr.clone());
+        wasi.monotonic_clock(sandbox::Monotonic {
+            real: p.grants(Import::WasiClocks),
+        });
+        if !p.grants(Import::WasiClocks) {
+            wasi.wall_clock(sandbox::Epoch);
+        }
+        if !p.grants(Import::WasiRandom) {
+            use rand::SeedableRng;
+            wasi.secure_random(rand::rngs::StdRng::seed_from_u64(0))
+                .insecure_random(rand::rngs::StdRng::seed_from_u64(1))
+                .insecure_random_seed(0);
+        }
+        let wasi = wasi.build();
         let state = HostState {
             wasi,
             table: ResourceTable::new(),
@@ -549,6 +575,7 @@ impl Runtime {
             kv_max_bytes: p.kv_max_bytes,
             stderr,
             budget: None,
+            clocks_granted: p.grants(Import::WasiClocks),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -574,29 +601,42 @@ impl Runtime {
             route: route.to_string(),
             message,
         };
-        arm_budget(&mut store, loaded.policy.time_per_message * 100);
-        let result = match &loaded.pre {
-            Pre::Mapper(pre) => {
-                let inst = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(|e| fail(format!("instantiation failed: {e:#}")))?;
-                let r = inst
-                    .edgebridge_plugin_mapper()
-                    .call_init(&mut store, config)
-                    .await;
-                (r, Instance::Mapper(inst))
-            }
-            Pre::Filter(pre) => {
-                let inst = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(|e| fail(format!("instantiation failed: {e:#}")))?;
-                let r = inst
-                    .edgebridge_plugin_filter()
-                    .call_init(&mut store, config)
-                    .await;
-                (r, Instance::Filter(inst))
+        let budget = loaded.policy.time_per_message * 100;
+        arm_budget(&mut store, budget);
+        let backstop = wall_backstop(budget);
+        let init = async {
+            let result = match &loaded.pre {
+                Pre::Mapper(pre) => {
+                    let inst = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(|e| fail(format!("instantiation failed: {e:#}")))?;
+                    let r = inst
+                        .edgebridge_plugin_mapper()
+                        .call_init(&mut store, config)
+                        .await;
+                    (r, Instance::Mapper(inst))
+                }
+                Pre::Filter(pre) => {
+                    let inst = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(|e| fail(format!("instantiation failed: {e:#}")))?;
+                    let r = inst
+                        .edgebridge_plugin_filter()
+                        .call_init(&mut store, config)
+                        .await;
+                    (r, Instance::Filter(inst))
+                }
+            };
+            Ok(result)
+        };
+        let result = match tokio::time::timeout(backstop, init).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(fail(format!(
+                    "init did not return within {backstop:?} (the wall-clock backstop)"
+                )));
             }
         };
         match result {

@@ -11,7 +11,9 @@ use wasmtime::Store;
 use std::sync::atomic::Ordering;
 
 use super::bindings::types as wit;
-use super::{HostState, Instance, Loaded, Registry, Runtime, arm_budget, describe_trap};
+use super::{
+    HostState, Instance, Loaded, Registry, Runtime, arm_budget, describe_trap, wall_backstop,
+};
 use crate::config::Direction;
 use crate::counters::{CallOutcome, PluginCounters};
 use crate::model::{Message, Properties, QoS};
@@ -251,25 +253,40 @@ impl Stage {
         let input = to_wit(msg);
         arm_budget(&mut live.store, live.loaded.policy.time_per_message);
         let plugin = self.plugin.clone();
-        let result = match &live.instance {
-            Instance::Mapper(m) => m
-                .edgebridge_plugin_mapper()
-                .call_map_message(&mut live.store, ctx, &input)
-                .await
-                .map(|r| r.map(Some)),
-            Instance::Filter(f) => f
-                .edgebridge_plugin_filter()
-                .call_keep(&mut live.store, ctx, &input)
-                .await
-                .map(|r| {
-                    r.map(|keep| {
-                        if keep {
-                            Some(wit::Decision::Pass)
-                        } else {
-                            Some(wit::Decision::Drop("filtered out".into()))
-                        }
-                    })
-                }),
+        // The epoch deadline stops a plugin that computes; this stops one that waits in a host
+        // call (where no deadline fires), e.g. sleeping under a `wasi-clocks` grant.
+        let backstop = wall_backstop(live.loaded.policy.time_per_message);
+        let call = async {
+            match &live.instance {
+                Instance::Mapper(m) => m
+                    .edgebridge_plugin_mapper()
+                    .call_map_message(&mut live.store, ctx, &input)
+                    .await
+                    .map(|r| r.map(Some)),
+                Instance::Filter(f) => f
+                    .edgebridge_plugin_filter()
+                    .call_keep(&mut live.store, ctx, &input)
+                    .await
+                    .map(|r| {
+                        r.map(|keep| {
+                            if keep {
+                                Some(wit::Decision::Pass)
+                            } else {
+                                Some(wit::Decision::Drop("filtered out".into()))
+                            }
+                        })
+                    }),
+            }
+        };
+        let Ok(result) = tokio::time::timeout(backstop, call).await else {
+            // The abandoned call leaves its instance unusable: the next call rebuilds it.
+            self.live = None;
+            return Err(StageError::Trap {
+                plugin,
+                message: format!(
+                    "time budget exceeded: the call did not return within {backstop:?} (the wall-clock backstop: it was waiting, not computing)"
+                ),
+            });
         };
         match result {
             Err(trap) => {

@@ -660,3 +660,99 @@ async fn the_plugins_example_loads_with_the_shipped_policies() {
         "{e}"
     );
 }
+
+/// Runs the `observe` fixture once under `policy` (a fresh instance) on `payload`; returns
+/// what it reported, or the error.
+async fn observe(policy: edgebridge::policy::Policy, payload: &str) -> Result<String, String> {
+    use edgebridge::plugin::stage::{Outcome, RouteInfo, Stage};
+    use edgebridge::plugin::{Registry, Runtime};
+    let file = edgebridge_tests::plugin_wasm("observe");
+    let bytes = std::fs::read(&file).unwrap();
+    let runtime = Runtime::new().unwrap();
+    let loaded = runtime.load("observe", &file, &bytes, policy).unwrap();
+    let registry = std::sync::Arc::new(Registry::default());
+    registry.install(loaded);
+    let route = RouteInfo {
+        name: "r".into(),
+        direction: edgebridge::config::Direction::LocalToRemote,
+        source: "o/#".into(),
+        qos: edgebridge::model::QoS::AtLeastOnce,
+        target_namespace: "o/#".into(),
+    };
+    let counters = std::sync::Arc::new(edgebridge::counters::PluginCounters::new("observe", "r"));
+    let mut stage = Stage::new(runtime, registry, "observe", "{}", route, counters);
+    let msg = edgebridge::model::Message {
+        topic: "o/x".into(),
+        payload: bytes::Bytes::from(payload.to_string()),
+        qos: edgebridge::model::QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    };
+    match stage.decide(&msg, "o/x").await {
+        Ok(Outcome::Emit(list)) => Ok(String::from_utf8_lossy(&list[0].payload).into_owned()),
+        Ok(other) => Err(format!("{other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// What a plugin may observe of the host through WASI is a policy grant: without
+/// `wasi-clocks` the wall clock reads 1970, the monotonic clock does not move and a 30 s sleep
+/// returns at once; without `wasi-random` random numbers are the same in every instance.
+/// Granted, each is real — and a sleep is still bounded by the call's wall-clock backstop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wasi_sandbox_gives_time_and_randomness_only_when_granted() {
+    use edgebridge::policy::{Import, Policy};
+    let denied = Policy::default_for("observe");
+    let mut granted = Policy::default_for("observe");
+    granted
+        .imports
+        .extend([Import::WasiClocks, Import::WasiRandom]);
+
+    assert_eq!(observe(denied.clone(), "wall").await.unwrap(), "0");
+    assert_eq!(observe(denied.clone(), "mono").await.unwrap(), "0");
+    let r1 = observe(denied.clone(), "random").await.unwrap();
+    let r2 = observe(denied.clone(), "random").await.unwrap();
+    assert_eq!(r1, r2, "a fixed sequence, the same in every instance");
+    let started = std::time::Instant::now();
+    assert_eq!(observe(denied.clone(), "sleep").await.unwrap(), "slept");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a denied sleep returns at once: {:?}",
+        started.elapsed()
+    );
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let wall: u64 = observe(granted.clone(), "wall")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(wall.abs_diff(now) < 60, "the real time: {wall} vs {now}");
+    let mono: u64 = observe(granted.clone(), "mono")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(mono > 0, "the real monotonic clock moves");
+    let g1 = observe(granted.clone(), "random").await.unwrap();
+    let g2 = observe(granted.clone(), "random").await.unwrap();
+    assert_ne!(g1, g2, "real random numbers");
+    // Granted sleeping waits, but not past the backstop (100 x 10 ms, at least 2 s).
+    let started = std::time::Instant::now();
+    let e = observe(granted, "sleep").await.unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        e.contains("time budget exceeded") && e.contains("wall-clock backstop"),
+        "{e}"
+    );
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    println!(
+        "sandbox: denied sleep returned at once; granted 30 s sleep stopped after {took:?}: {e}"
+    );
+}
