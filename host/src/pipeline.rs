@@ -206,13 +206,15 @@ async fn run_chain<S: Stage>(
                 }
                 Outcome::Emit(list) => {
                     for e in list {
-                        let target = e.topic;
                         next.push((
                             Message {
                                 topic: m.topic.clone(),
-                                ..e
+                                payload: e.payload,
+                                qos: e.qos,
+                                retain: e.retain,
+                                properties: e.properties,
                             },
-                            target,
+                            e.topic.into_string(),
                         ));
                     }
                 }

@@ -183,6 +183,42 @@ impl Policy {
     }
 }
 
+/// A topic a plugin may publish to. Only [`Policy::confine`] makes one, so the path from a
+/// plugin's decision to a publish cannot carry a topic its policy does not allow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfinedTopic(String);
+
+impl ConfinedTopic {
+    /// The topic.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The topic, to publish to.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl Policy {
+    /// Checks a topic a plugin emitted on a route whose target namespace is `target`: a valid
+    /// topic name that the policy's `emitTopics` allow.
+    pub fn confine(&self, name: String, target: &str) -> Result<ConfinedTopic, String> {
+        topic::validate_name(&name)
+            .map_err(|err| format!("topic \"{}\" {err}", topic::shorten(&name)))?;
+        if !self.may_emit_to(&name, target) {
+            return Err(format!(
+                "topic \"{}\" is outside what its policy allows (emitTopics: {})",
+                topic::shorten(&name),
+                self.emit_topics
+                    .join(", ")
+                    .replace("$target", &format!("$target = {target}"))
+            ));
+        }
+        Ok(ConfinedTopic(name))
+    }
+}
+
 /// Every policy loaded from a folder, by plugin name.
 #[derive(Debug, Clone, Default)]
 pub struct Policies {

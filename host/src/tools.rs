@@ -256,7 +256,7 @@ pub async fn plugin_test(t: &PluginTest) -> Result<(), String> {
                 };
                 println!(
                     "  topic {}  qos {}  retain {}  payload {payload}",
-                    m.topic,
+                    m.topic.as_str(),
                     m.qos.as_u8(),
                     m.retain
                 );

@@ -11,6 +11,7 @@
 //!   trap, behind a circuit breaker.
 
 pub mod bindings;
+mod host;
 mod sandbox;
 pub mod stage;
 
@@ -22,13 +23,13 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use tracing::{error, info, warn};
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use self::bindings::filter::{MessageFilter, MessageFilterPre};
-use self::bindings::mapper::edgebridge::plugin::{clock, kv, log, types};
+use self::bindings::mapper::edgebridge::plugin::types;
 use self::bindings::mapper::{RouteMapper, RouteMapperPre};
 use crate::policy::{Import, Policies, Policy};
 
@@ -164,9 +165,7 @@ pub struct HostState {
     plugin: Arc<str>,
     route: Arc<str>,
     kv: Arc<Mutex<KvStore>>,
-    kv_granted: bool,
-    kv_max_keys: usize,
-    kv_max_bytes: usize,
+    kv_quota: host::KvQuota,
     stderr: MemoryOutputPipe,
     budget: Option<CallBudget>,
     /// The policy grants `wasi-clocks`: sleeping waits.
@@ -250,78 +249,6 @@ impl WasiView for HostState {
     }
 }
 
-impl types::Host for HostState {}
-
-impl log::Host for HostState {
-    fn write(&mut self, level: log::Level, message: String) {
-        let mut message = message;
-        if message.len() > 4096 {
-            let mut cut = 4096;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
-        let (plugin, route) = (&*self.plugin, &*self.route);
-        match level {
-            log::Level::Trace => tracing::trace!(plugin, route, "{message}"),
-            log::Level::Debug => tracing::debug!(plugin, route, "{message}"),
-            log::Level::Info => tracing::info!(plugin, route, "{message}"),
-            log::Level::Warn => tracing::warn!(plugin, route, "{message}"),
-            log::Level::Error => tracing::error!(plugin, route, "{message}"),
-        }
-    }
-}
-
-impl clock::Host for HostState {
-    fn now_millis(&mut self) -> u64 {
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    }
-}
-
-impl kv::Host for HostState {
-    fn get(&mut self, key: String) -> Option<Vec<u8>> {
-        if !self.kv_granted {
-            return None;
-        }
-        self.kv.lock().expect("kv lock").map.get(&key).cloned()
-    }
-
-    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
-        if !self.kv_granted {
-            return Err("kv is not granted by this plugin's policy".into());
-        }
-        let mut kv = self.kv.lock().expect("kv lock");
-        let old = kv.map.get(&key).map(|v| key.len() + v.len()).unwrap_or(0);
-        let new_bytes = kv.bytes - old + key.len() + value.len();
-        if old == 0 && kv.map.len() >= self.kv_max_keys {
-            return Err(format!("kv quota: {} keys used", self.kv_max_keys));
-        }
-        if new_bytes > self.kv_max_bytes {
-            return Err(format!(
-                "kv quota: {} bytes would be used, {} allowed",
-                new_bytes, self.kv_max_bytes
-            ));
-        }
-        kv.bytes = new_bytes;
-        kv.map.insert(key, value);
-        Ok(())
-    }
-
-    fn delete(&mut self, key: String) {
-        if !self.kv_granted {
-            return;
-        }
-        let mut kv = self.kv.lock().expect("kv lock");
-        if let Some(v) = kv.map.remove(&key) {
-            kv.bytes -= key.len() + v.len();
-        }
-    }
-}
-
 enum Pre {
     Mapper(RouteMapperPre<HostState>),
     Filter(MessageFilterPre<HostState>),
@@ -369,8 +296,8 @@ pub(crate) enum Instance {
 /// The wasmtime engine, linkers and shared plugin state of a process.
 pub struct Runtime {
     engine: Engine,
+    /// WASI and the plugin interfaces; serves both worlds (they import the same interfaces).
     linker: Linker<HostState>,
-    filter_linker: Linker<HostState>,
     kv: Mutex<HashMap<(String, String), SharedKv>>,
     stop_ticker: Arc<AtomicBool>,
 }
@@ -392,11 +319,7 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| format!("linking WASI: {e}"))?;
         sandbox::add_sleep_to_linker(&mut linker).map_err(|e| format!("linking WASI: {e}"))?;
-        let mut filter_linker = linker.clone();
-        RouteMapper::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(|e| format!("linking host interfaces: {e}"))?;
-        MessageFilter::add_to_linker::<_, HasSelf<HostState>>(&mut filter_linker, |s| s)
-            .map_err(|e| format!("linking host interfaces: {e}"))?;
+        host::add_to_linker(&mut linker).map_err(|e| format!("linking host interfaces: {e}"))?;
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (e, stop) = (engine.clone(), stop_ticker.clone());
         std::thread::Builder::new()
@@ -411,7 +334,6 @@ impl Runtime {
         Ok(Arc::new(Runtime {
             engine,
             linker,
-            filter_linker,
             kv: Mutex::new(HashMap::new()),
             stop_ticker,
         }))
@@ -504,7 +426,7 @@ impl Runtime {
                 .instantiate_pre(&component)
                 .and_then(|p| RouteMapperPre::new(p).map(Pre::Mapper)),
             World::Filter => self
-                .filter_linker
+                .linker
                 .instantiate_pre(&component)
                 .and_then(|p| MessageFilterPre::new(p).map(Pre::Filter)),
         }
@@ -570,9 +492,11 @@ impl Runtime {
             plugin: loaded.name.as_str().into(),
             route: route.into(),
             kv: self.kv_for(&loaded.name, route),
-            kv_granted: p.grants(Import::Kv),
-            kv_max_keys: p.kv_max_keys,
-            kv_max_bytes: p.kv_max_bytes,
+            kv_quota: host::KvQuota {
+                granted: p.grants(Import::Kv),
+                max_keys: p.kv_max_keys,
+                max_bytes: p.kv_max_bytes,
+            },
             stderr,
             budget: None,
             clocks_granted: p.grants(Import::WasiClocks),

@@ -17,7 +17,7 @@ use super::{
 use crate::config::Direction;
 use crate::counters::{CallOutcome, PluginCounters};
 use crate::model::{Message, Properties, QoS};
-use crate::topic;
+use crate::policy::ConfinedTopic;
 
 /// What a stage decided about a message.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,8 +26,25 @@ pub enum Outcome {
     Pass,
     /// Do not forward (reason).
     Drop(String),
-    /// Forward these instead; each message's `topic` is its target topic.
-    Emit(Vec<Message>),
+    /// Forward these instead.
+    Emit(Vec<Emitted>),
+}
+
+/// A message a plugin emitted, checked against its policy. Its topic is a
+/// [`ConfinedTopic`], which only the policy check makes: a message a plugin may not publish
+/// cannot be built, let alone published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emitted {
+    /// The topic to publish to.
+    pub topic: ConfinedTopic,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS.
+    pub qos: QoS,
+    /// Retain flag.
+    pub retain: bool,
+    /// MQTT 5 properties.
+    pub properties: Properties,
 }
 
 /// Why a stage could not decide; the route's `onPluginError` applies.
@@ -391,18 +408,7 @@ pub fn validate(
     }
     let mut out = Vec::with_capacity(emitted.len());
     for e in emitted {
-        topic::validate_name(&e.topic)
-            .map_err(|err| format!("topic \"{}\" {err}", topic::shorten(&e.topic)))?;
-        if !policy.may_emit_to(&e.topic, &route.target_namespace) {
-            return Err(format!(
-                "topic \"{}\" is outside what its policy allows (emitTopics: {})",
-                topic::shorten(&e.topic),
-                policy
-                    .emit_topics
-                    .join(", ")
-                    .replace("$target", &format!("$target = {}", route.target_namespace))
-            ));
-        }
+        let topic = policy.confine(e.topic, &route.target_namespace)?;
         let payload = match e.payload {
             wit::Payload::Unchanged => msg.payload.clone(),
             wit::Payload::Replace(bytes) => {
@@ -438,8 +444,8 @@ pub fn validate(
             }
             Some(r) => r,
         };
-        out.push(Message {
-            topic: e.topic,
+        out.push(Emitted {
+            topic,
             payload,
             qos,
             retain,
@@ -499,7 +505,7 @@ mod tests {
         .unwrap();
         let Outcome::Emit(v) = out else { panic!() };
         assert_eq!(v[0].payload.as_ptr(), m.payload.as_ptr());
-        assert_eq!(v[0].topic, "site/x");
+        assert_eq!(v[0].topic.as_str(), "site/x");
     }
 
     #[test]
