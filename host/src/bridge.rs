@@ -676,19 +676,24 @@ pub async fn reload_from(bridge: &mut RunningBridge, source: &ConfigSource) {
             }
             Err(report.errors.iter().map(ToString::to_string).collect())
         }
-        Ok(new) => match bridge.reload(new).await {
-            Ok(summary) => {
-                info!("Configuration reloaded: {summary}");
-                Ok(summary)
+        Ok(new) => {
+            for w in new.warnings() {
+                warn!("{w}");
             }
-            Err(e) => {
-                let text = crate::error::chain(&e);
-                for line in text.lines() {
-                    error!("Configuration not reloaded: {line}");
+            match bridge.reload(new).await {
+                Ok(summary) => {
+                    info!("Configuration reloaded: {summary}");
+                    Ok(summary)
                 }
-                Err(text.lines().map(str::to_string).collect())
+                Err(e) => {
+                    let text = crate::error::chain(&e);
+                    for line in text.lines() {
+                        error!("Configuration not reloaded: {line}");
+                    }
+                    Err(text.lines().map(str::to_string).collect())
+                }
             }
-        },
+        }
     };
     let stats = &bridge.stats;
     let (errors, summary) = match outcome {

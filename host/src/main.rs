@@ -344,6 +344,9 @@ fn main() -> ExitCode {
         }),
         Command::Check { files, plugin_dirs } => match files.load() {
             Ok(cfg) => {
+                for w in cfg.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 let rt = tokio::runtime::Runtime::new().expect("runtime");
                 match rt.block_on(edgebridge::bridge::load_plugins(
                     &cfg,
@@ -432,6 +435,9 @@ fn main() -> ExitCode {
                     .unwrap_or_else(|| "info".into())
             });
             init_logging(&level, &logs.log_format);
+            for w in cfg.warnings() {
+                tracing::warn!("{w}");
+            }
             let opts = RunOptions {
                 instance,
                 bridge_id,

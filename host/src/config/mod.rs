@@ -58,6 +58,47 @@ pub struct Config {
     pub connectors: Vec<Connector>,
 }
 
+impl Config {
+    /// What is valid but unwise: secret files (private keys, passwords, tokens) that other
+    /// users of the machine may read. One line each, naming the file and the connector.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in &self.connectors {
+            for (side, conn) in [
+                ("remoteBrokerConnection", &c.remote),
+                ("localBrokerConnection", &c.local),
+            ] {
+                let secrets: Vec<PathBuf> = match &conn.auth {
+                    Auth::X509 { key, .. } => vec![key.clone()],
+                    Auth::UsernamePassword { dir } => vec![dir.join("password")],
+                    Auth::Kubernetes { token_path } => vec![token_path.clone()],
+                    Auth::Anonymous | Auth::ManagedIdentity { .. } => vec![],
+                };
+                for f in secrets {
+                    if readable_by_others(&f) {
+                        out.push(format!(
+                            "{}: MqttBridgeConnector \"{}\", spec.{side}: {} is readable by every user of this machine; make it readable by the bridge only (chmod o-r; in Kubernetes a volume defaultMode such as 0440)",
+                            c.origin, c.name, f.display()
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(unix)]
+fn readable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+}
+
+#[cfg(not(unix))]
+fn readable_by_others(_: &Path) -> bool {
+    false
+}
+
 /// A position in the configuration files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {

@@ -725,6 +725,10 @@ fn read_auth(cx: &mut Cx, node: &Node, path: &str, opts: &LoadOptions) -> Option
                     ok = false;
                 }
             }
+            if ok && let Err(problem) = check_pem_pair(&cert, &key) {
+                cx.err(sn.line, &sp, format!("Secret \"{name}\": {problem}"));
+                ok = false;
+            }
             ok.then(|| Auth::X509 {
                 cert,
                 key,
@@ -790,6 +794,35 @@ fn read_auth(cx: &mut Cx, node: &Node, path: &str, opts: &LoadOptions) -> Option
             None
         }
     }
+}
+
+/// What a client certificate file and its key file hold: certificates and no key in the
+/// first, a private key in the second (files are read again at every connect; this catches
+/// the mix-ups at `check`).
+fn check_pem_pair(cert: &Path, key: &Path) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: cannot read: {e}", cert.display()))?
+        .filter(Result::is_ok)
+        .count();
+    if PrivateKeyDer::from_pem_file(cert).is_ok() {
+        return Err(format!(
+            "{} holds a private key; it must hold only the client certificate (the key goes in {})",
+            cert.display(),
+            key.display()
+        ));
+    }
+    if certs == 0 {
+        return Err(format!("{} holds no PEM certificate", cert.display()));
+    }
+    if PrivateKeyDer::from_pem_file(key).is_err() {
+        return Err(format!(
+            "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+            key.display()
+        ));
+    }
+    Ok(())
 }
 
 fn read_topic_map(cx: &mut Cx, node: &Node, path: &str, name: String) -> Option<TopicMap> {

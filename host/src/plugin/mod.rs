@@ -357,9 +357,26 @@ impl Runtime {
                 expected: pinned.clone(),
             });
         }
+        if !bytes.starts_with(b"\0asm") {
+            let head: String = String::from_utf8_lossy(&bytes[..bytes.len().min(16)])
+                .chars()
+                .map(|c| if c.is_control() { '.' } else { c })
+                .collect();
+            return Err(PluginError::Compile {
+                file: file.to_path_buf(),
+                message: format!(
+                    "not WebAssembly: it starts with \"{head}\" ({} bytes); a WebAssembly file starts with \"\\0asm\"",
+                    bytes.len()
+                ),
+            });
+        }
         let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
             file: file.to_path_buf(),
-            message: format!("{e:#}"),
+            // One line: wasmtime's causes, without the multi-line layout of its details.
+            message: format!("{e:#}")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
         })?;
         let ty = component.component_type();
         let exports: Vec<String> = ty

@@ -500,3 +500,54 @@ fn ten_thousand_routes_load() {
     let errors = errors_of(&with_routes(&dup));
     assert_one(&errors, &["route name \"r5000\" is already used"]);
 }
+
+/// `check` looks into the client certificate and key files: a key in `client_cert.pem` or no
+/// key in `client_key.pem` is an error; a key readable by every user is a warning.
+#[test]
+fn certificate_files_are_checked_and_readable_secrets_warned() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = edgebridge_tests::Pki::new(&dir.path().join("pki"));
+    let secret = dir.path().join("secrets/client");
+    pki.client_secret(&secret, "bridge");
+    let yaml = CONNECTOR.replace(
+        "      tlsEnabled: false\n",
+        "      tlsEnabled: false\n    authentication:\n      x509:\n        secretName: client\n",
+    );
+    let path = write_file(dir.path(), "bridge.yaml", &yaml);
+    let opts = LoadOptions {
+        secrets_dir: dir.path().join("secrets"),
+        configmaps_dir: dir.path().join("configmaps"),
+    };
+    let key = secret.join("client_key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = config::load(std::slice::from_ref(&path), &opts).unwrap();
+    let warnings = cfg.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("client_key.pem is readable by every user"),
+        "{warnings:?}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(
+        config::load(std::slice::from_ref(&path), &opts)
+            .unwrap()
+            .warnings()
+            .is_empty()
+    );
+    // The key pasted into the certificate file, then a certificate where the key belongs.
+    let cert = secret.join("client_cert.pem");
+    let cert_text = std::fs::read_to_string(&cert).unwrap();
+    let key_text = std::fs::read_to_string(&key).unwrap();
+    std::fs::write(&cert, format!("{cert_text}{key_text}")).unwrap();
+    let e = config::load(std::slice::from_ref(&path), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("client_cert.pem holds a private key"), "{e}");
+    std::fs::write(&cert, &cert_text).unwrap();
+    std::fs::write(&key, &cert_text).unwrap();
+    let e = config::load(std::slice::from_ref(&path), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("client_key.pem holds no PEM private key"), "{e}");
+}

@@ -395,6 +395,14 @@ async fn refused_plugins_get_clear_errors_at_start() {
         e.contains("corrupt.wasm: not a valid WebAssembly component"),
         "{e}"
     );
+    assert_eq!(e.lines().count(), 1, "one line: {e}");
+    std::fs::write(s.plugins().join("text.wasm"), b"#!/bin/sh\necho hi\n").unwrap();
+    let e = start_error(&s, "text").await;
+    assert!(
+        e.contains("text.wasm: not a valid WebAssembly component: not WebAssembly: it starts with \"#!/bin/sh.echo h\""),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "one line: {e}");
     // A config the plugin's init refuses.
     let routes = "    - direction: local-to-remote\n      name: r\n      source: a/#\n      plugins:\n        - name: picky\n          config: {failInit: true}\n";
     let e = match bridge::start(&s.config(routes), &s.opts()).await {
