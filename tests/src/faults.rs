@@ -434,6 +434,21 @@ impl Drop for AckedPublisher {
     }
 }
 
+/// Starts measuring peak memory afresh (Linux: `5` to `/proc/self/clear_refs` resets VmHWM).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Prints the peak resident memory since [`reset_peak_rss`]: the bridge runs in the test
+/// process, so this is an upper bound of its own (test clients included). Run one test at a
+/// time (`--test-threads=1`) for a figure of that test alone.
+pub fn print_peak(what: &str) {
+    println!(
+        "{what}: peak RSS of the test process (bridge and test clients) {:.1} MiB",
+        peak_rss_kib() as f64 / 1024.0
+    );
+}
+
 /// Peak resident memory (VmHWM) of this process, KiB.
 pub fn peak_rss_kib() -> u64 {
     proc_status_kib("VmHWM:")

@@ -76,6 +76,7 @@ async fn settle(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_connection_is_detected_within_one_and_a_half_keep_alives() {
     init_tracing();
+    edgebridge_tests::faults::reset_peak_rss();
     let local = Mosquitto::start(MosquittoOptions::default());
     let remote = Mosquitto::start(MosquittoOptions::default());
     let proxy = Proxy::start(remote.port).await;
@@ -128,6 +129,7 @@ async fn a_half_open_connection_is_detected_within_one_and_a_half_keep_alives() 
         "half-open: detected after {detected:?} (keep-alive {keep_alive:?}); sent {acked}, received {got}, duplicates {dups}, lost {lost}; last error: {:?}",
         b.stats.clients()[0].target.last_error().map(|e| e.0)
     );
+    edgebridge_tests::faults::print_peak("half-open");
     assert_eq!(lost, 0);
     let error = b.stats.clients()[0].target.last_error().unwrap().0;
     assert!(
@@ -189,6 +191,7 @@ fn hostile_config(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_that_do_not_speak_mqtt_are_named_and_retried_with_backoff() {
     init_tracing();
+    edgebridge_tests::faults::reset_peak_rss();
     let local = Mosquitto::start(MosquittoOptions::default());
     let healthy = Mosquitto::start(MosquittoOptions::default());
     for (how, expect) in [
@@ -254,6 +257,7 @@ async fn peers_that_do_not_speak_mqtt_are_named_and_retried_with_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_to_a_wildcard_topic_is_dropped_and_the_connection_kept() {
     init_tracing();
+    edgebridge_tests::faults::reset_peak_rss();
     let local = Mosquitto::start(MosquittoOptions::default());
     let healthy = Mosquitto::start(MosquittoOptions::default());
     let peer = HostileBroker::start(Hostility::WildcardTopic).await;
@@ -293,6 +297,7 @@ async fn a_publish_to_a_wildcard_topic_is_dropped_and_the_connection_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_announcements_stray_acks_and_coalesced_connacks() {
     init_tracing();
+    edgebridge_tests::faults::reset_peak_rss();
     let local = Mosquitto::start(MosquittoOptions::default());
     let healthy = Mosquitto::start(MosquittoOptions::default());
 
@@ -370,6 +375,7 @@ async fn oversized_announcements_stray_acks_and_coalesced_connacks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_on_mqtt_3_1_1_is_given_up_not_retried_forever() {
     init_tracing();
+    edgebridge_tests::faults::reset_peak_rss();
     let local = Mosquitto::start(MosquittoOptions::default());
     let remote = Mosquitto::start(MosquittoOptions {
         extra: "max_packet_size 2000\n".into(),
@@ -438,6 +444,7 @@ async fn a_poison_message_on_mqtt_3_1_1_is_given_up_not_retried_forever() {
         connects(remote.log()),
         b.stats.route("big")
     );
+    edgebridge_tests::faults::print_peak("poison on 3.1.1");
     assert!(after_poison <= 4, "{}", remote.log());
     b.shutdown().await;
 }
@@ -457,6 +464,7 @@ async fn publish_paced(p: &AckedPublisher, topic: &str, range: std::ops::Range<u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_broker_restart_with_persistence_loses_nothing() {
     init_tracing();
+    edgebridge_tests::faults::reset_peak_rss();
     let local = Mosquitto::start(MosquittoOptions {
         persistence: true,
         ..Default::default()
@@ -496,6 +504,7 @@ async fn a_local_broker_restart_with_persistence_loses_nothing() {
         "local restart (persistent): published {total}, acknowledged by the local broker {acked}, received {got}, duplicates {dups}, lost {lost}; bridge source reconnects {}",
         b.stats.clients()[0].source.reconnects()
     );
+    edgebridge_tests::faults::print_peak("local restart");
     assert_eq!(
         acked_n, total as usize,
         "the publisher's session resent across the restart"
@@ -516,6 +525,7 @@ async fn a_local_broker_restart_with_persistence_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_broker_restart_without_persistence_loses_nothing() {
     init_tracing();
+    edgebridge_tests::faults::reset_peak_rss();
     let local = Mosquitto::start(MosquittoOptions::default());
     let remote = Mosquitto::start(MosquittoOptions::default());
     let proxy = Proxy::start(remote.port).await;
@@ -562,6 +572,7 @@ async fn a_remote_broker_restart_without_persistence_loses_nothing() {
         "remote restart (no persistence): published {total}, acknowledged by the local broker {acked}, received {got}, duplicates {dups}, lost {lost}; bridge target reconnects {}",
         b.stats.clients()[0].target.reconnects()
     );
+    edgebridge_tests::faults::print_peak("remote restart");
     assert_eq!(acked_n, total as usize);
     assert_eq!(lost, 0);
     b.shutdown().await;
@@ -573,6 +584,7 @@ async fn a_remote_broker_restart_without_persistence_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_broker_that_lost_the_session_is_resubscribed_and_counted() {
     init_tracing();
+    edgebridge_tests::faults::reset_peak_rss();
     let local = Mosquitto::start(MosquittoOptions::default());
     let remote = Mosquitto::start(MosquittoOptions::default());
     let dir = tempfile::tempdir().unwrap();
@@ -621,6 +633,7 @@ async fn a_source_broker_that_lost_the_session_is_resubscribed_and_counted() {
     println!(
         "source session lost: 500 before, 500 after; received {got}, duplicates {dups}, lost {lost}; session_source_lost = 1"
     );
+    edgebridge_tests::faults::print_peak("source session lost");
     assert_eq!(lost, 0);
     b.shutdown().await;
 }
@@ -631,6 +644,7 @@ async fn a_source_broker_that_lost_the_session_is_resubscribed_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_remote_keeps_memory_bounded_and_loses_nothing() {
     init_tracing();
+    edgebridge_tests::faults::reset_peak_rss();
     let local = Mosquitto::start(MosquittoOptions::default());
     let remote = Mosquitto::start(MosquittoOptions::default());
     let proxy = Proxy::start(remote.port).await;
@@ -669,6 +683,7 @@ async fn a_slow_remote_keeps_memory_bounded_and_loses_nothing() {
         rss_before,
         rss_queued.saturating_sub(rss_before)
     );
+    edgebridge_tests::faults::print_peak("slow remote");
     // The window is 256; a route stalled past 500 ms reads again (to shed QoS 0) up to twice
     // the window, which one read (16 KiB) may pass by its own number of messages. (Mosquitto
     // with `max_inflight_messages 0` does not hold to the Receive Maximum the bridge announces.)
@@ -686,6 +701,7 @@ async fn a_slow_remote_keeps_memory_bounded_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retained_message_crosses_once_on_mqtt_3_1_1() {
     init_tracing();
+    edgebridge_tests::faults::reset_peak_rss();
     let local = Mosquitto::start(MosquittoOptions {
         persistence: true,
         ..Default::default()
@@ -735,6 +751,7 @@ async fn a_retained_message_crosses_once_on_mqtt_3_1_1() {
         "retained on 3.1.1: {copies} copy at the remote across a local restart and two bridge restarts; a late subscriber sees it retained: {}",
         late.messages()[0].retain
     );
+    edgebridge_tests::faults::print_peak("retained on 3.1.1");
     assert_eq!(copies, 1, "{:?}", at_remote.messages());
     assert!(late.messages()[0].retain);
     b.shutdown().await;
@@ -747,6 +764,7 @@ async fn a_retained_message_crosses_once_on_mqtt_3_1_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_fanned_out_copies_loses_none_of_them() {
     init_tracing();
+    edgebridge_tests::faults::reset_peak_rss();
     let local = Mosquitto::start(MosquittoOptions::default());
     let remote = Mosquitto::start(MosquittoOptions::default());
     let dir = tempfile::tempdir().unwrap();
@@ -817,5 +835,6 @@ async fn a_crash_between_fanned_out_copies_loses_none_of_them() {
         "crash during fan-out: {batches} messages x {width} copies = {want}; {before_crash} had arrived at the crash; received {} distinct, {dups} duplicates, 0 lost",
         seen.len()
     );
+    edgebridge_tests::faults::print_peak("crash during fan-out");
     b.shutdown().await;
 }
