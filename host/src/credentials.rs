@@ -242,6 +242,7 @@ async fn fetch_token(id: &IdentityOptions, audience: &str) -> Result<Token, Cred
         url_encode(audience)
     );
     let mut headers = vec![("Metadata", "true".to_string())];
+    tracing::trace!(endpoint = %id.endpoint, arc = id.arc, "Fetching a token");
     let mut resp = http_get(&url, &headers, id.timeout).await?;
     if id.arc && resp.status == 401 {
         let challenge =
@@ -271,6 +272,7 @@ async fn fetch_token(id: &IdentityOptions, audience: &str) -> Result<Token, Cred
             });
         }
         let key = read_secret(&real)?;
+        tracing::trace!(key_file = %real.display(), "Answering the Arc challenge");
         headers.push(("Authorization", format!("Basic {key}")));
         resp = http_get(&url, &headers, id.timeout).await?;
     }

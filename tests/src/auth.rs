@@ -255,6 +255,11 @@ impl IdentityServer {
     pub fn issued(&self) -> usize {
         self.issued.lock().unwrap().len()
     }
+
+    /// The tokens issued so far.
+    pub fn tokens(&self) -> Vec<String> {
+        self.issued.lock().unwrap().clone()
+    }
 }
 
 fn token_body(token: &str, lifetime: Duration) -> String {

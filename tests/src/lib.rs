@@ -472,6 +472,23 @@ impl Publisher {
     pub async fn connect(port: u16, client_id: &str) -> Publisher {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5));
+        Publisher::connect_with(opts).await
+    }
+
+    /// Connects with a user name and password.
+    pub async fn connect_with_login(
+        port: u16,
+        client_id: &str,
+        user: &str,
+        password: &str,
+    ) -> Publisher {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_credentials(user, password);
+        Publisher::connect_with(opts).await
+    }
+
+    async fn connect_with(opts: MqttOptions) -> Publisher {
         let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
         let acked = Arc::new(Mutex::new(0));
         let a = acked.clone();

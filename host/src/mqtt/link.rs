@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, trace, warn};
 
 use super::backoff::Backoff;
 use super::codec::{self, CodecError, ConnAckInfo, ConnectSpec, Incoming, Outgoing, Version};
@@ -429,6 +429,7 @@ impl Link {
             match Pin::new(&mut up.stream).poll_write(cx, wbuf) {
                 Poll::Ready(Ok(0)) => return Err(LinkError::Closed),
                 Poll::Ready(Ok(n)) => {
+                    trace!(session = %opts.label, "Wrote {n} bytes");
                     wbuf.advance(n);
                     up.written += n as u64;
                     up.last_tx = now;
@@ -476,6 +477,7 @@ impl Link {
                     up.last_rx = now;
                     up.ping_flushed = None;
                     while let Some(p) = codec::decode(opts.version, rbuf, opts.max_packet)? {
+                        trace!(session = %opts.label, "Received {p:?}");
                         state.on_incoming(p)?;
                     }
                     activity = true;
@@ -583,6 +585,8 @@ async fn connect(o: &LinkOptions) -> Result<Connected, LinkError> {
         auth_method: creds.auth_method,
         auth_data: creds.auth_data,
     };
+    // Credentials print redacted.
+    trace!(session = %o.label, "Sending {spec:?}");
     let mut stream = transport::open(&o.conn).await?;
     let mut buf = BytesMut::with_capacity(256);
     codec::encode(
@@ -596,7 +600,10 @@ async fn connect(o: &LinkOptions) -> Result<Connected, LinkError> {
     let mut rbuf = BytesMut::with_capacity(4096);
     let connack = loop {
         match codec::decode(o.version, &mut rbuf, o.max_packet) {
-            Ok(Some(Incoming::ConnAck(info))) => break info,
+            Ok(Some(Incoming::ConnAck(info))) => {
+                trace!(session = %o.label, "Received {info:?}");
+                break info;
+            }
             Ok(Some(other)) => return Err(LinkError::NotConnAck(format!("{other:?}"))),
             Ok(None) if rbuf.first().is_some_and(|b| b >> 4 != 2) => {
                 return Err(LinkError::NotMqtt(printable(&rbuf)));

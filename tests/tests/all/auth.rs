@@ -618,3 +618,165 @@ async fn a_chunked_token_answer_authenticates_the_bridge() {
     assert!(seen[0].token.len() > 3000, "the padded token went through");
     b.shutdown().await;
 }
+
+/// A `MakeWriter` into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+/// The bridge at `trace` level (and every crate under it), with a password, a managed-identity
+/// token fetched through the Azure Arc challenge (and its key file), a service-account token
+/// and a client key: traffic crosses on every connection, and none of the secrets appears in
+/// the output, nor in the configuration's `Debug`.
+#[test]
+fn no_secret_appears_in_any_output_at_trace_level() {
+    let out = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(out.clone())
+        .with_ansi(false)
+        .finish();
+    // A runtime on this thread only, so that everything it runs logs to this subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let secrets = rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(&dir.path().join("pki"));
+        // Connector one: local with user name and password, remote with managed identity.
+        let password = "pw-9b1e7c33-never-print";
+        let local1 = Mosquitto::start(MosquittoOptions {
+            password: Some(("bridge".into(), password.into())),
+            ..Default::default()
+        });
+        let remote1 = Mosquitto::start(MosquittoOptions::default());
+        let key_dir = dir.path().join("tokens");
+        std::fs::create_dir_all(&key_dir).unwrap();
+        let arc_key = "arc-key-5e0c1d-never-print";
+        let key = write_file(&key_dir, "c.key", arc_key);
+        let identity = IdentityServer::start(IdentityMode::Arc(key), 60 * SECOND).await;
+        let peer = AuthProxy::start(remote1.port, Check::Jwt(AUDIENCE.into())).await;
+        let login = dir.path().join("secrets/login");
+        std::fs::create_dir_all(&login).unwrap();
+        write_file(&login, "username", "bridge");
+        write_file(&login, "password", password);
+        // Connector two: local with a service-account token, remote over TLS with a client
+        // certificate.
+        let sat_token = "sat-token-77aa0f-never-print";
+        let sat = write_file(dir.path(), "sat-token", sat_token);
+        let local2 = Mosquitto::start(MosquittoOptions::default());
+        let sat_peer = AuthProxy::start(local2.port, Check::SatFile(sat.clone())).await;
+        let remote2 = Mosquitto::start(MosquittoOptions {
+            tls: Some((
+                pki.ca.clone(),
+                pki.server_cert.clone(),
+                pki.server_key.clone(),
+            )),
+            ..Default::default()
+        });
+        pki.client_secret(&dir.path().join("secrets/cert"), "mqttbridge");
+        std::fs::create_dir_all(dir.path().join("configmaps/ca")).unwrap();
+        std::fs::copy(&pki.ca, dir.path().join("configmaps/ca/ca.crt")).unwrap();
+        let client_key = std::fs::read_to_string(dir.path().join("secrets/cert/client_key.pem"))
+            .unwrap();
+        let yaml = format!(
+            "{}---\n{}",
+            connector(
+                &local1.endpoint(),
+                "    authentication:\n      usernamePassword:\n        secretName: login\n",
+                &format!("127.0.0.1:{}", peer.port),
+                "    authentication:\n      systemAssignedManagedIdentity:\n        audience: https://eventgrid.azure.net\n",
+                "    - {direction: local-to-remote, name: one, source: \"s/#\"}\n",
+            ),
+            connector(
+                &format!("127.0.0.1:{}", sat_peer.port),
+                &format!(
+                    "    authentication:\n      kubernetes:\n        secretPath: {}\n        serviceAccountTokenName: sat-token\n",
+                    dir.path().display()
+                ),
+                &format!("localhost:{}", remote2.tls_port.unwrap()),
+                "",
+                "    - {direction: local-to-remote, name: two, source: \"s/#\"}\n",
+            )
+            .replace("test-bridge", "second-bridge")
+            .replace("test-map", "second-map")
+            .replace("clientIdPrefix: edge-", "clientIdPrefix: other-")
+            .replacen(
+                "    tls:\n      tlsEnabled: false\n",
+                "    tls:\n      tlsEnabled: true\n      trustedCaCertificateConfigMap: ca\n    authentication:\n      x509:\n        secretName: cert\n",
+                1,
+            )
+        );
+        let cfg = load(dir.path(), &yaml);
+        let mut o = opts(&identity, &key_dir);
+        o.identity.arc = true;
+        let b = bridge::start(&cfg, &o).await.unwrap();
+        assert!(b.wait_ready(15 * SECOND).await, "{:?}", b.stats.all());
+        let at1 = Collector::start(remote1.port, "sec-sub-1", "s/#", false).await;
+        let at2 = Collector::start(remote2.port, "sec-sub-2", "s/#", false).await;
+        let p1 = Publisher::connect_with_login(local1.port, "sec-pub-1", "bridge", password).await;
+        let p2 = Publisher::connect(local2.port, "sec-pub-2").await;
+        p1.publish("s/x", 1, false, "one").await;
+        p2.publish("s/x", 1, false, "two").await;
+        assert_eq!(at1.wait_for(1, 10 * SECOND).await, 1);
+        assert_eq!(at2.wait_for(1, 10 * SECOND).await, 1);
+        let debug = format!("{cfg:?} {:?}", b.stats.all());
+        b.shutdown().await;
+        let mut secrets: Vec<String> = vec![
+            password.into(),
+            arc_key.into(),
+            sat_token.into(),
+        ];
+        secrets.extend(identity.tokens());
+        // The key's base64 body, line by line.
+        secrets.extend(
+            client_key
+                .lines()
+                .filter(|l| !l.starts_with("-----") && l.len() > 20)
+                .map(str::to_string),
+        );
+        (secrets, debug)
+    });
+    let (secrets, debug) = secrets;
+    let log = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+    assert!(log.contains("TRACE"), "at trace level: {log}");
+    assert!(
+        log.contains("Sending ConnectSpec") && log.contains("**REDACTED**"),
+        "CONNECT with its credentials is logged, redacted: {log}"
+    );
+    assert!(log.contains("Answering the Arc challenge"), "{log}");
+    assert!(secrets.len() >= 6, "{}", secrets.len());
+    for s in &secrets {
+        assert!(
+            !log.contains(s.as_str()),
+            "a secret appears in the log: {s}"
+        );
+        assert!(
+            !debug.contains(s.as_str()),
+            "a secret appears in Debug output: {s}"
+        );
+    }
+    println!(
+        "trace level: {} lines of output, none of the {} secrets in them",
+        log.lines().count(),
+        secrets.len()
+    );
+}
