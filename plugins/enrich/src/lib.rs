@@ -10,47 +10,45 @@
 //!   `{"topic": <source topic>, "route": <route>, "timestamp": <ms since epoch>, "payload": <the
 //!   payload as JSON if it parses, else as a string>}` and set content type `application/json`.
 
-use std::cell::RefCell;
+use edgebridge_plugin_sdk::serde_json::{self, Map, Value};
+use edgebridge_plugin_sdk::*;
+use serde::Deserialize;
 
-use edgebridge_mapper_sdk::*;
+/// The route's `config:`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Config {
+    #[serde(default)]
+    user_properties: Map<String, Value>,
+    #[serde(default)]
+    envelope: bool,
+}
 
-#[derive(Default)]
-struct Settings {
+#[derive(Debug, PartialEq)]
+struct Enrich {
     user_properties: Vec<(String, String)>,
     envelope: bool,
 }
 
-thread_local! {
-    static SETTINGS: RefCell<Settings> = RefCell::new(Settings::default());
-}
-
-fn settings_from(cfg: &Value) -> Result<Settings, String> {
-    let obj = cfg.as_object().ok_or("config must be a mapping")?;
-    let mut s = Settings::default();
-    for (k, v) in obj {
-        match k.as_str() {
-            "userProperties" => {
-                let props = v.as_object().ok_or("`userProperties` must be a mapping")?;
-                for (pk, pv) in props {
-                    let text = match pv {
-                        Value::String(t) => t.clone(),
-                        other => other.to_string(),
-                    };
-                    s.user_properties.push((pk.clone(), text));
-                }
-            }
-            "envelope" => s.envelope = v.as_bool().ok_or("`envelope` must be true or false")?,
-            other => {
-                return Err(format!(
-                    "unknown field `{other}`; expected userProperties, envelope"
-                ));
-            }
-        }
-    }
-    if s.user_properties.is_empty() && !s.envelope {
+fn settings_from(cfg: Config) -> Result<Enrich, String> {
+    let user_properties: Vec<(String, String)> = cfg
+        .user_properties
+        .into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                Value::String(t) => t,
+                other => other.to_string(),
+            };
+            (k, text)
+        })
+        .collect();
+    if user_properties.is_empty() && !cfg.envelope {
         return Err("nothing to do: give userProperties and/or envelope: true".into());
     }
-    Ok(s)
+    Ok(Enrich {
+        user_properties,
+        envelope: cfg.envelope,
+    })
 }
 
 /// Builds the envelope payload.
@@ -67,32 +65,30 @@ pub fn envelope(topic: &str, route: &str, timestamp: u64, payload: &[u8]) -> Vec
     .into_bytes()
 }
 
-struct Enrich;
-
 impl Mapper for Enrich {
-    fn init(config: String) -> Result<(), InitError> {
-        let s = settings_from(&parse_config(&config)?).map_err(InitError::InvalidConfig)?;
-        SETTINGS.with(|c| *c.borrow_mut() = s);
-        Ok(())
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, InitError> {
+        settings_from(config).map_err(InitError::InvalidConfig)
     }
 
-    fn map_message(ctx: Context, msg: Message) -> Result<Decision, String> {
-        SETTINGS.with(|s| {
-            let s = s.borrow();
-            let mut props = msg.properties.clone();
-            props
-                .user_properties
-                .extend(s.user_properties.iter().cloned());
-            let mut out = Emitted::to(ctx.target.clone());
-            if s.envelope {
-                out =
-                    out.with_payload(envelope(&msg.topic, &ctx.route, now_millis(), &msg.payload));
-                props.content_type = Some("application/json".into());
-                props.payload_format = Some(1);
-            }
-            out.properties = Some(props);
-            Ok(Decision::Emit(vec![out]))
-        })
+    fn map_message(&mut self, ctx: Context, msg: Message) -> Result<Decision, String> {
+        let mut props = msg.properties.clone();
+        props
+            .user_properties
+            .extend(self.user_properties.iter().cloned());
+        let mut out = Emitted::to(ctx.target.clone());
+        if self.envelope {
+            out = out.payload(envelope(
+                &msg.topic,
+                &ctx.route,
+                clock::now_millis(),
+                &msg.payload,
+            ));
+            props.content_type = Some("application/json".into());
+            props.payload_format = Some(1);
+        }
+        Ok(Decision::Emit(vec![out.properties(props)]))
     }
 }
 
@@ -115,9 +111,31 @@ mod tests {
 
     #[test]
     fn config_needs_something_to_do() {
-        assert!(settings_from(&serde_json::json!({})).is_err());
-        assert!(settings_from(&serde_json::json!({"envelop": true})).is_err());
-        let s = settings_from(&serde_json::json!({"userProperties": {"n": 3}})).unwrap();
+        assert!(testing::mapper::<Enrich>("{}").is_err());
+        assert!(testing::mapper::<Enrich>(r#"{"envelop": true}"#).is_err());
+        let s = testing::mapper::<Enrich>(r#"{"userProperties": {"n": 3}}"#).unwrap();
         assert_eq!(s.user_properties, vec![("n".to_string(), "3".to_string())]);
+    }
+
+    #[test]
+    fn properties_are_added_and_the_envelope_is_timed_by_the_host_clock() {
+        let mut p =
+            testing::mapper::<Enrich>(r#"{"userProperties": {"site": "s7"}, "envelope": true}"#)
+                .unwrap();
+        testing::set_now(7);
+        let msg = Message::new("a/b", "21.5").user_property("unit", "C");
+        let Decision::Emit(out) = p.map_message(Context::new("r", "up/a/b"), msg).unwrap() else {
+            panic!("not emitted");
+        };
+        let props = out[0].properties.clone().unwrap();
+        assert_eq!(props.user("site").collect::<Vec<_>>(), ["s7"]);
+        assert_eq!(props.user("unit").collect::<Vec<_>>(), ["C"]);
+        assert_eq!(out[0].topic, "up/a/b");
+        assert_eq!(
+            out[0].payload,
+            Payload::Replace(
+                br#"{"payload":21.5,"route":"r","timestamp":7,"topic":"a/b"}"#.to_vec()
+            )
+        );
     }
 }

@@ -6,13 +6,26 @@
 //!
 //! Each element is serialized as JSON. An empty array drops the message.
 
-use std::cell::Cell;
+use edgebridge_plugin_sdk::serde_json::{self, Value};
+use edgebridge_plugin_sdk::*;
+use serde::Deserialize;
 
-use edgebridge_mapper_sdk::*;
+/// The route's `config:`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Config {
+    #[serde(default)]
+    index_topic: bool,
+    #[serde(default)]
+    not_array: NotArray,
+}
 
-thread_local! {
-    static INDEX_TOPIC: Cell<bool> = const { Cell::new(false) };
-    static DROP_NOT_ARRAY: Cell<bool> = const { Cell::new(false) };
+#[derive(Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum NotArray {
+    #[default]
+    Pass,
+    Drop,
 }
 
 /// The messages for one payload, or `None` when it is not a JSON array.
@@ -36,39 +49,26 @@ pub fn split(target: &str, payload: &[u8], index_topic: bool) -> Option<Vec<(Str
     )
 }
 
-struct FanOut;
+struct FanOut {
+    config: Config,
+}
 
 impl Mapper for FanOut {
-    fn init(config: String) -> Result<(), InitError> {
-        let cfg = parse_config(&config)?;
-        let obj = cfg
-            .as_object()
-            .ok_or_else(|| InitError::InvalidConfig("config must be a mapping".into()))?;
-        for (k, v) in obj {
-            match (k.as_str(), v) {
-                ("indexTopic", Value::Bool(b)) => INDEX_TOPIC.with(|c| c.set(*b)),
-                ("notArray", Value::String(s)) if s == "pass" || s == "drop" => {
-                    DROP_NOT_ARRAY.with(|c| c.set(s == "drop"))
-                }
-                _ => {
-                    return Err(InitError::InvalidConfig(format!(
-                        "`{k}`: expected indexTopic: true|false or notArray: pass|drop"
-                    )));
-                }
-            }
-        }
-        Ok(())
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, InitError> {
+        Ok(FanOut { config })
     }
 
-    fn map_message(ctx: Context, msg: Message) -> Result<Decision, String> {
-        match split(&ctx.target, &msg.payload, INDEX_TOPIC.with(Cell::get)) {
+    fn map_message(&mut self, ctx: Context, msg: Message) -> Result<Decision, String> {
+        match split(&ctx.target, &msg.payload, self.config.index_topic) {
             Some(parts) => Ok(Decision::Emit(
                 parts
                     .into_iter()
-                    .map(|(topic, payload)| Emitted::to(topic).with_payload(payload))
+                    .map(|(topic, payload)| Emitted::to(topic).payload(payload))
                     .collect(),
             )),
-            None if DROP_NOT_ARRAY.with(Cell::get) => {
+            None if self.config.not_array == NotArray::Drop => {
                 Ok(Decision::Drop("payload is not a JSON array".into()))
             }
             None => Ok(Decision::Pass),
@@ -89,5 +89,20 @@ mod tests {
         assert_eq!(parts.len(), 3);
         assert!(split("t", br#"{"a":1}"#, false).is_none());
         assert_eq!(split("t", b"[]", false).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn not_arrays_pass_or_drop_as_configured() {
+        let mut p = testing::mapper::<FanOut>(r#"{"notArray": "drop"}"#).unwrap();
+        let d = p
+            .map_message(Context::default().target("t"), Message::new("t", "{}"))
+            .unwrap();
+        assert!(matches!(d, Decision::Drop(_)));
+        let mut p = testing::mapper::<FanOut>("{}").unwrap();
+        let d = p
+            .map_message(Context::default().target("t"), Message::new("t", "[1]"))
+            .unwrap();
+        assert_eq!(d, Decision::Emit(vec![Emitted::to("t").payload("1")]));
+        assert!(testing::mapper::<FanOut>(r#"{"notArray": "keep"}"#).is_err());
     }
 }

@@ -10,11 +10,38 @@
 //! - `equals`: any JSON value; `min` / `max`: numbers (inclusive); `exists`: true/false.
 //! - `onInvalid`: what to do with a payload that is not JSON — `drop` (default) or `keep`.
 
-use std::cell::RefCell;
+use edgebridge_plugin_sdk::serde_json::{self, Value};
+use edgebridge_plugin_sdk::*;
+use serde::Deserialize;
 
-use edgebridge_filter_sdk::*;
+/// The route's `config:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Config {
+    field: String,
+    /// `Some(Value::Null)` for `equals: null`, which `Option<Value>` alone would read as absent.
+    #[serde(default, deserialize_with = "present")]
+    equals: Option<Value>,
+    min: Option<f64>,
+    max: Option<f64>,
+    exists: Option<bool>,
+    #[serde(default)]
+    on_invalid: OnInvalid,
+}
 
-#[derive(Debug, Clone, Default)]
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum OnInvalid {
+    #[default]
+    Drop,
+    Keep,
+}
+
+#[derive(Debug, Clone)]
 struct Rule {
     field: Vec<String>,
     equals: Option<Value>,
@@ -24,51 +51,18 @@ struct Rule {
     keep_invalid: bool,
 }
 
-thread_local! {
-    static RULE: RefCell<Rule> = RefCell::new(Rule::default());
-}
-
-fn rule_from(cfg: &Value) -> Result<Rule, String> {
-    let obj = cfg.as_object().ok_or("config must be a mapping")?;
-    for key in obj.keys() {
-        if !["field", "equals", "min", "max", "exists", "onInvalid"].contains(&key.as_str()) {
-            return Err(format!(
-                "unknown field `{key}`; expected field, equals, min, max, exists, onInvalid"
-            ));
-        }
-    }
-    let field = obj
-        .get("field")
-        .and_then(Value::as_str)
-        .ok_or("`field` (a string) is required")?;
-    let number = |k: &str| -> Result<Option<f64>, String> {
-        match obj.get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or(format!("`{k}` must be a number")),
-        }
-    };
-    let rule = Rule {
-        field: field.split('.').map(str::to_string).collect(),
-        equals: obj.get("equals").cloned(),
-        min: number("min")?,
-        max: number("max")?,
-        exists: match obj.get("exists") {
-            None => None,
-            Some(v) => Some(v.as_bool().ok_or("`exists` must be true or false")?),
-        },
-        keep_invalid: match obj.get("onInvalid").map(|v| v.as_str()) {
-            None | Some(Some("drop")) => false,
-            Some(Some("keep")) => true,
-            _ => return Err("`onInvalid` must be \"drop\" or \"keep\"".into()),
-        },
-    };
-    if rule.equals.is_none() && rule.min.is_none() && rule.max.is_none() && rule.exists.is_none() {
+fn rule_from(cfg: Config) -> Result<Rule, String> {
+    if cfg.equals.is_none() && cfg.min.is_none() && cfg.max.is_none() && cfg.exists.is_none() {
         return Err("give at least one condition: equals, min, max or exists".into());
     }
-    Ok(rule)
+    Ok(Rule {
+        field: cfg.field.split('.').map(str::to_string).collect(),
+        equals: cfg.equals,
+        min: cfg.min,
+        max: cfg.max,
+        exists: cfg.exists,
+        keep_invalid: matches!(cfg.on_invalid, OnInvalid::Keep),
+    })
 }
 
 fn keep(rule: &Rule, payload: &[u8]) -> bool {
@@ -103,17 +97,20 @@ fn keep(rule: &Rule, payload: &[u8]) -> bool {
     true
 }
 
-struct JsonFilter;
+struct JsonFilter {
+    rule: Rule,
+}
 
 impl Filter for JsonFilter {
-    fn init(config: String) -> Result<(), InitError> {
-        let rule = rule_from(&parse_config(&config)?).map_err(InitError::InvalidConfig)?;
-        RULE.with(|r| *r.borrow_mut() = rule);
-        Ok(())
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, InitError> {
+        let rule = rule_from(config).map_err(InitError::InvalidConfig)?;
+        Ok(JsonFilter { rule })
     }
 
-    fn keep(_ctx: Context, msg: Message) -> Result<bool, String> {
-        Ok(RULE.with(|r| keep(&r.borrow(), &msg.payload)))
+    fn keep(&mut self, _ctx: Context, msg: Message) -> Result<bool, String> {
+        Ok(keep(&self.rule, &msg.payload))
     }
 }
 
@@ -124,7 +121,7 @@ mod tests {
     use super::*;
 
     fn rule(json: &str) -> Rule {
-        rule_from(&serde_json::from_str(json).unwrap()).unwrap()
+        testing::filter::<JsonFilter>(json).unwrap().rule
     }
 
     #[test]
@@ -141,6 +138,9 @@ mod tests {
         let r = rule(r#"{"field":"alarm","exists":false}"#);
         assert!(keep(&r, br#"{"x":1}"#));
         assert!(!keep(&r, br#"{"alarm":1}"#));
+        let r = rule(r#"{"field":"a","equals":null}"#);
+        assert!(keep(&r, br#"{"a":null}"#));
+        assert!(!keep(&r, br#"{"b":1}"#));
     }
 
     #[test]
@@ -150,11 +150,9 @@ mod tests {
             r#"{"field":"a"}"#,
             r#"{"field":"a","min":"x"}"#,
             r#"{"field":"a","mni":1}"#,
+            r#"{"field":"a","exists":true,"onInvalid":"maybe"}"#,
         ] {
-            assert!(
-                rule_from(&serde_json::from_str(bad).unwrap()).is_err(),
-                "{bad}"
-            );
+            assert!(testing::filter::<JsonFilter>(bad).is_err(), "{bad}");
         }
     }
 }

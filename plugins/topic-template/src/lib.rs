@@ -8,9 +8,8 @@
 //! Example: source `factory/+/anomaly/#`, message on `factory/line3/anomaly/heat/high`,
 //! template `site/{2}/alerts/{4..}` → `site/line3/alerts/heat/high`. The payload is not copied.
 
-use std::cell::RefCell;
-
-use edgebridge_mapper_sdk::*;
+use edgebridge_plugin_sdk::*;
+use serde::Deserialize;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Part {
@@ -20,10 +19,6 @@ enum Part {
     Whole,
     Route,
     Target,
-}
-
-thread_local! {
-    static TEMPLATE: RefCell<Vec<Part>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Parses a template into parts.
@@ -92,22 +87,27 @@ fn render(parts: &[Part], topic: &str, route: &str, target: &str) -> Result<Stri
     Ok(out)
 }
 
-struct TopicTemplate;
+/// The route's `config:`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    template: String,
+}
+
+struct TopicTemplate {
+    parts: Vec<Part>,
+}
 
 impl Mapper for TopicTemplate {
-    fn init(config: String) -> Result<(), InitError> {
-        let cfg = parse_config(&config)?;
-        let template = cfg
-            .get("template")
-            .and_then(Value::as_str)
-            .ok_or_else(|| InitError::InvalidConfig("`template` (a string) is required".into()))?;
-        let parts = parse(template).map_err(InitError::InvalidConfig)?;
-        TEMPLATE.with(|t| *t.borrow_mut() = parts);
-        Ok(())
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, InitError> {
+        let parts = parse(&config.template).map_err(InitError::InvalidConfig)?;
+        Ok(TopicTemplate { parts })
     }
 
-    fn map_message(ctx: Context, msg: Message) -> Result<Decision, String> {
-        let topic = TEMPLATE.with(|t| render(&t.borrow(), &msg.topic, &ctx.route, &ctx.target))?;
+    fn map_message(&mut self, ctx: Context, msg: Message) -> Result<Decision, String> {
+        let topic = render(&self.parts, &msg.topic, &ctx.route, &ctx.target)?;
         Ok(Decision::Emit(vec![Emitted::to(topic)]))
     }
 }
@@ -127,6 +127,21 @@ mod tests {
         );
         let p = parse("{route}/{#}").unwrap();
         assert_eq!(render(&p, "a/b", "alerts", "t").unwrap(), "alerts/a/b");
+    }
+
+    #[test]
+    fn the_plugin_maps_through_the_sdk() {
+        let mut p =
+            testing::mapper::<TopicTemplate>(r#"{"template": "site/{2}/{route}"}"#).unwrap();
+        let d = p
+            .map_message(
+                Context::new("alerts", "x"),
+                Message::new("factory/line3/heat", "{}"),
+            )
+            .unwrap();
+        assert_eq!(d, Decision::Emit(vec![Emitted::to("site/line3/alerts")]));
+        assert!(testing::mapper::<TopicTemplate>("{}").is_err());
+        assert!(testing::mapper::<TopicTemplate>(r#"{"template": "{0}"}"#).is_err());
     }
 
     #[test]
