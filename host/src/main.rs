@@ -98,6 +98,10 @@ enum Command {
         /// Set the retain flag.
         #[arg(short, long)]
         retain: bool,
+        /// Give up (exit 1) after this many seconds without progress: the broker unreachable
+        /// or not acknowledging.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        wait: u64,
     },
     /// Subscribe and print `topic payload` lines (a minimal MQTT client).
     Sub {
@@ -109,6 +113,10 @@ enum Command {
         /// Exit after this many messages (0: never).
         #[arg(short = 'C', long, default_value_t = 0)]
         count: u64,
+        /// Give up (exit 1) when not subscribed within this many seconds of starting or of
+        /// losing the connection.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        wait: u64,
     },
 }
 
@@ -123,26 +131,74 @@ enum PluginsCommand {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// Run a plugin on a sample message in the production engine, under its policy.
-    Test {
-        /// The component (.wasm); its file stem is the plugin name.
+    /// Create a plugin crate (a route-mapper, or a message-filter with --filter) that builds
+    /// anywhere with `cargo build --target wasm32-wasip2 --release` or `cargo component build
+    /// --release`, with a unit test, a README, a policy and sample messages.
+    New {
+        /// The plugin's name (lowercase letters, digits, '-'): the crate, the `.wasm` and the
+        /// name routes use.
+        name: String,
+        /// A message-filter (keep or drop) instead of a route-mapper.
+        #[arg(long)]
+        filter: bool,
+        /// The folder to create (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Where the crate gets edgebridge-plugin-sdk: the SDK folder (plugins/sdk of an
+        /// edgebridge checkout) or a git URL of the edgebridge repository (default: the
+        /// sources this binary was built from).
+        #[arg(long)]
+        sdk: Option<String>,
+    },
+    /// Check that a built component loads under its policy, then copy it into the plugins
+    /// folder as <name>.wasm, atomically (a running bridge picks it up).
+    Install {
+        /// The component (.wasm), e.g. target/wasm32-wasip2/release/site_prefix.wasm.
         file: PathBuf,
-        /// The plugin's config, as JSON.
+        /// The plugin name (default: the file name with '_' as '-').
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        plugin_dirs: PluginDirs,
+    },
+    /// Run a plugin on sample messages in the production engine, under its policy: prints
+    /// what it logs, each decision and the time per call; exits 1 when it fails.
+    Test {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// The plugin name, which picks its policy (default: the file stem with '_' as '-').
+        #[arg(long)]
+        name: Option<String>,
+        /// The plugin's config, as JSON (a route's `config:`).
         #[arg(long, default_value = "{}")]
         config: String,
         /// Topic of the sample message.
         #[arg(long, default_value = "factory/line1/telemetry")]
         topic: String,
-        /// Payload of the sample message.
+        /// Payload of the sample message; @PATH reads it from a file.
         #[arg(short, long, default_value = "{}")]
         message: String,
+        /// A user property KEY=VALUE of the sample message; may repeat.
+        #[arg(short = 'p', long = "property")]
+        properties: Vec<String>,
+        /// QoS of the sample message.
+        #[arg(short, long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+        qos: u8,
+        /// Set the sample message's retain flag.
+        #[arg(short, long)]
+        retain: bool,
+        /// Messages as JSON lines instead of the sample message (`{"topic": …, "payload":
+        /// …, "qos": …, "retain": …, "userProperties": {…}, "contentType": …}`); `-` reads
+        /// stdin.
+        #[arg(long, conflicts_with_all = ["message", "properties"])]
+        messages: Option<PathBuf>,
         /// The route's source filter.
         #[arg(long, default_value = "#")]
         source: String,
         /// The route's static target (default: same as source).
         #[arg(long)]
         target: Option<String>,
-        /// Also time this many further calls and print the median.
+        /// Also time this many further calls per message and print the median.
         #[arg(long, default_value_t = 0)]
         repeat: u32,
         /// Folder of plugin policies.
@@ -267,6 +323,184 @@ fn init_logging(level: &str, format: &str) {
     }
 }
 
+/// `file:line: ` of the first route that uses `plugin` ("" when none does).
+fn route_origin(cfg: &config::Config, plugin: &str) -> String {
+    cfg.connectors
+        .iter()
+        .flat_map(|c| &c.routes)
+        .find(|r| r.plugins.iter().any(|p| p.name == plugin))
+        .map(|r| format!("{}: ", r.origin))
+        .unwrap_or_default()
+}
+
+/// `check`'s lines for plugin and policy problems, in the `file:line: message` form of the
+/// configuration's: a plugin's problem is placed at the route that uses it.
+fn plugin_problems(cfg: &config::Config, e: &bridge::BridgeError) -> Vec<String> {
+    match e {
+        bridge::BridgeError::Plugins(errors) => errors
+            .iter()
+            .map(|e| {
+                let at = match e {
+                    edgebridge::plugin::PluginError::Init { route, .. } => cfg
+                        .connectors
+                        .iter()
+                        .flat_map(|c| &c.routes)
+                        .find(|r| &r.name == route)
+                        .map(|r| format!("{}: ", r.origin))
+                        .unwrap_or_default(),
+                    other => route_origin(cfg, &other.plugin()),
+                };
+                format!("{at}{e}")
+            })
+            .collect(),
+        bridge::BridgeError::Policies(report) => {
+            report.errors.iter().map(|e| e.to_string()).collect()
+        }
+        other => vec![other.to_string()],
+    }
+}
+
+fn plugin_command(command: PluginCommand) -> ExitCode {
+    use edgebridge::tools::{plugin_test, scaffold};
+    let fail = |e: String| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    };
+    match command {
+        PluginCommand::New {
+            name,
+            filter,
+            dir,
+            sdk,
+        } => {
+            let sdk = match sdk {
+                Some(arg) => match scaffold::Sdk::parse(&arg) {
+                    Ok(s) => s,
+                    Err(e) => return fail(e),
+                },
+                None => match scaffold::default_sdk() {
+                    Some(p) => scaffold::Sdk::Path(p),
+                    None => {
+                        return fail(
+                            "the SDK of the sources this binary was built from is gone: pass --sdk with the path of plugins/sdk of an edgebridge checkout, or a git URL of the edgebridge repository".into(),
+                        );
+                    }
+                },
+            };
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            let new = scaffold::NewPlugin {
+                name,
+                filter,
+                sdk,
+                dir,
+            };
+            match scaffold::new_plugin(&new) {
+                Ok(files) => {
+                    for f in files {
+                        println!("created {}", f.display());
+                    }
+                    let d = new.dir.display();
+                    println!(
+                        "\nNext: cd {d} && cargo test && cargo build --target wasm32-wasip2 --release\n(then see {d}/README.md to try and install it)"
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        PluginCommand::Install {
+            file,
+            name,
+            plugin_dirs,
+        } => match scaffold::install(
+            &file,
+            name.as_deref(),
+            &plugin_dirs.plugins_dir,
+            &plugin_dirs.policies_dir,
+        ) {
+            Ok(i) => {
+                println!(
+                    "installed {} ({}, {} bytes, sha256 {}) as {}",
+                    i.name,
+                    i.world,
+                    i.size,
+                    i.sha256,
+                    i.path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        PluginCommand::Test {
+            file,
+            name,
+            config,
+            topic,
+            message,
+            properties,
+            qos,
+            retain,
+            messages,
+            source,
+            target,
+            repeat,
+            policies_dir,
+        } => {
+            let qos =
+                edgebridge::model::QoS::from_u8(qos).unwrap_or(edgebridge::model::QoS::AtLeastOnce);
+            let messages = match &messages {
+                Some(path) => {
+                    let (text, origin) = if path.as_os_str() == "-" {
+                        let mut text = String::new();
+                        use std::io::Read;
+                        if let Err(e) = std::io::stdin()
+                            .take(plugin_test::MAX_INPUT)
+                            .read_to_string(&mut text)
+                        {
+                            return fail(format!("stdin: {e}"));
+                        }
+                        (text, "stdin".to_string())
+                    } else {
+                        match plugin_test::read_input(path).and_then(|b| {
+                            String::from_utf8(b)
+                                .map_err(|_| format!("{}: not UTF-8 text", path.display()))
+                        }) {
+                            Ok(t) => (t, path.display().to_string()),
+                            Err(e) => return fail(e),
+                        }
+                    };
+                    plugin_test::messages_from_json_lines(&text, &origin, &topic)
+                }
+                None => plugin_test::message_from_args(&topic, &message, &properties, qos, retain)
+                    .map(|m| vec![m]),
+            };
+            let messages = match messages {
+                Ok(m) => m,
+                Err(e) => return fail(e),
+            };
+            let t = plugin_test::PluginTest {
+                file,
+                name,
+                policies_dir,
+                config,
+                source,
+                target,
+                repeat,
+                messages,
+            };
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            match rt.block_on(plugin_test::run(&t)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => {
+                    eprintln!("error: the plugin failed on a message (see above)");
+                    ExitCode::FAILURE
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -286,44 +520,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Plugin {
-            command:
-                PluginCommand::Test {
-                    file,
-                    config,
-                    topic,
-                    message,
-                    source,
-                    target,
-                    repeat,
-                    policies_dir,
-                },
-        } => {
-            let t = edgebridge::tools::PluginTest {
-                file,
-                policies_dir,
-                config,
-                topic,
-                payload: message.into_bytes(),
-                source,
-                target,
-                repeat,
-            };
-            let rt = tokio::runtime::Runtime::new().expect("runtime");
-            match rt.block_on(edgebridge::tools::plugin_test(&t)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Plugin { command } => plugin_command(command),
         Command::Pub {
             client,
             topic,
             message,
             count,
             retain,
+            wait,
         } => run_tool(async {
             edgebridge::tools::publish(
                 &client.target(),
@@ -332,6 +536,7 @@ fn main() -> ExitCode {
                 retain,
                 &message,
                 count,
+                Duration::from_secs(wait),
             )
             .await
         }),
@@ -339,8 +544,16 @@ fn main() -> ExitCode {
             client,
             topic,
             count,
+            wait,
         } => run_tool(async {
-            edgebridge::tools::subscribe(&client.target(), &topic, client.qos(), count).await
+            edgebridge::tools::subscribe(
+                &client.target(),
+                &topic,
+                client.qos(),
+                count,
+                Duration::from_secs(wait),
+            )
+            .await
         }),
         Command::Check { files, plugin_dirs } => match files.load() {
             Ok(cfg) => {
@@ -354,13 +567,19 @@ fn main() -> ExitCode {
                     &plugin_dirs.policies_dir,
                 )) {
                     Err(e) => {
-                        eprintln!("{e}");
-                        eprintln!("Plugins or policies have problems.");
+                        let problems = plugin_problems(&cfg, &e);
+                        for p in &problems {
+                            eprintln!("{p}");
+                        }
+                        eprintln!("{} problem(s) found.", problems.len());
                         return ExitCode::FAILURE;
                     }
                     Ok(Some(loaded)) => {
                         for m in &loaded.missing {
-                            eprintln!("warning: {m} (the route will wait for it)");
+                            eprintln!(
+                                "{}warning: {m} (the route will wait for it)",
+                                route_origin(&cfg, &m.plugin())
+                            );
                         }
                     }
                     Ok(None) => {}

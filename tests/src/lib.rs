@@ -221,7 +221,7 @@ impl Mosquitto {
                 .arg(user)
                 .arg(pass)
                 .status()
-                .expect("mosquitto_passwd is installed")
+                .expect("mosquitto_passwd is on PATH (scripts/test installs it)")
                 .success();
             assert!(ok, "mosquitto_passwd failed");
             conf = conf.replace("allow_anonymous true", "allow_anonymous false");
@@ -272,7 +272,7 @@ impl Mosquitto {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("mosquitto is installed (apt-get install mosquitto)");
+            .expect("mosquitto is on PATH (scripts/test installs it)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {

@@ -21,6 +21,10 @@ pub(super) struct KvQuota {
     pub(super) max_bytes: usize,
 }
 
+/// The `tracing` target of the lines plugins write (`edgebridge plugin test` shows exactly
+/// these; `RUST_LOG=edgebridge::plugin::guest=debug` selects them).
+pub const GUEST_LOG: &str = "edgebridge::plugin::guest";
+
 /// `log`: the plugin and route its lines are tagged with.
 struct LogView<'a> {
     plugin: &'a str,
@@ -38,11 +42,11 @@ impl log::Host for LogView<'_> {
         }
         let (plugin, route) = (self.plugin, self.route);
         match level {
-            log::Level::Trace => tracing::trace!(plugin, route, "{message}"),
-            log::Level::Debug => tracing::debug!(plugin, route, "{message}"),
-            log::Level::Info => tracing::info!(plugin, route, "{message}"),
-            log::Level::Warn => tracing::warn!(plugin, route, "{message}"),
-            log::Level::Error => tracing::error!(plugin, route, "{message}"),
+            log::Level::Trace => tracing::trace!(target: GUEST_LOG, plugin, route, "{message}"),
+            log::Level::Debug => tracing::debug!(target: GUEST_LOG, plugin, route, "{message}"),
+            log::Level::Info => tracing::info!(target: GUEST_LOG, plugin, route, "{message}"),
+            log::Level::Warn => tracing::warn!(target: GUEST_LOG, plugin, route, "{message}"),
+            log::Level::Error => tracing::error!(target: GUEST_LOG, plugin, route, "{message}"),
         }
     }
 }

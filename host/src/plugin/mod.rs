@@ -12,6 +12,7 @@
 
 pub mod bindings;
 mod host;
+pub use host::GUEST_LOG;
 mod sandbox;
 pub mod stage;
 
@@ -864,6 +865,15 @@ pub fn plugin_name(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sdk_carries_the_same_wit() {
+        assert!(
+            include_str!("../../../wit/plugin.wit")
+                == include_str!("../../../plugins/sdk/wit/plugin.wit"),
+            "plugins/sdk/wit/plugin.wit must be a copy of wit/plugin.wit (cp wit/plugin.wit plugins/sdk/wit/)"
+        );
+    }
 
     #[test]
     fn the_time_budget_counts_cpu_time_not_waiting() {

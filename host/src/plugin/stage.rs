@@ -206,6 +206,12 @@ impl Stage {
         }
     }
 
+    /// Instantiates the plugin and runs its `init` now rather than on the first message
+    /// (`edgebridge plugin test` reports it on its own).
+    pub async fn start(&mut self) -> Result<(), StageError> {
+        self.ensure_live().await
+    }
+
     /// Runs the plugin on `msg` (whose topic is the source topic) going to `target`.
     pub async fn decide(&mut self, msg: &Message, target: &str) -> Result<Outcome, StageError> {
         if let Some(until) = self.open_until {

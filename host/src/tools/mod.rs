@@ -1,5 +1,10 @@
-//! `edgebridge pub` and `edgebridge sub`: small MQTT clients on the bridge's own session code,
-//! so the quick start needs nothing installed to watch messages cross.
+//! The command line's tools besides `run`: `edgebridge pub` and `edgebridge sub` (small MQTT
+//! clients on the bridge's own session code, so the quick start needs nothing installed to
+//! watch messages cross), `plugins list`, and the plugin author's tools in [`plugin_test`]
+//! and [`scaffold`].
+
+pub mod plugin_test;
+pub mod scaffold;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,7 +56,8 @@ fn options(t: &Target, subscriptions: Vec<SubFilter>) -> Result<SessionOptions, 
 }
 
 /// Publishes `count` copies of `payload` (with `{n}` replaced by the sequence number) and
-/// returns once the broker acknowledged them all (QoS 0: once written).
+/// returns once the broker acknowledged them all (QoS 0: once written). Gives up when `wait`
+/// passes without progress (the broker unreachable, or not acknowledging).
 pub async fn publish(
     t: &Target,
     topic: &str,
@@ -59,6 +65,7 @@ pub async fn publish(
     retain: bool,
     payload: &str,
     count: u64,
+    wait: Duration,
 ) -> Result<(), String> {
     crate::topic::validate_name(topic).map_err(|e| format!("topic \"{topic}\" {e}"))?;
     let (handle, mut events, task) = session::spawn(options(t, vec![])?, 1024);
@@ -73,23 +80,32 @@ pub async fn publish(
         handle.publish(msg, n);
     }
     let mut done = 0;
+    let mut last_error = None;
+    let mut deadline = tokio::time::Instant::now() + wait;
     while done < count {
-        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
-            Ok(Some(SessionEvent::State(StateEvent::Delivered(_)))) => done += 1,
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(SessionEvent::State(StateEvent::Delivered(_)))) => {
+                done += 1;
+                deadline = tokio::time::Instant::now() + wait;
+            }
             Ok(Some(SessionEvent::State(StateEvent::Rejected(_, code)))) => {
                 return Err(format!(
                     "the broker refused a message (reason code {code:#04x})"
                 ));
             }
-            Ok(Some(SessionEvent::ConnectionLost(e))) if done == 0 => {
-                eprintln!("{}: {e}; retrying", t.endpoint)
+            Ok(Some(SessionEvent::ConnectionLost(e))) => {
+                eprintln!("{}: {e}; retrying", t.endpoint);
+                last_error = Some(e);
             }
             Ok(Some(_)) => {}
             Ok(None) => break,
             Err(_) => {
-                return Err(format!(
-                    "no acknowledgement from {} within 10 s",
-                    t.endpoint
+                task.abort();
+                return Err(gave_up(
+                    t,
+                    wait,
+                    last_error,
+                    format!("{done} of {count} message(s) acknowledged"),
                 ));
             }
         }
@@ -99,17 +115,52 @@ pub async fn publish(
     Ok(())
 }
 
+fn gave_up(t: &Target, wait: Duration, last_error: Option<String>, progress: String) -> String {
+    let why = last_error.unwrap_or_else(|| "no answer".into());
+    format!(
+        "gave up on {} after {} s without progress ({why}); {progress} (--wait SECONDS waits longer)",
+        t.endpoint,
+        wait.as_secs()
+    )
+}
+
 /// Subscribes to `filter` and prints `topic payload` per message, until `count` messages
-/// arrived (0: forever).
-pub async fn subscribe(t: &Target, filter: &str, qos: QoS, count: u64) -> Result<(), String> {
+/// arrived (0: forever). Gives up when it is not subscribed within `wait` of starting or of
+/// losing the connection.
+pub async fn subscribe(
+    t: &Target,
+    filter: &str,
+    qos: QoS,
+    count: u64,
+    wait: Duration,
+) -> Result<(), String> {
     crate::topic::validate_filter(filter).map_err(|e| format!("filter \"{filter}\" {e}"))?;
     let subs = vec![SubFilter {
         filter: filter.to_string(),
         qos,
     }];
-    let (handle, mut events, _task) = session::spawn(options(t, subs)?, 1024);
+    let (handle, mut events, task) = session::spawn(options(t, subs)?, 1024);
     let mut seen = 0;
-    while let Some(ev) = events.recv().await {
+    let mut last_error = None;
+    // Until subscribed (again): give up at this instant.
+    let mut deadline = Some(tokio::time::Instant::now() + wait);
+    loop {
+        let ev = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, events.recv()).await {
+                Ok(ev) => ev,
+                Err(_) => {
+                    task.abort();
+                    return Err(gave_up(
+                        t,
+                        wait,
+                        last_error,
+                        format!("not subscribed to {filter}"),
+                    ));
+                }
+            },
+            None => events.recv().await,
+        };
+        let Some(ev) = ev else { break };
         match ev {
             SessionEvent::State(StateEvent::Message { msg, ack, .. }) => {
                 println!("{} {}", msg.topic, String::from_utf8_lossy(&msg.payload));
@@ -126,9 +177,17 @@ pub async fn subscribe(t: &Target, filter: &str, qos: QoS, count: u64) -> Result
                     if code >= 0x80 {
                         return Err(format!("subscription to {f} refused (code {code:#04x})"));
                     }
+                    eprintln!("subscribed to {f} on {}", t.endpoint);
+                }
+                deadline = None;
+            }
+            SessionEvent::ConnectionLost(e) => {
+                eprintln!("{}: {e}; retrying", t.endpoint);
+                last_error = Some(e);
+                if deadline.is_none() {
+                    deadline = Some(tokio::time::Instant::now() + wait);
                 }
             }
-            SessionEvent::ConnectionLost(e) => eprintln!("{}: {e}; retrying", t.endpoint),
             _ => {}
         }
     }
@@ -142,6 +201,9 @@ pub async fn plugins_list(
     policies_dir: &std::path::Path,
 ) -> Result<bool, String> {
     use crate::plugin::{Registry, Runtime};
+    if let Err(e) = std::fs::read_dir(dir) {
+        return Err(format!("plugins folder {}: {e}", dir.display()));
+    }
     let policies = crate::policy::Policies::load_dir(policies_dir).map_err(|r| r.to_string())?;
     let runtime = Runtime::new()?;
     let registry = Registry::default();
@@ -174,117 +236,4 @@ pub async fn plugins_list(
         println!("no *.wasm files in {}", dir.display());
     }
     Ok(errors.is_empty())
-}
-
-/// What `edgebridge plugin test` runs.
-#[derive(Debug, Clone)]
-pub struct PluginTest {
-    /// The component.
-    pub file: std::path::PathBuf,
-    /// Policies folder (the plugin's policy, or the default).
-    pub policies_dir: std::path::PathBuf,
-    /// JSON config given to `init`.
-    pub config: String,
-    /// Source topic of the sample message.
-    pub topic: String,
-    /// Payload of the sample message.
-    pub payload: Vec<u8>,
-    /// The route's source filter.
-    pub source: String,
-    /// The route's static target (`None`: same as source).
-    pub target: Option<String>,
-    /// Calls to time after the first (0: just decide once).
-    pub repeat: u32,
-}
-
-/// `edgebridge plugin test`: runs a plugin on one sample message in the production engine
-/// under its policy, prints the decision and, with `repeat`, the time per call.
-pub async fn plugin_test(t: &PluginTest) -> Result<(), String> {
-    use crate::config::Direction;
-    use crate::plugin::stage::{Outcome, RouteInfo, Stage};
-    use crate::plugin::{Registry, Runtime, plugin_name};
-    let name =
-        plugin_name(&t.file).ok_or_else(|| format!("{}: not a .wasm file", t.file.display()))?;
-    let policies = crate::policy::Policies::load_dir(&t.policies_dir).map_err(|r| r.to_string())?;
-    let policy = policies.for_plugin(&name);
-    let bytes = std::fs::read(&t.file).map_err(|e| format!("{}: {e}", t.file.display()))?;
-    let runtime = Runtime::new()?;
-    let loaded = runtime
-        .load(&name, &t.file, &bytes, policy)
-        .map_err(|e| e.to_string())?;
-    println!(
-        "plugin {} ({}), {} bytes, sha256 {}",
-        loaded.name,
-        loaded.world.as_str(),
-        loaded.size,
-        loaded.sha256
-    );
-    let registry = std::sync::Arc::new(Registry::default());
-    registry.install(loaded);
-    crate::topic::validate_name(&t.topic).map_err(|e| format!("--topic \"{}\" {e}", t.topic))?;
-    let target = t.target.clone().unwrap_or_else(|| t.topic.clone());
-    let route = RouteInfo {
-        name: "test".into(),
-        direction: Direction::LocalToRemote,
-        source: t.source.clone(),
-        qos: QoS::AtLeastOnce,
-        target_namespace: t.target.clone().unwrap_or_else(|| t.source.clone()),
-    };
-    let counters = std::sync::Arc::new(crate::counters::PluginCounters::new(&name, "test"));
-    let mut stage = Stage::new(runtime, registry, &name, &t.config, route, counters);
-    let msg = Message {
-        topic: t.topic.clone(),
-        payload: Bytes::from(t.payload.clone()),
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        properties: Properties::default(),
-    };
-    let outcome = stage
-        .decide(&msg, &target)
-        .await
-        .map_err(|e| e.to_string())?;
-    match &outcome {
-        Outcome::Pass => println!("decision: pass (forward unchanged to {target})"),
-        Outcome::Drop(reason) => println!("decision: drop ({reason})"),
-        Outcome::Emit(list) => {
-            println!("decision: emit {} message(s)", list.len());
-            for m in list {
-                let payload = if m.payload.as_ptr() == msg.payload.as_ptr() {
-                    "(unchanged)".to_string()
-                } else {
-                    format!("{:?}", String::from_utf8_lossy(&m.payload))
-                };
-                println!(
-                    "  topic {}  qos {}  retain {}  payload {payload}",
-                    m.topic.as_str(),
-                    m.qos.as_u8(),
-                    m.retain
-                );
-                for (k, v) in &m.properties.user_properties {
-                    println!("    user property {k}: {v}");
-                }
-            }
-        }
-    }
-    if t.repeat > 0 {
-        let mut samples = Vec::with_capacity(t.repeat as usize);
-        for _ in 0..t.repeat {
-            let start = std::time::Instant::now();
-            stage
-                .decide(&msg, &target)
-                .await
-                .map_err(|e| e.to_string())?;
-            samples.push(start.elapsed());
-        }
-        samples.sort();
-        let pick = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
-        println!(
-            "{} calls: median {:.2} µs, p99 {:.2} µs ({}-byte payload)",
-            samples.len(),
-            pick(0.5).as_secs_f64() * 1e6,
-            pick(0.99).as_secs_f64() * 1e6,
-            msg.payload.len()
-        );
-    }
-    Ok(())
 }

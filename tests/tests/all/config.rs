@@ -13,8 +13,14 @@ fn k8s_dirs(root: &Path) -> LoadOptions {
     let configmaps = root.join("configmaps");
     let d = secrets.join("bridge-client-cert");
     std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("client_cert.pem"), "x").unwrap();
-    std::fs::write(d.join("client_key.pem"), "x").unwrap();
+    // Real PEM: `check` looks into certificate and key files.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["bridge".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(d.join("client_cert.pem"), cert.pem()).unwrap();
+    std::fs::write(d.join("client_key.pem"), key.serialize_pem()).unwrap();
     for cm in ["aio-ca-trust-bundle-test-only", "test-ca-configmap"] {
         let d = configmaps.join(cm);
         std::fs::create_dir_all(&d).unwrap();

@@ -1,0 +1,372 @@
+//! `edgebridge plugin test`: runs a plugin on sample messages in the production engine under
+//! its policy, without a broker, and prints what it logged, each decision and the time per
+//! call.
+
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::model::{Message, Properties, QoS};
+
+/// Most bytes of a payload read from a file (`-m @FILE`) or of a `--messages` file.
+pub const MAX_INPUT: u64 = 16 << 20;
+
+/// What `edgebridge plugin test` runs.
+#[derive(Debug, Clone)]
+pub struct PluginTest {
+    /// The component.
+    pub file: PathBuf,
+    /// The plugin name (default: the file stem, `_` as `-`).
+    pub name: Option<String>,
+    /// Policies folder (the plugin's policy, or the default).
+    pub policies_dir: PathBuf,
+    /// JSON config given to `init`.
+    pub config: String,
+    /// The route's source filter.
+    pub source: String,
+    /// The route's static target (`None`: same as source).
+    pub target: Option<String>,
+    /// Further calls to time per message (0: decide once).
+    pub repeat: u32,
+    /// The messages, in order.
+    pub messages: Vec<Message>,
+}
+
+/// Reads `path` whole, refusing more than [`MAX_INPUT`] bytes.
+pub fn read_input(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_INPUT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_INPUT {
+        return Err(format!(
+            "{}: larger than {} MiB",
+            path.display(),
+            MAX_INPUT >> 20
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The message of the command line: `payload` is the text, or `@PATH` for a file's bytes;
+/// `properties` are `KEY=VALUE` user properties.
+pub fn message_from_args(
+    topic: &str,
+    payload: &str,
+    properties: &[String],
+    qos: QoS,
+    retain: bool,
+) -> Result<Message, String> {
+    crate::topic::validate_name(topic).map_err(|e| format!("--topic \"{topic}\" {e}"))?;
+    let payload = match payload.strip_prefix('@') {
+        Some(path) => read_input(Path::new(path))?,
+        None => payload.as_bytes().to_vec(),
+    };
+    let mut props = Properties::default();
+    for p in properties {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| format!("--property \"{p}\": expected KEY=VALUE"))?;
+        props.user_properties.push((k.to_string(), v.to_string()));
+    }
+    Ok(Message {
+        topic: topic.to_string(),
+        payload: Bytes::from(payload),
+        qos,
+        retain,
+        properties: props,
+    })
+}
+
+/// Messages from JSON lines (`--messages FILE`), one object per line: `topic` (default
+/// `default_topic`), `payload` (a string as it is; any other JSON value as its JSON text),
+/// `qos` (0, 1 or 2; default 1), `retain`, `userProperties` (an object, or a list of
+/// `[key, value]` pairs), `contentType`. Empty lines and lines starting with `#` are skipped.
+/// Errors name `origin:line`.
+pub fn messages_from_json_lines(
+    text: &str,
+    origin: &str,
+    default_topic: &str,
+) -> Result<Vec<Message>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = format!("{origin}:{}", i + 1);
+        let doc: Value = serde_json::from_str(line).map_err(|e| format!("{at}: {e}"))?;
+        out.push(message_from_json(&doc, default_topic).map_err(|e| format!("{at}: {e}"))?);
+    }
+    if out.is_empty() {
+        return Err(format!("{origin}: no messages (one JSON object per line)"));
+    }
+    Ok(out)
+}
+
+fn message_from_json(doc: &Value, default_topic: &str) -> Result<Message, String> {
+    let obj = doc
+        .as_object()
+        .ok_or("expected an object like {\"topic\": \"a/b\", \"payload\": \"text\"}")?;
+    let mut msg = Message {
+        topic: default_topic.to_string(),
+        payload: Bytes::new(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties::default(),
+    };
+    for (k, v) in obj {
+        match k.as_str() {
+            "topic" => msg.topic = v.as_str().ok_or("`topic` must be a string")?.to_string(),
+            "payload" => {
+                msg.payload = Bytes::from(match v {
+                    Value::String(s) => s.clone().into_bytes(),
+                    other => other.to_string().into_bytes(),
+                })
+            }
+            "qos" => {
+                msg.qos = v
+                    .as_u64()
+                    .and_then(|q| u8::try_from(q).ok())
+                    .and_then(QoS::from_u8)
+                    .ok_or("`qos` must be 0, 1 or 2")?
+            }
+            "retain" => msg.retain = v.as_bool().ok_or("`retain` must be true or false")?,
+            "contentType" => {
+                msg.properties.content_type =
+                    Some(v.as_str().ok_or("`contentType` must be a string")?.into())
+            }
+            "userProperties" => msg.properties.user_properties = user_properties(v)?,
+            other => {
+                return Err(format!(
+                    "unknown field `{other}`; expected topic, payload, qos, retain, userProperties, contentType"
+                ));
+            }
+        }
+    }
+    crate::topic::validate_name(&msg.topic).map_err(|e| format!("topic \"{}\" {e}", msg.topic))?;
+    Ok(msg)
+}
+
+fn user_properties(v: &Value) -> Result<Vec<(String, String)>, String> {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    match v {
+        Value::Object(map) => Ok(map.iter().map(|(k, v)| (k.clone(), text(v))).collect()),
+        Value::Array(pairs) => pairs
+            .iter()
+            .map(|p| match p.as_array().map(Vec::as_slice) {
+                Some([Value::String(k), v]) => Ok((k.clone(), text(v))),
+                _ => Err("`userProperties` pairs must be [\"key\", \"value\"]".to_string()),
+            })
+            .collect(),
+        _ => Err("`userProperties` must be an object or a list of [key, value] pairs".into()),
+    }
+}
+
+/// Prints the lines the plugin logs (the events of [`crate::plugin::GUEST_LOG`]) as they
+/// happen, indented under the message being decided.
+struct GuestLines;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for GuestLines {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() != crate::plugin::GUEST_LOG {
+            return;
+        }
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut text = Text(String::new());
+        event.record(&mut text);
+        println!(
+            "  log {}: {}",
+            event.metadata().level().as_str().to_ascii_lowercase(),
+            text.0
+        );
+    }
+}
+
+/// Runs the test: loads the plugin (refusing it as the bridge would), `init`s it with the
+/// config, then decides every message. `Ok(false)` when the plugin failed on a message.
+pub async fn run(t: &PluginTest) -> Result<bool, String> {
+    use crate::config::Direction;
+    use crate::plugin::stage::{Outcome, RouteInfo, Stage};
+    use crate::plugin::{Registry, Runtime, plugin_name};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    // This command owns the process: its only subscriber prints the plugin's lines.
+    let _ =
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(GuestLines));
+    let stem =
+        plugin_name(&t.file).ok_or_else(|| format!("{}: not a .wasm file", t.file.display()))?;
+    // Cargo writes `site_prefix.wasm` for the plugin `site-prefix`: test it under the name
+    // `plugin install` gives it, which also picks its policy.
+    let name = match &t.name {
+        Some(n) => n.clone(),
+        None => super::scaffold::name_of(&t.file).unwrap_or(stem),
+    };
+    let policies = crate::policy::Policies::load_dir(&t.policies_dir).map_err(|r| r.to_string())?;
+    let policy = policies.for_plugin(&name);
+    let bytes = read_input(&t.file)?;
+    let runtime = Runtime::new()?;
+    let loaded = runtime
+        .load(&name, &t.file, &bytes, policy)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "plugin {} ({}), {} bytes, sha256 {}, policy: {}",
+        loaded.name,
+        loaded.world.as_str(),
+        loaded.size,
+        loaded.sha256,
+        loaded
+            .policy
+            .file
+            .as_ref()
+            .map(|f| f.display().to_string())
+            .unwrap_or_else(|| "default".into())
+    );
+    let registry = std::sync::Arc::new(Registry::default());
+    registry.install(loaded);
+    let route = RouteInfo {
+        name: "test".into(),
+        direction: Direction::LocalToRemote,
+        source: t.source.clone(),
+        qos: QoS::ExactlyOnce,
+        target_namespace: t.target.clone().unwrap_or_else(|| t.source.clone()),
+    };
+    let counters = std::sync::Arc::new(crate::counters::PluginCounters::new(&name, "test"));
+    let mut stage = Stage::new(runtime, registry, &name, &t.config, route, counters);
+    let started = std::time::Instant::now();
+    stage.start().await.map_err(|e| e.to_string())?;
+    println!("init with {}: ok ({})", t.config, micros(started.elapsed()));
+    let mut ok = true;
+    for (i, msg) in t.messages.iter().enumerate() {
+        let target = t.target.clone().unwrap_or_else(|| msg.topic.clone());
+        println!(
+            "message {}: {} ({} bytes, qos {}{})",
+            i + 1,
+            msg.topic,
+            msg.payload.len(),
+            msg.qos.as_u8(),
+            if msg.retain { ", retained" } else { "" }
+        );
+        let started = std::time::Instant::now();
+        let outcome = stage.decide(msg, &target).await;
+        let took = micros(started.elapsed());
+        match &outcome {
+            Err(e) => {
+                println!("  error: {e}  [{took}]");
+                ok = false;
+                continue;
+            }
+            Ok(Outcome::Pass) => println!("  pass: forward unchanged to {target}  [{took}]"),
+            Ok(Outcome::Drop(reason)) => println!("  drop: {reason}  [{took}]"),
+            Ok(Outcome::Emit(list)) => {
+                println!("  emit {} message(s)  [{took}]", list.len());
+                for m in list {
+                    let payload = if m.payload.as_ptr() == msg.payload.as_ptr() {
+                        "(unchanged)".to_string()
+                    } else {
+                        format!("{:?}", String::from_utf8_lossy(&m.payload))
+                    };
+                    println!(
+                        "    {}  qos {}  retain {}  payload {payload}",
+                        m.topic.as_str(),
+                        m.qos.as_u8(),
+                        m.retain
+                    );
+                    for (k, v) in &m.properties.user_properties {
+                        println!("      user property {k}: {v}");
+                    }
+                    if let Some(ct) = &m.properties.content_type {
+                        println!("      content type: {ct}");
+                    }
+                }
+            }
+        }
+        if t.repeat > 0 {
+            let mut samples = Vec::with_capacity(t.repeat as usize);
+            for _ in 0..t.repeat {
+                let start = std::time::Instant::now();
+                if let Err(e) = stage.decide(msg, &target).await {
+                    println!("  error on a repeated call: {e}");
+                    ok = false;
+                    break;
+                }
+                samples.push(start.elapsed());
+            }
+            if !samples.is_empty() {
+                samples.sort();
+                let pick = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+                println!(
+                    "  {} more calls: median {}, p99 {}",
+                    samples.len(),
+                    micros(pick(0.5)),
+                    micros(pick(0.99))
+                );
+            }
+        }
+    }
+    Ok(ok)
+}
+
+fn micros(d: std::time::Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_become_messages_and_errors_name_the_line() {
+        let text = "# readings\n{\"topic\":\"a/b\",\"payload\":{\"v\":1},\"qos\":0}\n\n{\"payload\":\"x\",\"retain\":true,\"userProperties\":[[\"k\",\"v\"]]}\n";
+        let msgs = messages_from_json_lines(text, "m.jsonl", "d/t").unwrap();
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(msgs[0].payload.as_ref(), br#"{"v":1}"#);
+        assert_eq!(msgs[0].qos, QoS::AtMostOnce);
+        assert_eq!(msgs[1].topic, "d/t");
+        assert!(msgs[1].retain);
+        assert_eq!(
+            msgs[1].properties.user_properties,
+            vec![("k".to_string(), "v".to_string())]
+        );
+        let e = messages_from_json_lines("{}\n{\"topc\":1}", "m.jsonl", "t").unwrap_err();
+        assert!(e.starts_with("m.jsonl:2: unknown field `topc`"), "{e}");
+        let e = messages_from_json_lines("{\"topic\":\"a/#\"}", "m.jsonl", "t").unwrap_err();
+        assert!(e.starts_with("m.jsonl:1: topic \"a/#\""), "{e}");
+        assert!(messages_from_json_lines("\n# none\n", "m.jsonl", "t").is_err());
+    }
+
+    #[test]
+    fn the_command_line_message_takes_a_file_and_properties() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("payload.bin");
+        std::fs::write(&p, [0u8, 1, 2]).unwrap();
+        let m = message_from_args(
+            "t",
+            &format!("@{}", p.display()),
+            &["site=7".into()],
+            QoS::AtLeastOnce,
+            false,
+        )
+        .unwrap();
+        assert_eq!(m.payload.as_ref(), &[0u8, 1, 2]);
+        assert_eq!(m.properties.user_properties[0].1, "7");
+        assert!(message_from_args("t", "x", &["novalue".into()], QoS::AtLeastOnce, false).is_err());
+        let e =
+            message_from_args("t", "@/nonexistent/x", &[], QoS::AtLeastOnce, false).unwrap_err();
+        assert!(e.contains("/nonexistent/x"), "{e}");
+    }
+}
