@@ -207,7 +207,10 @@ mod tests {
         let mut t = Triggers::start(std::slice::from_ref(&file));
         tokio::time::sleep(Duration::from_millis(100)).await;
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(&file).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap();
         f.write_all(b"b").unwrap();
         drop(f);
         let got = tokio::time::timeout(Duration::from_secs(5), t.next()).await;

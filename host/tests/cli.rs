@@ -1,5 +1,8 @@
 //! The `edgebridge` binary: `check` exit codes and messages, and `run` refusing bad input.
 
+mod common;
+use common::free_port;
+
 use std::process::Command;
 
 fn edgebridge() -> Command {
@@ -70,14 +73,6 @@ fn run_starts_nothing_when_the_configuration_is_invalid() {
         "{stderr}"
     );
     assert!(stderr.contains("nothing started"), "{stderr}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The README's quick start, on free ports: `run` with two embedded brokers, `sub` on the

@@ -2,16 +2,12 @@
 //! `plugin test` (log lines, decisions, times, messages from a file, exit code), `plugin
 //! install`, `plugins list` and `check`'s plugin problems.
 
+mod common;
+use common::repo;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// The components of `plugins/`, built with the README's command (nothing to do when the
 /// integration tests' build script built them already).
@@ -278,15 +274,18 @@ fn check_places_plugin_problems_at_the_route_and_counts_them() {
         .lines()
         .position(|l| l.contains("name: alerts"))
         .unwrap();
-    let o = edgebridge(&[
-        "check",
-        "-f",
-        cfg.to_str().unwrap(),
-        "--plugins-dir",
-        plugins.to_str().unwrap(),
-        "--policies-dir",
-        &policies(),
-    ]);
+    let check = || {
+        edgebridge(&[
+            "check",
+            "-f",
+            cfg.to_str().unwrap(),
+            "--plugins-dir",
+            plugins.to_str().unwrap(),
+            "--policies-dir",
+            &policies(),
+        ])
+    };
+    let o = check();
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}{err}");
     // The route's entry starts on the line before its `name:`.
@@ -301,15 +300,7 @@ fn check_places_plugin_problems_at_the_route_and_counts_them() {
     // Plugins not in the folder are warnings at their routes; the configuration is valid.
     let good = std::fs::read_to_string(repo().join("examples/plugins.yaml")).unwrap();
     std::fs::write(&cfg, good).unwrap();
-    let o = edgebridge(&[
-        "check",
-        "-f",
-        cfg.to_str().unwrap(),
-        "--plugins-dir",
-        plugins.to_str().unwrap(),
-        "--policies-dir",
-        &policies(),
-    ]);
+    let o = check();
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}{err}");
     assert!(

@@ -16,24 +16,12 @@
 //! Full-line comments of a block are the output it promises: each must be found in a line of
 //! what the block printed.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{free_port, repo};
+
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The `sh` blocks marked `<!-- replay: name -->`, in order.
 fn blocks(name: &str) -> Vec<Vec<String>> {

@@ -356,17 +356,7 @@ impl Link {
     /// A planned reconnect: DISCONNECT (best effort, without waiting), then connect at once.
     fn renew(&mut self, cx: &mut Context<'_>, state: &mut SessionState) {
         if let Phase::Up(up) = &mut self.phase {
-            state.disconnect();
-            let mut ping = None;
-            let _ = state.write_outgoing(&mut Writer {
-                version: self.opts.version,
-                buf: &mut self.wbuf,
-                high_water: usize::MAX,
-                stamp: None,
-                base: up.written,
-                qos0: &mut self.qos0,
-                ping_end: &mut ping,
-            });
+            let _ = encode_disconnect(state, self.opts.version, &mut self.wbuf, up, &mut self.qos0);
             let _ = Pin::new(&mut up.stream).poll_write(cx, &self.wbuf);
             let _ = Pin::new(&mut up.stream).poll_flush(cx);
         }
@@ -492,17 +482,8 @@ impl Link {
     /// Writes the last acks and a DISCONNECT (within [`CLOSE_TIMEOUT`]) and closes for good.
     pub async fn close(&mut self, state: &mut SessionState) {
         if let Phase::Up(up) = &mut self.phase {
-            state.disconnect();
-            let mut ping = None;
-            let written = state.write_outgoing(&mut Writer {
-                version: self.opts.version,
-                buf: &mut self.wbuf,
-                high_water: usize::MAX,
-                stamp: None,
-                base: up.written,
-                qos0: &mut self.qos0,
-                ping_end: &mut ping,
-            });
+            let written =
+                encode_disconnect(state, self.opts.version, &mut self.wbuf, up, &mut self.qos0);
             if written.is_ok() {
                 let stream = &mut up.stream;
                 let buf = &self.wbuf;
@@ -518,6 +499,28 @@ impl Link {
         self.counters.set_state(LinkState::Closed);
         self.phase = Phase::Closed;
     }
+}
+
+/// Ends the session's side (`disconnect`) and encodes what it still has to send — the last
+/// acknowledgements and the DISCONNECT — into `wbuf`, without a size limit.
+fn encode_disconnect(
+    state: &mut SessionState,
+    version: Version,
+    wbuf: &mut BytesMut,
+    up: &Up,
+    qos0: &mut std::collections::VecDeque<(u64, Token)>,
+) -> Result<(), CodecError> {
+    state.disconnect();
+    let mut ping = None;
+    state.write_outgoing(&mut Writer {
+        version,
+        buf: wbuf,
+        high_water: usize::MAX,
+        stamp: None,
+        base: up.written,
+        qos0,
+        ping_end: &mut ping,
+    })
 }
 
 /// Evaluates the connection's deadlines at `now`: queues a PINGREQ when one is due, fails

@@ -41,6 +41,43 @@ async fn start(cfg: &Config, opts: &RunOptions) -> RunningBridge {
     b
 }
 
+/// Two Mosquitto brokers, the remote one behind a fault proxy, and a bridge (started with
+/// `opts`, ready) with one MQTT 5 local-to-remote route `name` from `source`.
+struct ProxiedRemote {
+    local: Mosquitto,
+    remote: Mosquitto,
+    proxy: Proxy,
+    bridge: RunningBridge,
+    _dir: tempfile::TempDir,
+}
+
+async fn proxied_remote(name: &str, source: &str, opts: &RunOptions) -> ProxiedRemote {
+    init_tracing();
+    edgebridge_tests::faults::reset_peak_rss();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions::default());
+    let proxy = Proxy::start(remote.port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &bridge_yaml(
+            "v5",
+            &local.endpoint(),
+            &format!("127.0.0.1:{}", proxy.port),
+            1,
+            &format!("    - {{direction: local-to-remote, name: {name}, source: \"{source}\"}}\n"),
+        ),
+    );
+    let bridge = start(&cfg, opts).await;
+    ProxiedRemote {
+        local,
+        remote,
+        proxy,
+        bridge,
+        _dir: dir,
+    }
+}
+
 /// Sequence numbers the collector received (payloads are `<seq>` or `<seq>:<padding>`).
 fn received(c: &Collector) -> (std::collections::BTreeSet<u64>, usize) {
     let (seen, dups) = c.distinct_and_duplicates();
@@ -75,28 +112,18 @@ async fn settle(
 /// within its bounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_connection_is_detected_within_one_and_a_half_keep_alives() {
-    init_tracing();
-    edgebridge_tests::faults::reset_peak_rss();
-    let local = Mosquitto::start(MosquittoOptions::default());
-    let remote = Mosquitto::start(MosquittoOptions::default());
-    let proxy = Proxy::start(remote.port).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
-        dir.path(),
-        &bridge_yaml(
-            "v5",
-            &local.endpoint(),
-            &format!("127.0.0.1:{}", proxy.port),
-            1,
-            "    - {direction: local-to-remote, name: big, source: \"big/#\"}\n",
-        ),
-    );
     let keep_alive = 2 * SECOND;
     let o = RunOptions {
         keep_alive,
         ..opts()
     };
-    let b = start(&cfg, &o).await;
+    let ProxiedRemote {
+        local,
+        remote,
+        proxy,
+        bridge: b,
+        _dir,
+    } = proxied_remote("big", "big/#", &o).await;
     let at_remote = Collector::start(remote.port, "ho-sub", "big/#", false).await;
     let publisher = AckedPublisher::start(local.port, "ho-pub");
     let padding = "x".repeat(256 * 1024);
@@ -524,23 +551,13 @@ async fn a_local_broker_restart_with_persistence_loses_nothing() {
 /// only the bridge's own behaviour is measured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_broker_restart_without_persistence_loses_nothing() {
-    init_tracing();
-    edgebridge_tests::faults::reset_peak_rss();
-    let local = Mosquitto::start(MosquittoOptions::default());
-    let remote = Mosquitto::start(MosquittoOptions::default());
-    let proxy = Proxy::start(remote.port).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
-        dir.path(),
-        &bridge_yaml(
-            "v5",
-            &local.endpoint(),
-            &format!("127.0.0.1:{}", proxy.port),
-            1,
-            "    - {direction: local-to-remote, name: up, source: \"rr/#\"}\n",
-        ),
-    );
-    let b = start(&cfg, &opts()).await;
+    let ProxiedRemote {
+        local,
+        remote,
+        proxy,
+        bridge: b,
+        _dir,
+    } = proxied_remote("up", "rr/#", &opts()).await;
     let at_remote = Collector::start(remote.port, "rr-sub", "rr/#", false).await;
     let publisher = AckedPublisher::start(local.port, "rr-pub");
     let total = 3000u64;
@@ -643,23 +660,13 @@ async fn a_source_broker_that_lost_the_session_is_resubscribed_and_counted() {
 /// the remote is fast again everything arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_remote_keeps_memory_bounded_and_loses_nothing() {
-    init_tracing();
-    edgebridge_tests::faults::reset_peak_rss();
-    let local = Mosquitto::start(MosquittoOptions::default());
-    let remote = Mosquitto::start(MosquittoOptions::default());
-    let proxy = Proxy::start(remote.port).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
-        dir.path(),
-        &bridge_yaml(
-            "v5",
-            &local.endpoint(),
-            &format!("127.0.0.1:{}", proxy.port),
-            1,
-            "    - {direction: local-to-remote, name: up, source: \"slow/#\"}\n",
-        ),
-    );
-    let b = start(&cfg, &opts()).await;
+    let ProxiedRemote {
+        local,
+        remote,
+        proxy,
+        bridge: b,
+        _dir,
+    } = proxied_remote("up", "slow/#", &opts()).await;
     let at_remote = Collector::start(remote.port, "slow-sub", "slow/#", false).await;
     proxy.set(Mode::Throttle(20_000));
     let rss_before = edgebridge_tests::faults::rss_kib();
