@@ -450,24 +450,18 @@ fn plugin_command(command: PluginCommand) -> ExitCode {
                 edgebridge::model::QoS::from_u8(qos).unwrap_or(edgebridge::model::QoS::AtLeastOnce);
             let messages = match &messages {
                 Some(path) => {
-                    let (text, origin) = if path.as_os_str() == "-" {
-                        let mut text = String::new();
-                        use std::io::Read;
-                        if let Err(e) = std::io::stdin()
-                            .take(plugin_test::MAX_INPUT)
-                            .read_to_string(&mut text)
-                        {
-                            return fail(format!("stdin: {e}"));
-                        }
-                        (text, "stdin".to_string())
+                    // A file, or `-`: standard input, bounded the same way.
+                    let (bytes, origin) = if path.as_os_str() == "-" {
+                        let origin = "stdin".to_string();
+                        (plugin_test::read_bounded(std::io::stdin(), &origin), origin)
                     } else {
-                        match plugin_test::read_input(path).and_then(|b| {
-                            String::from_utf8(b)
-                                .map_err(|_| format!("{}: not UTF-8 text", path.display()))
-                        }) {
-                            Ok(t) => (t, path.display().to_string()),
-                            Err(e) => return fail(e),
-                        }
+                        (plugin_test::read_input(path), path.display().to_string())
+                    };
+                    let text = match bytes.and_then(|b| {
+                        String::from_utf8(b).map_err(|_| format!("{origin}: not UTF-8 text"))
+                    }) {
+                        Ok(t) => t,
+                        Err(e) => return fail(e),
                     };
                     plugin_test::messages_from_json_lines(&text, &origin, &topic)
                 }

@@ -441,20 +441,26 @@ pub fn load(paths: &[PathBuf], opts: &LoadOptions) -> Result<Config, ConfigRepor
 /// Largest configuration or policy file read, bytes.
 pub const MAX_FILE_SIZE: u64 = 16 << 20;
 
+/// Reads all of `reader`, but never more than `limit` bytes: `Ok(None)` when there is more
+/// (the input is refused whole, never cut).
+pub fn read_at_most(reader: impl std::io::Read, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    reader.take(limit + 1).read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= limit).then_some(bytes))
+}
+
 /// Reads a configuration or policy file: at most [`MAX_FILE_SIZE`] bytes of UTF-8 text.
 pub(crate) fn read_text(file: &Path) -> Result<String, String> {
-    use std::io::Read;
     let f = std::fs::File::open(file).map_err(|e| format!("cannot read file: {e}"))?;
-    let mut bytes = Vec::new();
-    f.take(MAX_FILE_SIZE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read file: {e}"))?;
-    if bytes.len() as u64 > MAX_FILE_SIZE {
-        return Err(format!(
-            "the file is larger than {} MiB; refused",
-            MAX_FILE_SIZE >> 20
-        ));
-    }
+    let bytes = read_at_most(f, MAX_FILE_SIZE)
+        .map_err(|e| format!("cannot read file: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "the file is larger than {} MiB; refused",
+                MAX_FILE_SIZE >> 20
+            )
+        })?;
     String::from_utf8(bytes).map_err(|e| {
         format!(
             "not UTF-8 text (invalid byte at offset {}); YAML files must be UTF-8",

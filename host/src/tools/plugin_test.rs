@@ -36,20 +36,42 @@ pub struct PluginTest {
 
 /// Reads `path` whole, refusing more than [`MAX_INPUT`] bytes.
 pub fn read_input(path: &Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_INPUT + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if bytes.len() as u64 > MAX_INPUT {
-        return Err(format!(
-            "{}: larger than {} MiB",
-            path.display(),
-            MAX_INPUT >> 20
-        ));
-    }
-    Ok(bytes)
+    read_bounded(file, &path.display().to_string())
+}
+
+/// Reads `reader` (named `origin` in errors) whole, refusing more than [`MAX_INPUT`] bytes.
+pub fn read_bounded(reader: impl std::io::Read, origin: &str) -> Result<Vec<u8>, String> {
+    crate::config::read_at_most(reader, MAX_INPUT)
+        .map_err(|e| format!("{origin}: {e}"))?
+        .ok_or_else(|| format!("{origin}: larger than {} MiB", MAX_INPUT >> 20))
+}
+
+/// A plugin file loaded as the bridge loads it: its policy from the policies folder, then
+/// compiled, checked against the policy and pre-instantiated.
+pub struct LoadedFile {
+    /// The engine it was compiled with.
+    pub runtime: std::sync::Arc<crate::plugin::Runtime>,
+    /// The checked component.
+    pub loaded: crate::plugin::Loaded,
+    /// The file's bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Loads `file` as plugin `name` under its policy in `policies_dir` (`plugin test` and
+/// `plugin install` both check a file this way).
+pub fn load_file(file: &Path, name: &str, policies_dir: &Path) -> Result<LoadedFile, String> {
+    let policies = crate::policy::Policies::load_dir(policies_dir).map_err(|r| r.to_string())?;
+    let bytes = read_input(file)?;
+    let runtime = crate::plugin::Runtime::new()?;
+    let loaded = runtime
+        .load(name, file, &bytes, policies.for_plugin(name))
+        .map_err(|e| e.to_string())?;
+    Ok(LoadedFile {
+        runtime,
+        loaded,
+        bytes,
+    })
 }
 
 /// The message of the command line: `payload` is the text, or `@PATH` for a file's bytes;
@@ -202,7 +224,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for GuestLines {
 pub async fn run(t: &PluginTest) -> Result<bool, String> {
     use crate::config::Direction;
     use crate::plugin::stage::{Outcome, RouteInfo, Stage};
-    use crate::plugin::{Registry, Runtime, plugin_name};
+    use crate::plugin::{Registry, plugin_name};
     use tracing_subscriber::layer::SubscriberExt;
 
     // This command owns the process: its only subscriber prints the plugin's lines.
@@ -216,13 +238,9 @@ pub async fn run(t: &PluginTest) -> Result<bool, String> {
         Some(n) => n.clone(),
         None => super::scaffold::name_of(&t.file).unwrap_or(stem),
     };
-    let policies = crate::policy::Policies::load_dir(&t.policies_dir).map_err(|r| r.to_string())?;
-    let policy = policies.for_plugin(&name);
-    let bytes = read_input(&t.file)?;
-    let runtime = Runtime::new()?;
-    let loaded = runtime
-        .load(&name, &t.file, &bytes, policy)
-        .map_err(|e| e.to_string())?;
+    let LoadedFile {
+        runtime, loaded, ..
+    } = load_file(&t.file, &name, &t.policies_dir)?;
     println!(
         "plugin {} ({}), {} bytes, sha256 {}, policy: {}",
         loaded.name,
@@ -347,6 +365,15 @@ mod tests {
         let e = messages_from_json_lines("{\"topic\":\"a/#\"}", "m.jsonl", "t").unwrap_err();
         assert!(e.starts_with("m.jsonl:1: topic \"a/#\""), "{e}");
         assert!(messages_from_json_lines("\n# none\n", "m.jsonl", "t").is_err());
+    }
+
+    #[test]
+    fn input_over_the_bound_is_refused_whole_not_cut() {
+        let at = vec![7u8; MAX_INPUT as usize];
+        assert_eq!(read_bounded(&at[..], "in").unwrap().len(), at.len());
+        let over = vec![7u8; MAX_INPUT as usize + 1];
+        let e = read_bounded(&over[..], "stdin").unwrap_err();
+        assert_eq!(e, "stdin: larger than 16 MiB");
     }
 
     #[test]

@@ -209,12 +209,9 @@ pub fn install(
         }
         None => name_of(file)?,
     };
-    let bytes = super::plugin_test::read_input(file)?;
-    let policies = crate::policy::Policies::load_dir(policies_dir).map_err(|r| r.to_string())?;
-    let runtime = crate::plugin::Runtime::new()?;
-    let loaded = runtime
-        .load(&name, file, &bytes, policies.for_plugin(&name))
-        .map_err(|e| format!("not installed: {e}"))?;
+    let super::plugin_test::LoadedFile { loaded, bytes, .. } =
+        super::plugin_test::load_file(file, &name, policies_dir)
+            .map_err(|e| format!("not installed: {e}"))?;
     std::fs::create_dir_all(plugins_dir)
         .map_err(|e| format!("plugins folder {}: {e}", plugins_dir.display()))?;
     let dest = plugins_dir.join(format!("{name}.wasm"));
