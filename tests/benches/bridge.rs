@@ -21,11 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgebridge::config::parse::parse_endpoint;
-use edgebridge::config::{Auth, BrokerConnection, Transport};
-use edgebridge::credentials::{IdentityOptions, Provider};
 use edgebridge::model::{Message, Properties, QoS};
 use edgebridge::mqtt::session::{self, SessionEvent, SessionOptions};
-use edgebridge::mqtt::{StateEvent, SubFilter, Version};
+use edgebridge::mqtt::{LinkOptions, StateEvent, SubFilter, Version};
 use edgebridge_tests::{Mosquitto, MosquittoOptions, free_port, install_plugin};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -190,26 +188,16 @@ fn proc_stats(pid: u32) -> (u64, f64) {
 }
 
 fn session_options(port: u16, client_id: String, subscriptions: Vec<SubFilter>) -> SessionOptions {
+    let endpoint = parse_endpoint(&format!("127.0.0.1:{port}")).unwrap();
     SessionOptions {
-        label: client_id.clone(),
-        version: Version::V5,
-        conn: Arc::new(BrokerConnection {
-            endpoint: parse_endpoint(&format!("127.0.0.1:{port}")).unwrap(),
-            transport: Transport::Mqtt,
-            tls: None,
-            auth: Auth::Anonymous,
-        }),
-        credentials: Arc::new(Provider::new(Auth::Anonymous, IdentityOptions::from_env())),
-        client_id,
-        clean_start: true,
-        session_expiry: None,
+        link: LinkOptions {
+            receive_maximum: 1000,
+            backoff: (Duration::from_millis(50), Duration::from_millis(500)),
+            max_packet: 1 << 20,
+            ..LinkOptions::anonymous(endpoint, Version::V5, client_id)
+        },
         subscriptions,
         max_inflight: 1000,
-        receive_maximum: 1000,
-        keep_alive: Duration::from_secs(30),
-        backoff: (Duration::from_millis(50), Duration::from_millis(500)),
-        max_packet: 1 << 20,
-        stamp: None,
     }
 }
 

@@ -9,11 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edgebridge::config::parse::parse_endpoint;
-use edgebridge::config::{Auth, BrokerConnection, Transport};
-use edgebridge::credentials::{IdentityOptions, Provider};
 use edgebridge::model::{Message, Properties, QoS};
 use edgebridge::mqtt::session::{self, SessionEvent, SessionHandle, SessionOptions};
-use edgebridge::mqtt::{StateEvent, Version};
+use edgebridge::mqtt::{LinkOptions, StateEvent, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -361,26 +359,17 @@ pub struct AckedPublisher {
 impl AckedPublisher {
     /// Connects to the broker on `port` with client ID `client_id`.
     pub fn start(port: u16, client_id: &str) -> AckedPublisher {
+        let endpoint = parse_endpoint(&format!("127.0.0.1:{port}")).unwrap();
         let opts = SessionOptions {
-            label: client_id.into(),
-            version: Version::V5,
-            conn: Arc::new(BrokerConnection {
-                endpoint: parse_endpoint(&format!("127.0.0.1:{port}")).unwrap(),
-                transport: Transport::Mqtt,
-                tls: None,
-                auth: Auth::Anonymous,
-            }),
-            credentials: Arc::new(Provider::new(Auth::Anonymous, IdentityOptions::from_env())),
-            client_id: client_id.into(),
-            clean_start: false,
-            session_expiry: Some(3600),
+            link: LinkOptions {
+                clean_start: false,
+                session_expiry: Some(3600),
+                keep_alive: Duration::from_secs(5),
+                backoff: (Duration::from_millis(50), Duration::from_millis(300)),
+                ..LinkOptions::anonymous(endpoint, Version::V5, client_id.into())
+            },
             subscriptions: vec![],
             max_inflight: 100,
-            receive_maximum: 100,
-            keep_alive: Duration::from_secs(5),
-            backoff: (Duration::from_millis(50), Duration::from_millis(300)),
-            max_packet: 16 << 20,
-            stamp: None,
         };
         let (handle, mut events, _session) = session::spawn(opts, 4096);
         let acked = Arc::new(Mutex::new(BTreeSet::new()));

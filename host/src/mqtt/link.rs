@@ -79,6 +79,43 @@ pub struct LinkOptions {
     pub stamp: Option<(String, String)>,
 }
 
+impl LinkOptions {
+    /// An anonymous MQTT connection over TCP to `endpoint`, as the `pub` / `sub` tools, the
+    /// benchmark's load generator and test clients make: clean start, Receive Maximum 100,
+    /// keep-alive 30 s, backoff 200 ms to 2 s, packets up to 16 MiB, 10 s per attempt.
+    /// Callers change what differs with `..LinkOptions::anonymous(..)`.
+    pub fn anonymous(
+        endpoint: crate::config::Endpoint,
+        version: Version,
+        client_id: String,
+    ) -> LinkOptions {
+        let auth = crate::config::Auth::Anonymous;
+        LinkOptions {
+            label: client_id.clone(),
+            version,
+            conn: Arc::new(BrokerConnection {
+                endpoint,
+                transport: crate::config::Transport::Mqtt,
+                tls: None,
+                auth: auth.clone(),
+            }),
+            credentials: Arc::new(Provider::new(
+                auth,
+                crate::credentials::IdentityOptions::from_env(),
+            )),
+            client_id,
+            clean_start: true,
+            session_expiry: None,
+            receive_maximum: 100,
+            keep_alive: Duration::from_secs(30),
+            backoff: (Duration::from_millis(200), Duration::from_secs(2)),
+            max_packet: 16 << 20,
+            connect_timeout: Duration::from_secs(10),
+            stamp: None,
+        }
+    }
+}
+
 /// Why a connection failed or ended. Causes are kept as sources.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {

@@ -10,5 +10,6 @@ pub mod state;
 pub mod transport;
 
 pub use codec::{SubFilter, Version};
+pub use link::LinkOptions;
 pub use session::{SessionEvent, SessionHandle, SessionOptions};
 pub use state::{AckToken, StateEvent, Token};

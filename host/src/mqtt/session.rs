@@ -8,69 +8,24 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::codec::{SubFilter, Version};
+use super::codec::SubFilter;
 use super::link::{Link, LinkOptions};
 use super::state::{AckToken, SessionState, StateEvent, Token};
-use crate::config::BrokerConnection;
 use crate::counters::SessionCounters;
-use crate::credentials::Provider;
 use crate::model::Message;
 
 /// Everything one session needs.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
-    /// For logs: e.g. the client ID.
-    pub label: String,
-    /// Wire version.
-    pub version: Version,
-    /// Broker address, transport, TLS and credentials.
-    pub conn: Arc<BrokerConnection>,
-    /// Where the CONNECT credentials come from.
-    pub credentials: Arc<Provider>,
-    /// Client identifier.
-    pub client_id: String,
-    /// Clean start / clean session.
-    pub clean_start: bool,
-    /// Session expiry in seconds (MQTT 5).
-    pub session_expiry: Option<u32>,
+    /// The connection: broker, credentials, client ID, keep-alive, backoff, limits.
+    pub link: LinkOptions,
     /// Subscriptions made on every connect.
     pub subscriptions: Vec<SubFilter>,
     /// Cap on our unacknowledged outgoing QoS 1/2 publishes.
     pub max_inflight: u16,
-    /// Receive maximum announced to the broker (MQTT 5).
-    pub receive_maximum: u16,
-    /// Keep alive.
-    pub keep_alive: Duration,
-    /// Reconnect delays.
-    pub backoff: (Duration, Duration),
-    /// Largest incoming packet accepted.
-    pub max_packet: usize,
-    /// A user property added to every PUBLISH this session sends (MQTT 5).
-    pub stamp: Option<(String, String)>,
-}
-
-impl SessionOptions {
-    fn link(&self) -> LinkOptions {
-        LinkOptions {
-            label: self.label.clone(),
-            version: self.version,
-            conn: self.conn.clone(),
-            credentials: self.credentials.clone(),
-            client_id: self.client_id.clone(),
-            clean_start: self.clean_start,
-            session_expiry: self.session_expiry,
-            receive_maximum: self.receive_maximum,
-            keep_alive: self.keep_alive,
-            backoff: self.backoff,
-            max_packet: self.max_packet,
-            connect_timeout: Duration::from_secs(10),
-            stamp: self.stamp.clone(),
-        }
-    }
 }
 
 /// Commands from the application to the session task.
@@ -129,9 +84,9 @@ async fn run(
     mut cmd_rx: mpsc::UnboundedReceiver<Command>,
     ev_tx: mpsc::Sender<SessionEvent>,
 ) {
-    let mut state = SessionState::new(opts.subscriptions.clone(), opts.max_inflight);
+    let mut state = SessionState::new(opts.subscriptions, opts.max_inflight);
     let counters = Arc::new(SessionCounters::new("broker"));
-    let mut link = Link::new(opts.link(), counters.clone());
+    let mut link = Link::new(opts.link, counters.clone());
     let mut events = Vec::new();
     let mut failures = 0;
     let mut open = true;

@@ -6,15 +6,14 @@
 pub mod plugin_test;
 pub mod scaffold;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::config::{Auth, BrokerConnection, Transport, parse::parse_endpoint};
+use crate::config::parse::parse_endpoint;
 use crate::model::{Message, Properties, QoS};
 use crate::mqtt::session::{self, SessionEvent, SessionOptions};
-use crate::mqtt::{StateEvent, SubFilter, Version};
+use crate::mqtt::{LinkOptions, StateEvent, SubFilter, Version};
 
 /// Where to connect.
 #[derive(Debug, Clone)]
@@ -29,29 +28,11 @@ pub struct Target {
 
 fn options(t: &Target, subscriptions: Vec<SubFilter>) -> Result<SessionOptions, String> {
     let endpoint = parse_endpoint(&t.endpoint)?;
+    let version = if t.v5 { Version::V5 } else { Version::V4 };
     Ok(SessionOptions {
-        label: t.client_id.clone(),
-        version: if t.v5 { Version::V5 } else { Version::V4 },
-        conn: Arc::new(BrokerConnection {
-            endpoint,
-            transport: Transport::Mqtt,
-            tls: None,
-            auth: Auth::Anonymous,
-        }),
-        credentials: Arc::new(crate::credentials::Provider::new(
-            Auth::Anonymous,
-            crate::credentials::IdentityOptions::from_env(),
-        )),
-        client_id: t.client_id.clone(),
-        clean_start: true,
-        session_expiry: None,
+        link: LinkOptions::anonymous(endpoint, version, t.client_id.clone()),
         subscriptions,
         max_inflight: 100,
-        receive_maximum: 100,
-        keep_alive: Duration::from_secs(30),
-        backoff: (Duration::from_millis(200), Duration::from_secs(2)),
-        max_packet: 16 * 1024 * 1024,
-        stamp: None,
     })
 }
 
