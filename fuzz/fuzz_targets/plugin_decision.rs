@@ -27,7 +27,11 @@ fn emitted(u: &mut Unstructured) -> arbitrary::Result<wit::Emitted> {
         } else {
             wit::Payload::Replace(Vec::arbitrary(u)?)
         },
-        qos: if bool::arbitrary(u)? { Some(qos(u)?) } else { None },
+        qos: if bool::arbitrary(u)? {
+            Some(qos(u)?)
+        } else {
+            None
+        },
         retain: Option::arbitrary(u)?,
         properties: None,
     })
