@@ -182,19 +182,21 @@ async fn a_half_open_connection_is_detected_within_one_and_a_half_keep_alives() 
     );
 }
 
-/// A single-connection configuration whose remote is `remote` (host:port).
-fn hostile_config(
+/// Starts a bridge with two connectors: route `hostile` from the hostile `peer` (as its remote)
+/// to `local`, and route `healthy` from `local` to `healthy`, which must keep forwarding.
+async fn bridge_to_hostile(
     dir: &std::path::Path,
     local: &Mosquitto,
-    remote: &str,
+    peer: &HostileBroker,
     healthy: &Mosquitto,
-) -> Config {
+) -> RunningBridge {
+    let remote = format!("127.0.0.1:{}", peer.port);
     let yaml = format!(
         "{}---\n{}",
         bridge_yaml(
             "v5",
             &local.endpoint(),
-            remote,
+            &remote,
             1,
             "    - {direction: remote-to-local, name: hostile, source: \"x/#\", qos: 1}\n",
         ),
@@ -209,7 +211,9 @@ fn hostile_config(
         .replace("test-map", "healthy-map")
         .replace("clientIdPrefix: edge-", "clientIdPrefix: good-")
     );
-    load(dir, &yaml)
+    bridge::start(&load(dir, &yaml), &opts())
+        .await
+        .expect("bridge starts")
 }
 
 /// Peers that answer CONNECT with an HTTP page, with garbage, or not at all: each is a clear
@@ -235,13 +239,7 @@ async fn peers_that_do_not_speak_mqtt_are_named_and_retried_with_backoff() {
     ] {
         let peer = HostileBroker::start(how.clone()).await;
         let dir = tempfile::tempdir().unwrap();
-        let cfg = hostile_config(
-            dir.path(),
-            &local,
-            &format!("127.0.0.1:{}", peer.port),
-            &healthy,
-        );
-        let b = bridge::start(&cfg, &opts()).await.unwrap();
+        let b = bridge_to_hostile(dir.path(), &local, &peer, &healthy).await;
         let at_healthy = Collector::start(healthy.port, "h-sub", "ok/#", false).await;
         let lp = edgebridge_tests::Publisher::connect(local.port, "h-pub").await;
         let window = 4 * SECOND;
@@ -290,13 +288,7 @@ async fn a_publish_to_a_wildcard_topic_is_dropped_and_the_connection_kept() {
     let peer = HostileBroker::start(Hostility::WildcardTopic).await;
     let dir = tempfile::tempdir().unwrap();
     let at_local = Collector::start(local.port, "w-sub", "x/#", false).await;
-    let cfg = hostile_config(
-        dir.path(),
-        &local,
-        &format!("127.0.0.1:{}", peer.port),
-        &healthy,
-    );
-    let b = bridge::start(&cfg, &opts()).await.unwrap();
+    let b = bridge_to_hostile(dir.path(), &local, &peer, &healthy).await;
     assert!(eventually(10 * SECOND, || at_local.count() == 1).await);
     assert_eq!(at_local.messages()[0].payload, "after");
     assert!(
@@ -331,13 +323,7 @@ async fn oversized_announcements_stray_acks_and_coalesced_connacks() {
     let huge = HostileBroker::start(Hostility::HugeLength).await;
     let dir = tempfile::tempdir().unwrap();
     let rss_before = edgebridge_tests::faults::rss_kib();
-    let cfg = hostile_config(
-        dir.path(),
-        &local,
-        &format!("127.0.0.1:{}", huge.port),
-        &healthy,
-    );
-    let b = bridge::start(&cfg, &opts()).await.unwrap();
+    let b = bridge_to_hostile(dir.path(), &local, &huge, &healthy).await;
     let hostile = || {
         b.stats
             .clients()
@@ -360,13 +346,7 @@ async fn oversized_announcements_stray_acks_and_coalesced_connacks() {
     b.shutdown().await;
 
     let stray = HostileBroker::start(Hostility::UnknownPuback).await;
-    let cfg = hostile_config(
-        dir.path(),
-        &local,
-        &format!("127.0.0.1:{}", stray.port),
-        &healthy,
-    );
-    let b = bridge::start(&cfg, &opts()).await.unwrap();
+    let b = bridge_to_hostile(dir.path(), &local, &stray, &healthy).await;
     tokio::time::sleep(2 * SECOND).await;
     assert_eq!(
         stray.connections(),
@@ -377,14 +357,8 @@ async fn oversized_announcements_stray_acks_and_coalesced_connacks() {
 
     let at_local = Collector::start(local.port, "c-sub", "x/#", false).await;
     let early = HostileBroker::start(Hostility::CoalescedConnack).await;
-    let cfg = hostile_config(
-        dir.path(),
-        &local,
-        &format!("127.0.0.1:{}", early.port),
-        &healthy,
-    );
     let started = Instant::now();
-    let b = bridge::start(&cfg, &opts()).await.unwrap();
+    let b = bridge_to_hostile(dir.path(), &local, &early, &healthy).await;
     assert!(eventually(10 * SECOND, || at_local.count() == 1).await);
     assert_eq!(at_local.messages()[0].payload, "coalesced");
     println!(
