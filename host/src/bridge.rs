@@ -69,6 +69,9 @@ pub struct RunOptions {
     pub stall_timeout: Duration,
     /// Where to serve `/metrics`, `/healthz`, `/readyz` and `/status` ([`run`] only).
     pub http: Option<std::net::SocketAddr>,
+    /// `--spool-dir`: every route client is spooled under this folder (the YAML's `spool`
+    /// settings override it per connector or route).
+    pub spool_dir: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -89,6 +92,7 @@ impl Default for RunOptions {
             identity: crate::credentials::IdentityOptions::from_env(),
             stall_timeout: Duration::from_secs(60),
             http: None,
+            spool_dir: None,
         }
     }
 }
@@ -470,6 +474,7 @@ fn same_connection(a: &Connector, b: &Connector) -> bool {
         && a.bridge_instances == b.bridge_instances
         && a.local == b.local
         && a.remote == b.remote
+        && a.spool == b.spool
 }
 
 /// Whether a route client would run the same way (its place in the files aside).
@@ -487,6 +492,7 @@ fn same_route_client(a: &RouteClient, b: &RouteClient) -> bool {
         && ra.shared == rb.shared
         && ra.plugins == rb.plugins
         && ra.on_plugin_error == rb.on_plugin_error
+        && ra.spool == rb.spool
 }
 
 /// Which routes use which plugin, with which config.
@@ -858,6 +864,15 @@ impl Shared {
             plan.target.as_str(),
         );
         counters.plugins = route.plugins.iter().map(|p| p.name.clone()).collect();
+        let spool = config::SpoolSpec::resolve(
+            &self.connector,
+            route,
+            &plan.client_id,
+            opts.spool_dir.as_deref(),
+        );
+        counters.spool = spool
+            .as_ref()
+            .map(|s| Arc::new(crate::spool::SpoolCounters::new(s.dir.clone())));
         let counters = Arc::new(counters);
         stats.register(counters.clone());
         let (stop, stop_rx) = watch::channel(false);
@@ -868,6 +883,7 @@ impl Shared {
             max_inflight: opts.max_inflight,
             drain_timeout: opts.drain_timeout,
             pipeline,
+            spool,
         };
         let c = counters.clone();
         let task = tokio::spawn(async move {

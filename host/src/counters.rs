@@ -45,11 +45,14 @@ pub enum DropReason {
     /// MQTT 3.1.1: a retained message the source broker sent again because the bridge
     /// subscribed again on a resumed session (already forwarded when it was new).
     RetainedReplay,
+    /// A QoS 0 message read while the route's spool could not write (a QoS 1/2 one is not
+    /// acknowledged and comes again).
+    SpoolUnavailable,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Filtered,
         DropReason::PluginError,
         DropReason::DeadLettered,
@@ -61,6 +64,7 @@ impl DropReason {
         DropReason::Unmatched,
         DropReason::InvalidTopic,
         DropReason::RetainedReplay,
+        DropReason::SpoolUnavailable,
     ];
 
     /// The metric label.
@@ -77,6 +81,7 @@ impl DropReason {
             DropReason::Unmatched => "unmatched",
             DropReason::InvalidTopic => "invalid_topic",
             DropReason::RetainedReplay => "retained_replay",
+            DropReason::SpoolUnavailable => "spool_unavailable",
         }
     }
 
@@ -293,6 +298,8 @@ pub struct RouteCounters {
     pub waiting_for_plugin: Mutex<Option<String>>,
     /// The route's plugin chain, in order.
     pub plugins: Vec<String>,
+    /// The route client's spool, when it has one.
+    pub spool: Option<Arc<crate::spool::SpoolCounters>>,
 }
 
 impl RouteCounters {
@@ -321,6 +328,7 @@ impl RouteCounters {
             busy_since_ms: AtomicU64::new(0),
             waiting_for_plugin: Mutex::new(None),
             plugins: Vec::new(),
+            spool: None,
         }
     }
 

@@ -28,6 +28,7 @@
 //! - [`plugin`]: the WebAssembly runtime; [`policy`]: what each plugin may do (pure).
 //! - [`credentials`]: user/password, Kubernetes SAT and managed-identity tokens for CONNECT.
 //! - [`embedded`]: an in-process broker for `embedded://` endpoints.
+//! - [`spool`]: store and forward, a durable bounded log per route client.
 //! - [`secret`]: values that never print; [`error`]: printing an error with its causes.
 //! - [`tools`]: the `pub` / `sub` / `plugin test` / `plugins list` commands.
 //!
@@ -65,6 +66,7 @@ pub mod reload;
 pub mod route_client;
 pub mod routing;
 pub mod secret;
+pub mod spool;
 pub mod status;
 pub mod tools;
 pub mod topic;

@@ -33,9 +33,15 @@ enum Command {
         /// Identity used for loop prevention (default: connector name plus a random suffix).
         #[arg(long)]
         bridge_id: Option<String>,
-        /// Most messages a route client forwards before the target acknowledges them.
-        #[arg(long, default_value_t = 256)]
+        /// Most messages a route client forwards before the target acknowledges them (1 to
+        /// 65535; it is announced as MQTT 5 Receive Maximum, where 0 is a protocol error).
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
         max_inflight: u16,
+        /// Store and forward: spool every route client under this folder (each in
+        /// <DIR>/<connector>/<client id>), so a remote outage loses nothing the source
+        /// acknowledged; the YAML's `spool` settings override it per connector or route.
+        #[arg(long, env = "EDGEBRIDGE_SPOOL_DIR")]
+        spool_dir: Option<std::path::PathBuf>,
         /// Longest delay between reconnect attempts, seconds.
         #[arg(long, default_value_t = 30)]
         max_backoff: u64,
@@ -630,6 +636,7 @@ fn main() -> ExitCode {
             keep_alive,
             http,
             stall_timeout,
+            spool_dir,
             logs,
             plugin_dirs,
         } => {
@@ -662,6 +669,7 @@ fn main() -> ExitCode {
                 keep_alive: Duration::from_secs(keep_alive),
                 http,
                 stall_timeout: Duration::from_secs(stall_timeout.max(1)),
+                spool_dir,
                 plugins_dir: plugin_dirs.plugins_dir,
                 policies_dir: plugin_dirs.policies_dir,
                 ..RunOptions::default()

@@ -81,6 +81,120 @@ fn histograms(
     Ok(())
 }
 
+/// The `edgebridge_spool_*` families, one series per spooled route client.
+fn spool_families(
+    encoder: &mut DescriptorEncoder,
+    spooled: &[(
+        &std::sync::Arc<crate::counters::RouteCounters>,
+        &std::sync::Arc<crate::spool::SpoolCounters>,
+    )],
+) -> Result<(), std::fmt::Error> {
+    let labels = |c: &crate::counters::RouteCounters| -> Labels {
+        vec![
+            ("route", c.route.clone()),
+            ("client_id", c.client_id.clone()),
+        ]
+    };
+    let rows = |f: &dyn Fn(&crate::spool::SpoolCounters) -> u64| -> Vec<(Labels, u64)> {
+        spooled.iter().map(|(c, s)| (labels(c), f(s))).collect()
+    };
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    for (name, help, kind, f) in [
+        (
+            "edgebridge_spool_bytes",
+            "Bytes of the spool's segment files.",
+            MetricType::Gauge,
+            &(|s: &crate::spool::SpoolCounters| s.bytes.load(Ordering::Relaxed))
+                as &dyn Fn(&crate::spool::SpoolCounters) -> u64,
+        ),
+        (
+            "edgebridge_spool_messages",
+            "Records in the spool not yet acknowledged by the target.",
+            MetricType::Gauge,
+            &|s| s.messages.load(Ordering::Relaxed),
+        ),
+        (
+            "edgebridge_spool_oldest_age_seconds",
+            "Age of the oldest record not yet acknowledged by the target (0 when empty).",
+            MetricType::Gauge,
+            &|s| match s.oldest_us.load(Ordering::Relaxed) {
+                0 => 0,
+                t => now_us.saturating_sub(t) / 1_000_000,
+            },
+        ),
+        (
+            "edgebridge_spool_appended",
+            "Records appended to the spool.",
+            MetricType::Counter,
+            &|s| s.appended.load(Ordering::Relaxed),
+        ),
+        (
+            "edgebridge_spool_released",
+            "Records the target acknowledged (or refused), which left the spool.",
+            MetricType::Counter,
+            &|s| s.released.load(Ordering::Relaxed),
+        ),
+        (
+            "edgebridge_spool_failures",
+            "Times a spool write or fdatasync failed (the route stopped reading its source until the spool was open again).",
+            MetricType::Counter,
+            &|s| s.failures.load(Ordering::Relaxed),
+        ),
+        (
+            "edgebridge_spool_blocked",
+            "1 while the spool takes nothing more (full with whenFull: block, or below minFreeBytes).",
+            MetricType::Gauge,
+            &|s| u64::from(s.blocked.load(Ordering::Relaxed)),
+        ),
+        (
+            "edgebridge_spool_truncated_bytes",
+            "Bytes of torn tails cut off at recovery (written, never synced, before a crash).",
+            MetricType::Counter,
+            &|s| s.truncated_bytes.load(Ordering::Relaxed),
+        ),
+    ] {
+        family(encoder, name, help, kind, &rows(f))?;
+    }
+    let mut dropped = Vec::new();
+    for (c, s) in spooled {
+        for r in crate::spool::SpoolDrop::ALL {
+            let mut l = labels(c);
+            l.push(("reason", r.as_str().to_string()));
+            dropped.push((l, s.dropped(r)));
+        }
+    }
+    family(
+        encoder,
+        "edgebridge_spool_dropped",
+        "Records that left the spool unsent, by reason (full: whenFull drop-oldest; max_age; expired: MQTT 5 message expiry; corrupt: damaged on disk).",
+        MetricType::Counter,
+        &dropped,
+    )?;
+    let mut m = encoder.encode_descriptor(
+        "edgebridge_spool_recovery_seconds",
+        "How long the last opening (recovery) of the spool took.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (c, s) in spooled {
+        m.encode_family(&labels(c))?
+            .encode_gauge(&(s.recovery_us.load(Ordering::Relaxed) as f64 / 1e6))?;
+    }
+    let fsync: Vec<(Labels, Vec<&Histogram>)> = spooled
+        .iter()
+        .map(|(c, s)| (labels(c), vec![&s.fsync]))
+        .collect();
+    histograms(
+        encoder,
+        "edgebridge_spool_fsync_seconds",
+        "Time of each group commit's fdatasync (data files and cursor).",
+        &fsync,
+    )
+}
+
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let o = &self.0;
@@ -148,6 +262,14 @@ impl Collector for Scrape {
             "Time from receipt at the source to acknowledgement by the target, per message.",
             &latency,
         )?;
+        // Per spooled route client.
+        let spooled: Vec<_> = clients
+            .iter()
+            .filter_map(|c| Some((c, c.spool.as_ref()?)))
+            .collect();
+        if !spooled.is_empty() {
+            spool_families(&mut encoder, &spooled)?;
+        }
         // Per session.
         let mut connected = Vec::new();
         let mut reconnects = Vec::new();

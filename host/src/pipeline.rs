@@ -259,6 +259,7 @@ mod tests {
             shared: None,
             plugins: vec![],
             on_plugin_error: on_error,
+            spool: None,
             origin: crate::config::Origin {
                 file: "x".into(),
                 line: 1,

@@ -33,6 +33,7 @@ use crate::mqtt::state::{SessionState, StateEvent, Undeliverable};
 use crate::mqtt::{AckToken, SubFilter, Version};
 use crate::pipeline::{Pipeline, Processed, Stage};
 use crate::routing::RouteClient;
+use crate::spool::{Spool, SpoolSettings, SyncDone};
 
 /// How long a stalled route stops reading its source before it sheds QoS 0 messages.
 pub const QOS0_WAIT: Duration = Duration::from_millis(500);
@@ -53,6 +54,102 @@ pub struct RouteClientSetup<S> {
     pub drain_timeout: Duration,
     /// The route's logic.
     pub pipeline: Pipeline<S>,
+    /// Store and forward: the spool's settings (its counters are in the route's counters).
+    pub spool: Option<SpoolSettings>,
+}
+
+/// Delay before a failed spool is opened again (doubling up to [`SPOOL_RETRY_MAX`]).
+const SPOOL_RETRY: Duration = Duration::from_secs(1);
+const SPOOL_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A route client's spool and the source acknowledgements that wait for it.
+struct Lane {
+    settings: SpoolSettings,
+    counters: Arc<crate::spool::SpoolCounters>,
+    /// `None` until open, and after a failure until it is open again.
+    spool: Option<Spool>,
+    /// Source acknowledgements, each with the sequence number of its message's last record.
+    acks: VecDeque<(u64, AckToken)>,
+    /// When to open the spool (again).
+    open_at: Option<Instant>,
+    retry: Duration,
+    /// The source session must reconnect (its unacknowledged messages come again).
+    reconnect_source: bool,
+}
+
+impl Lane {
+    fn new(settings: SpoolSettings, counters: Arc<crate::spool::SpoolCounters>) -> Lane {
+        Lane {
+            settings,
+            counters,
+            spool: None,
+            acks: VecDeque::new(),
+            open_at: Some(Instant::now()),
+            retry: SPOOL_RETRY,
+            reconnect_source: false,
+        }
+    }
+
+    /// Opens (recovers) the spool if it is time; bounded by the recovery of one folder.
+    async fn open_if_due(&mut self, route: &str) {
+        if self.spool.is_some() || self.open_at.is_none_or(|t| Instant::now() < t) {
+            return;
+        }
+        let (settings, counters) = (self.settings.clone(), self.counters.clone());
+        let opened = tokio::task::spawn_blocking(move || {
+            Spool::open(settings, Arc::new(crate::spool::fs::RealFs), counters)
+        })
+        .await;
+        match opened {
+            Ok(Ok(spool)) => {
+                info!(route = %route, dir = %self.settings.dir.display(), messages = self.counters.messages.load(Ordering::Relaxed), recovery_ms = self.counters.recovery_us.load(Ordering::Relaxed) / 1000, "Spool open");
+                self.spool = Some(spool);
+                self.open_at = None;
+                self.retry = SPOOL_RETRY;
+            }
+            Ok(Err(e)) => self.failed(route, &e),
+            Err(join) => {
+                error!(route = %route, "Spool recovery ended abnormally: {join}");
+                self.open_at = Some(Instant::now() + self.retry);
+            }
+        }
+    }
+
+    fn failed(&mut self, route: &str, e: &crate::spool::SpoolError) {
+        let text = crate::error::chain(e);
+        error!(route = %route, "{text}; the spool is opened again in {} s", self.retry.as_secs());
+        self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        *self.counters.failed.lock().expect("spool failure lock") = Some(text);
+        self.spool = None;
+        self.acks.clear();
+        self.reconnect_source = true;
+        self.open_at = Some(Instant::now() + self.retry);
+        self.retry = (self.retry * 2).min(SPOOL_RETRY_MAX);
+    }
+
+    fn has_room(&mut self) -> bool {
+        self.spool.as_mut().is_some_and(Spool::has_room)
+    }
+
+    /// Nothing waits to be written, synced or acknowledged, and nothing is in flight.
+    fn settled(&self, job: &Option<tokio::task::JoinHandle<SyncDone>>) -> bool {
+        job.is_none()
+            && self
+                .spool
+                .as_ref()
+                .is_none_or(|sp| sp.in_flight() == 0 && sp.idle())
+    }
+
+    /// What the loop waits for besides the links: a job due, the drain rate, a reopen.
+    fn wake_at(&self) -> Option<Instant> {
+        let mut at = self.open_at;
+        if let Some(sp) = &self.spool {
+            for t in [sp.job_due_at(), sp.next_send_at()].into_iter().flatten() {
+                at = Some(at.map_or(t.into(), |a: Instant| a.min(t.into())));
+            }
+        }
+        at
+    }
 }
 
 /// Runs a route client until `stop` turns true; then it stops reading, waits (up to the
@@ -69,6 +166,7 @@ pub async fn run<S: Stage>(
         max_inflight,
         drain_timeout,
         pipeline,
+        spool,
     } = setup;
     let max = max_inflight as usize;
     let mut src_state = SessionState::new(
@@ -89,7 +187,18 @@ pub async fn run<S: Stage>(
         held: VecDeque::new(),
         retry_at: None,
         src_resumed: false,
+        lane: None,
     };
+    c.lane = match (spool, c.counters.spool.clone()) {
+        (Some(settings), Some(counters)) => Some(Lane::new(settings, counters)),
+        _ => None,
+    };
+    let mut job: Option<tokio::task::JoinHandle<SyncDone>> = None;
+    let source_opts = source.clone();
+    let subscriptions = vec![SubFilter {
+        filter: c.plan.subscription.clone(),
+        qos: c.plan.route.qos,
+    }];
     let mut src = Link::new(source, c.counters.source.clone());
     let mut dst = Link::new(target, c.counters.target.clone());
     let mut events = Vec::new();
@@ -100,16 +209,41 @@ pub async fn run<S: Stage>(
     tokio::pin!(wake);
     let mut wake_at: Option<Instant> = None;
     loop {
+        if let Some(lane) = &mut c.lane {
+            if !stopping {
+                lane.open_if_due(&c.plan.route.name).await;
+            }
+            if lane.reconnect_source {
+                // Its unacknowledged messages were not stored: the broker sends them again on
+                // a new connection.
+                lane.reconnect_source = false;
+                src.close(&mut src_state).await;
+                src = Link::new(source_opts.clone(), c.counters.source.clone());
+                src_state = SessionState::new(subscriptions.clone(), max_inflight);
+            }
+        }
         let room = c.ledger.len() < max;
-        let shedding = !room
+        let spooled = c.lane.is_some();
+        let shedding = !spooled
+            && !room
             && c.ledger.len() < 2 * max
             && stalled_since.is_some_and(|t| t.elapsed() >= QOS0_WAIT);
-        let read = !stopping && c.held.is_empty() && (room || shedding);
+        let read = !stopping
+            && c.held.is_empty()
+            && match &mut c.lane {
+                Some(lane) => lane.has_room(),
+                None => room || shedding,
+            };
+        let lane_wake = c.lane.as_ref().and_then(Lane::wake_at);
         let want_wake = match (drain_at, c.retry_at, stalled_since) {
             (Some(d), _, _) => Some(d),
             (None, Some(r), _) => Some(r),
-            (None, None, Some(s)) if !room && !shedding => Some(s + QOS0_WAIT),
+            (None, None, Some(s)) if !spooled && !room && !shedding => Some(s + QOS0_WAIT),
             _ => None,
+        };
+        let want_wake = match (want_wake, lane_wake) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         if want_wake != wake_at {
             wake_at = want_wake;
@@ -130,6 +264,10 @@ pub async fn run<S: Stage>(
                 }
             }
             () = &mut wake, if wake_at.is_some() => {}
+            done = async { job.as_mut().expect("guarded").await }, if job.is_some() => {
+                job = None;
+                c.finish_job(done);
+            }
         }
         // The target first: what it settled frees room and acknowledges the source.
         c.dst_state.swap_events(&mut events);
@@ -145,7 +283,10 @@ pub async fn run<S: Stage>(
                     .store(uptime_ms(), Ordering::Relaxed);
             }
         }
-        let was_idle = c.ledger.is_empty();
+        let was_idle = match &c.lane {
+            Some(lane) => lane.spool.as_ref().is_none_or(|sp| sp.in_flight() == 0),
+            None => c.ledger.is_empty(),
+        };
         if !c.held.is_empty() && c.retry_at.is_none_or(|t| Instant::now() >= t) {
             c.retry_held(&mut src_state).await;
         }
@@ -156,28 +297,67 @@ pub async fn run<S: Stage>(
                 c.on_source_event(ev, &mut src_state, shedding, now).await;
             }
         }
-        if was_idle && !c.ledger.is_empty() {
+        if let Some(lane) = &mut c.lane {
+            lane_turn(
+                lane,
+                &mut job,
+                &mut src_state,
+                &mut c.dst_state,
+                max,
+                stopping,
+                &c.counters,
+            );
+        }
+        let in_flight = match &c.lane {
+            Some(lane) => lane.spool.as_ref().map_or(0, Spool::in_flight),
+            None => c.ledger.len(),
+        };
+        if was_idle && in_flight > 0 {
             c.counters
                 .busy_since_ms
                 .store(uptime_ms(), Ordering::Relaxed);
         }
         c.counters
             .in_flight
-            .store(c.ledger.len() as u64, Ordering::Relaxed);
-        stalled_since = match (c.ledger.len() < max, stalled_since) {
+            .store(in_flight as u64, Ordering::Relaxed);
+        stalled_since = match (in_flight < max, stalled_since) {
             (true, _) => None,
             (false, None) => Some(Instant::now()),
             (false, since) => since,
         };
         if stopping {
-            if c.ledger.is_empty() {
+            let settled = match &c.lane {
+                Some(lane) => lane.settled(&job),
+                None => c.ledger.is_empty(),
+            };
+            if settled {
                 break;
             }
             if drain_at.is_some_and(|d| Instant::now() >= d) {
-                warn!(route = %c.plan.route.name, client_id = %c.plan.client_id, in_flight = c.ledger.len(), "Stopping: in-flight messages not acknowledged in time; the source broker redelivers them");
+                warn!(route = %c.plan.route.name, client_id = %c.plan.client_id, in_flight, "Stopping: in-flight messages not acknowledged in time; the source broker redelivers them");
                 break;
             }
         }
+    }
+    // A group commit still running finishes (what it stores may be acknowledged), and what
+    // the spool has not written yet is written now.
+    if let Some(j) = job.take() {
+        c.finish_job(j.await);
+    }
+    if let Some(lane) = &mut c.lane
+        && let Some(sp) = &mut lane.spool
+    {
+        while let Some(j) = sp.begin_job(true) {
+            match tokio::task::spawn_blocking(move || j.run()).await {
+                Ok(done) => {
+                    if sp.finish_job(done).is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        ack_stored(lane, &mut src_state);
     }
     // The acknowledgements of what settled, then DISCONNECT, on both sessions.
     src.close(&mut src_state).await;
@@ -205,9 +385,88 @@ struct Client<S> {
     v3: bool,
     /// The current source connection resumed a stored session.
     src_resumed: bool,
+    /// Store and forward, when the route has a spool.
+    lane: Option<Lane>,
+}
+
+/// One turn of the spool: records to the target (within the in-flight window and the drain
+/// rate), the next group commit, and the source acknowledgements of what is stored.
+fn lane_turn(
+    lane: &mut Lane,
+    job: &mut Option<tokio::task::JoinHandle<SyncDone>>,
+    src_state: &mut SessionState,
+    dst_state: &mut SessionState,
+    max: usize,
+    stopping: bool,
+    counters: &RouteCounters,
+) {
+    let Some(sp) = &mut lane.spool else {
+        return;
+    };
+    let mut failure = None;
+    if !stopping {
+        while sp.in_flight() < max {
+            match sp.next_to_send() {
+                Ok(Some(out)) => dst_state.publish(out.msg, out.seq),
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(e) = failure {
+        lane.failed(&counters.route, &e);
+        return;
+    }
+    if job.is_none()
+        && let Some(j) = sp.begin_job(stopping)
+    {
+        *job = Some(tokio::task::spawn_blocking(move || j.run()));
+    }
+    ack_stored(lane, src_state);
+    if let Some(sp) = &lane.spool {
+        sp.publish_gauges();
+    }
+}
+
+/// Acknowledges to the source every message whose records are stored.
+fn ack_stored(lane: &mut Lane, src_state: &mut SessionState) {
+    let Some(sp) = &lane.spool else {
+        return;
+    };
+    let stored = sp.ack_threshold();
+    while lane.acks.front().is_some_and(|(last, _)| *last < stored) {
+        let (_, ack) = lane.acks.pop_front().expect("just seen");
+        src_state.ack(ack);
+    }
 }
 
 impl<S: Stage> Client<S> {
+    /// A group commit finished.
+    fn finish_job(&mut self, done: Result<SyncDone, tokio::task::JoinError>) {
+        let Some(lane) = &mut self.lane else {
+            return;
+        };
+        let result = match done {
+            Ok(done) => match &mut lane.spool {
+                Some(sp) => sp.finish_job(done),
+                None => Ok(()),
+            },
+            Err(join) => {
+                error!(route = %self.plan.route.name, "A spool write ended abnormally: {join}");
+                Err(crate::spool::SpoolError::Write {
+                    file: lane.settings.dir.clone(),
+                    source: std::io::Error::other(join.to_string()),
+                })
+            }
+        };
+        if let Err(e) = result {
+            lane.failed(&self.plan.route.name, &e);
+        }
+    }
+
     async fn on_source_event(
         &mut self,
         ev: StateEvent,
@@ -281,6 +540,27 @@ impl<S: Stage> Client<S> {
                     if let Some(ack) = ack {
                         src_state.ack(ack);
                     }
+                } else if let Some(lane) = &mut self.lane {
+                    match &mut lane.spool {
+                        Some(sp) => {
+                            let mut last = 0;
+                            for m in self.out.drain(..) {
+                                last = sp.append(&m);
+                            }
+                            // Acknowledged once stored (see `ack_stored`).
+                            if let Some(ack) = ack {
+                                lane.acks.push_back((last, ack));
+                            }
+                        }
+                        None => {
+                            // The spool failed after this was read: not acknowledged, so the
+                            // source sends a QoS 1/2 message again; a QoS 0 one is lost.
+                            self.out.clear();
+                            if ack.is_none() {
+                                self.counters.count_drop(DropReason::SpoolUnavailable);
+                            }
+                        }
+                    }
                 } else {
                     let tokens = self.ledger.forward(self.out.len(), ack, since);
                     for (m, token) in self.out.drain(..).zip(tokens) {
@@ -329,6 +609,15 @@ impl<S: Stage> Client<S> {
         src_state: &mut SessionState,
         now: std::time::Instant,
     ) -> bool {
+        if let Some(lane) = &mut self.lane {
+            return on_spooled_target_event(
+                ev,
+                &self.plan,
+                lane,
+                &mut self.dst_state,
+                &self.counters,
+            );
+        }
         on_target_event(
             ev,
             &self.plan,
@@ -341,6 +630,32 @@ impl<S: Stage> Client<S> {
     }
 }
 
+/// Handles one event of the target session of a spooled route: the record (its token is its
+/// sequence number) leaves the spool; true when one did.
+fn on_spooled_target_event(
+    ev: StateEvent,
+    plan: &RouteClient,
+    lane: &mut Lane,
+    dst_state: &mut SessionState,
+    counters: &RouteCounters,
+) -> bool {
+    let Some(seq) = target_outcome(ev, plan, dst_state, counters) else {
+        return false;
+    };
+    if let Some(sp) = &mut lane.spool
+        && let Some(appended_us) = sp.release(seq)
+    {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        counters
+            .latency
+            .observe(Duration::from_micros(now_us.saturating_sub(appended_us)));
+    }
+    true
+}
+
 /// Handles one event of the target session; true when a message was settled.
 fn on_target_event(
     ev: StateEvent,
@@ -351,6 +666,32 @@ fn on_target_event(
     counters: &RouteCounters,
     now: std::time::Instant,
 ) -> bool {
+    let Some(token) = target_outcome(ev, plan, dst_state, counters) else {
+        return false;
+    };
+    match ledger.settle(token) {
+        Settled::Message { ack, since } => {
+            counters
+                .latency
+                .observe(now.saturating_duration_since(since));
+            if let Some(ack) = ack {
+                src_state.ack(ack);
+            }
+            true
+        }
+        Settled::Copy => true,
+        Settled::Unknown => false,
+    }
+}
+
+/// Counts and logs what the target session reported; the token of a copy it settled
+/// (acknowledged, refused or given up), if that is what happened.
+fn target_outcome(
+    ev: StateEvent,
+    plan: &RouteClient,
+    dst_state: &mut SessionState,
+    counters: &RouteCounters,
+) -> Option<crate::mqtt::Token> {
     let token = match ev {
         StateEvent::Delivered(token) => {
             RouteCounters::add(&counters.forwarded);
@@ -378,28 +719,16 @@ fn on_target_event(
         StateEvent::InvalidTopic { topic, error } => {
             counters.count_drop(DropReason::InvalidTopic);
             warn!(route = %plan.route.name, client_id = %plan.client_id, side = counters.target.side, "The target broker sent a message to the invalid topic {topic:?} ({error}); acknowledged and dropped");
-            return false;
+            return None;
         }
         StateEvent::Message { ack, .. } => {
             // Nothing is subscribed on the target session: not ours to forward.
             if let Some(ack) = ack {
                 dst_state.ack(ack);
             }
-            return false;
+            return None;
         }
-        _ => return false,
+        _ => return None,
     };
-    match ledger.settle(token) {
-        Settled::Message { ack, since } => {
-            counters
-                .latency
-                .observe(now.saturating_duration_since(since));
-            if let Some(ack) = ack {
-                src_state.ack(ack);
-            }
-            true
-        }
-        Settled::Copy => true,
-        Settled::Unknown => false,
-    }
+    Some(token)
 }

@@ -262,6 +262,7 @@ mod tests {
             remote: conn.clone(),
             local: conn,
             routes,
+            spool: None,
         }
     }
 
@@ -279,6 +280,7 @@ mod tests {
             }),
             plugins: vec![],
             on_plugin_error: Default::default(),
+            spool: None,
             origin: crate::config::Origin {
                 file: "x".into(),
                 line: 1,

@@ -32,6 +32,17 @@ pub fn health(o: &Observed) -> Result<(), String> {
     }
     let now = uptime_ms();
     for c in o.stats.clients() {
+        if let Some(spool) = &c.spool {
+            // A spooled route waiting for its target is what the spool is for; a spool that
+            // cannot write is not live.
+            if let Some(e) = spool.failure() {
+                return Err(format!(
+                    "route \"{}\" (client {}): the spool cannot write: {e}",
+                    c.route, c.client_id
+                ));
+            }
+            continue;
+        }
         let in_flight = c.in_flight.load(Ordering::Relaxed);
         if in_flight == 0 {
             continue;
@@ -61,6 +72,10 @@ pub fn readiness(o: &Observed) -> Result<(), Vec<String>> {
     let mut not = Vec::new();
     for c in o.stats.clients() {
         for (role, s) in [("source", &c.source), ("target", &c.target)] {
+            // A spooled route stores what its target cannot take: ready without it.
+            if role == "target" && c.spool.is_some() {
+                continue;
+            }
             if !s.connected() {
                 let error = s
                     .last_error()
@@ -162,6 +177,31 @@ fn client_json(c: &RouteCounters, o: &Observed) -> Value {
         "waiting_for_plugin": c.waiting_for_plugin.lock().expect("counters lock").clone(),
         "forward_latency_seconds": {"count": count, "sum": sum},
         "plugins": plugins,
+        "spool": c.spool.as_ref().map(|s| spool_json(s)),
+    })
+}
+
+fn spool_json(s: &crate::spool::SpoolCounters) -> Value {
+    let dropped: serde_json::Map<String, Value> = crate::spool::SpoolDrop::ALL
+        .iter()
+        .map(|r| (r.as_str().to_string(), json!(s.dropped(*r))))
+        .collect();
+    let oldest = s.oldest_us.load(Ordering::Relaxed);
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    json!({
+        "dir": s.dir.display().to_string(),
+        "messages": s.messages.load(Ordering::Relaxed),
+        "bytes": s.bytes.load(Ordering::Relaxed),
+        "oldest_age_seconds": if oldest == 0 { 0.0 } else { now_us.saturating_sub(oldest) as f64 / 1e6 },
+        "appended": s.appended.load(Ordering::Relaxed),
+        "released": s.released.load(Ordering::Relaxed),
+        "dropped": dropped,
+        "blocked": s.blocked.load(Ordering::Relaxed),
+        "failed": s.failure(),
+        "recovery_seconds": s.recovery_us.load(Ordering::Relaxed) as f64 / 1e6,
     })
 }
 
@@ -258,6 +298,9 @@ pub fn render_table(now: &Value, before: Option<&Value>, interval: Duration) -> 
                 get(c, "forwarded").to_string(),
                 dropped.to_string(),
                 get(c, "in_flight").to_string(),
+                c["spool"]["messages"]
+                    .as_u64()
+                    .map_or("-".to_string(), |n| n.to_string()),
                 rate,
                 waiting,
             ]
@@ -272,6 +315,7 @@ pub fn render_table(now: &Value, before: Option<&Value>, interval: Duration) -> 
         "FORWARDED",
         "DROPPED",
         "IN FLIGHT",
+        "SPOOLED",
         "MSG/S",
         "LAST ERROR",
     ]

@@ -390,11 +390,17 @@ impl AckedPublisher {
 
     /// Queues message `seq` (payload: the number) on `topic`.
     pub fn publish(&self, topic: &str, seq: u64, payload: Option<Bytes>) {
+        self.publish_qos(topic, seq, payload, QoS::AtLeastOnce);
+    }
+
+    /// [`AckedPublisher::publish`] at `qos` (a QoS 0 message counts as acknowledged once
+    /// written to the broker).
+    pub fn publish_qos(&self, topic: &str, seq: u64, payload: Option<Bytes>, qos: QoS) {
         self.handle.publish(
             Message {
                 topic: topic.into(),
                 payload: payload.unwrap_or_else(|| Bytes::from(seq.to_string())),
-                qos: QoS::AtLeastOnce,
+                qos,
                 retain: false,
                 properties: Properties::default(),
             },

@@ -174,6 +174,101 @@ pub struct Connector {
     pub local: BrokerConnection,
     /// Routes of all linked topic maps, in file order.
     pub routes: Vec<Route>,
+    /// Extension: `spool`, store and forward for every route of the connector.
+    pub spool: Option<SpoolSpec>,
+}
+
+/// Extension `spool`: store-and-forward settings on a connector (for all its routes) or on a
+/// route (overriding the connector's field by field). Every field is optional; see
+/// [`SpoolSpec::resolve`] for the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpoolSpec {
+    /// `enabled` (default true where a `spool` is written or `--spool-dir` is given).
+    pub enabled: Option<bool>,
+    /// `path`: the folder under which each route client has its own.
+    pub path: Option<PathBuf>,
+    /// `maxBytes`.
+    pub max_bytes: Option<u64>,
+    /// `maxAge`.
+    pub max_age: Option<std::time::Duration>,
+    /// `whenFull: block | drop-oldest`.
+    pub when_full: Option<crate::spool::WhenFull>,
+    /// `sync: always | interval`.
+    pub sync: Option<crate::spool::SyncMode>,
+    /// `syncInterval`.
+    pub sync_interval: Option<std::time::Duration>,
+    /// `drainRate.messagesPerSecond`.
+    pub rate_messages: Option<u32>,
+    /// `drainRate.bytesPerSecond`.
+    pub rate_bytes: Option<u64>,
+    /// `minFreeBytes`.
+    pub min_free_bytes: Option<u64>,
+}
+
+/// Default folder of spools when the YAML gives no `path` and `--spool-dir` is not given.
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/edgebridge/spool";
+
+impl SpoolSpec {
+    /// The spool settings of one route client: the route's fields over the connector's, over
+    /// `--spool-dir`, over the defaults; `None` when it has no spool (nothing written and no
+    /// `--spool-dir`, or `enabled: false`). The folder is `<path>/<connector>/<client id>`.
+    pub fn resolve(
+        connector: &Connector,
+        route: &Route,
+        client_id: &str,
+        spool_dir: Option<&Path>,
+    ) -> Option<crate::spool::SpoolSettings> {
+        let c = connector.spool.clone().unwrap_or_default();
+        let r = route.spool.clone().unwrap_or_default();
+        let written = connector.spool.is_some() || route.spool.is_some();
+        let enabled = r
+            .enabled
+            .or(c.enabled)
+            .unwrap_or(written || spool_dir.is_some());
+        if !enabled {
+            return None;
+        }
+        let base = r
+            .path
+            .or(c.path)
+            .or_else(|| spool_dir.map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR));
+        let safe = |s: &str| -> String {
+            s.chars()
+                .map(|ch| {
+                    if ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.') {
+                        ch
+                    } else {
+                        '_'
+                    }
+                })
+                .collect::<String>()
+                .trim_start_matches('.')
+                .to_string()
+        };
+        let mut s = crate::spool::SpoolSettings::new(
+            base.join(safe(&connector.name)).join(safe(client_id)),
+        );
+        if let Some(v) = r.max_bytes.or(c.max_bytes) {
+            s.max_bytes = v;
+        }
+        s.max_age = r.max_age.or(c.max_age);
+        if let Some(v) = r.when_full.or(c.when_full) {
+            s.when_full = v;
+        }
+        if let Some(v) = r.sync.or(c.sync) {
+            s.sync = v;
+        }
+        if let Some(v) = r.sync_interval.or(c.sync_interval) {
+            s.sync_interval = v;
+        }
+        s.rate_messages = r.rate_messages.or(c.rate_messages);
+        s.rate_bytes = r.rate_bytes.or(c.rate_bytes);
+        if let Some(v) = r.min_free_bytes.or(c.min_free_bytes) {
+            s.min_free_bytes = v;
+        }
+        Some(s)
+    }
 }
 
 /// Where and how to connect to one broker.
@@ -302,6 +397,8 @@ pub struct Route {
     pub plugins: Vec<PluginRef>,
     /// Extension: `onPluginError` (default `drop`).
     pub on_plugin_error: OnPluginError,
+    /// Extension: `spool`, overriding the connector's.
+    pub spool: Option<SpoolSpec>,
     /// Where the route is written.
     pub origin: Origin,
 }

@@ -456,6 +456,10 @@ fn read_connector(
         ),
         None => Some(LogLevel::Info),
     };
+    let spool = match s.get(cx, &["spool"]) {
+        Some((p, n)) => read_spool(cx, n, &p).map(Some),
+        None => Some(None),
+    };
     let remote = s
         .required(cx, &["remoteBrokerConnection"])
         .and_then(|(p, n)| read_broker(cx, n, &p, opts, true));
@@ -509,6 +513,7 @@ fn read_connector(
         remote,
         local,
         routes: Vec::new(),
+        spool: spool?,
     })
 }
 
@@ -1003,6 +1008,10 @@ fn read_route(cx: &mut Cx, node: &Node, path: &str, map: &str) -> Option<Route> 
             }
         },
     };
+    let spool = match r.get(cx, &["spool"]) {
+        Some((p, n)) => read_spool(cx, n, &p).map(Some),
+        None => Some(None),
+    };
     let on_error = r
         .get(cx, &["onPluginError"])
         .and_then(|f| one_of(cx, f, &[("drop", 0u8), ("pass", 1), ("dead-letter", 2)]));
@@ -1043,6 +1052,7 @@ fn read_route(cx: &mut Cx, node: &Node, path: &str, map: &str) -> Option<Route> 
     };
     r.finish(cx);
     Some(Route {
+        spool: spool?,
         plugins: plugins?,
         on_plugin_error: on_plugin_error?,
         name: name?,
@@ -1054,6 +1064,146 @@ fn read_route(cx: &mut Cx, node: &Node, path: &str, map: &str) -> Option<Route> 
         shared: shared?,
         origin: cx.origin(node.line),
     })
+}
+
+/// The `spool` extension of a connector or a route.
+fn read_spool(cx: &mut Cx, node: &Node, path: &str) -> Option<SpoolSpec> {
+    let mut f = Fields::of(cx, node, path)?;
+    let mut ok = true;
+    let mut spec = SpoolSpec::default();
+    macro_rules! field {
+        ($name:literal, $parse:expr) => {
+            if let Some(v) = f.get(cx, &[$name]) {
+                match $parse(cx, v) {
+                    Some(v) => Some(v),
+                    None => {
+                        ok = false;
+                        None
+                    }
+                }
+            } else {
+                None
+            }
+        };
+    }
+    spec.enabled = field!("enabled", boolean);
+    spec.path = field!("path", |cx: &mut Cx, v| string(cx, v).map(PathBuf::from));
+    spec.max_bytes = field!("maxBytes", |cx: &mut Cx, v| size(cx, v, 64 * 1024));
+    spec.max_age = field!("maxAge", duration);
+    spec.when_full = field!("whenFull", |cx: &mut Cx, v| one_of(
+        cx,
+        v,
+        &[
+            ("block", crate::spool::WhenFull::Block),
+            ("drop-oldest", crate::spool::WhenFull::DropOldest),
+        ]
+    ));
+    spec.sync = field!("sync", |cx: &mut Cx, v| one_of(
+        cx,
+        v,
+        &[
+            ("always", crate::spool::SyncMode::Always),
+            ("interval", crate::spool::SyncMode::Interval),
+        ]
+    ));
+    spec.sync_interval = field!("syncInterval", duration);
+    spec.min_free_bytes = field!("minFreeBytes", |cx: &mut Cx, v| size(cx, v, 0));
+    if let Some((p, n)) = f.get(cx, &["drainRate"]) {
+        match Fields::of(cx, n, &p) {
+            Some(mut d) => {
+                if let Some(v) = d.get(cx, &["messagesPerSecond"]) {
+                    match integer(cx, v, 1, 10_000_000) {
+                        Some(v) => spec.rate_messages = Some(v as u32),
+                        None => ok = false,
+                    }
+                }
+                if let Some(v) = d.get(cx, &["bytesPerSecond"]) {
+                    match size(cx, v, 1) {
+                        Some(v) => spec.rate_bytes = Some(v),
+                        None => ok = false,
+                    }
+                }
+                d.finish(cx);
+            }
+            None => ok = false,
+        }
+    }
+    f.finish(cx);
+    ok.then_some(spec)
+}
+
+/// A size in bytes: an integer, or with a suffix `Ki`, `Mi`, `Gi`, `Ti` (powers of 1024) or
+/// `k`, `M`, `G`, `T` (powers of 1000), as Kubernetes quantities are written.
+pub(crate) fn size(cx: &mut Cx, (path, node): (String, &Node), min: u64) -> Option<u64> {
+    let s = string(cx, (path.clone(), node))?;
+    let t = s.trim();
+    let (num, mul) = [
+        ("Ki", 1u64 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("k", 1_000),
+        ("K", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n, *m)))
+    .unwrap_or((t, 1));
+    match num
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+    {
+        Some(v) if v >= min => Some(v),
+        Some(v) => {
+            cx.err(
+                node.line,
+                &path,
+                format!("{v} bytes is too small; at least {min}"),
+            );
+            None
+        }
+        None => {
+            cx.err(
+                node.line,
+                &path,
+                format!("expected a size in bytes such as 1073741824, 512Mi or 1Gi, found \"{s}\""),
+            );
+            None
+        }
+    }
+}
+
+/// A duration: a number with a unit `ms`, `s`, `m`, `h` or `d` (`100ms`, `10m`, `7d`).
+pub(crate) fn duration(cx: &mut Cx, (path, node): (String, &Node)) -> Option<std::time::Duration> {
+    let s = string(cx, (path.clone(), node))?;
+    let t = s.trim();
+    let parsed = [
+        ("ms", 1u64),
+        ("s", 1_000),
+        ("m", 60_000),
+        ("h", 3_600_000),
+        ("d", 86_400_000),
+    ]
+    .iter()
+    .find_map(|(unit, ms)| {
+        let n = t.strip_suffix(unit)?.trim().parse::<u64>().ok()?;
+        n.checked_mul(*ms)
+    });
+    match parsed {
+        Some(ms) if ms > 0 => Some(std::time::Duration::from_millis(ms)),
+        _ => {
+            cx.err(
+                node.line,
+                &path,
+                format!("expected a duration such as 100ms, 30s, 10m, 24h or 7d, found \"{s}\""),
+            );
+            None
+        }
+    }
 }
 
 fn link(

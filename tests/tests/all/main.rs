@@ -6,3 +6,4 @@ mod e2e;
 mod faults;
 mod operate;
 mod plugins;
+mod spool;
