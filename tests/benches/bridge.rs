@@ -34,6 +34,7 @@ enum Case {
     OnePlugin,
     TwoPlugins,
     Metrics,
+    Spooled,
 }
 
 impl Case {
@@ -45,6 +46,7 @@ impl Case {
             Case::OnePlugin => "(d) edgebridge + 1 plugin",
             Case::TwoPlugins => "(e) edgebridge + 2 plugins",
             Case::Metrics => "(f) edgebridge, /metrics scraped every second",
+            Case::Spooled => "(g) edgebridge with a spool (--spool-dir, sync: always)",
         }
     }
 }
@@ -394,7 +396,7 @@ async fn run_case(
     let mut scraping = None;
     if matches!(
         case,
-        Case::Edgebridge | Case::OnePlugin | Case::TwoPlugins | Case::Metrics
+        Case::Edgebridge | Case::OnePlugin | Case::TwoPlugins | Case::Metrics | Case::Spooled
     ) {
         let plugins = match case {
             Case::OnePlugin => {
@@ -413,6 +415,12 @@ async fn run_case(
             let port = free_port();
             extra = vec!["--http".to_string(), format!("127.0.0.1:{port}")];
             scraping = Some(scraper(port));
+        }
+        if case == Case::Spooled {
+            extra = vec![
+                "--spool-dir".to_string(),
+                dir.join("spool").display().to_string(),
+            ];
         }
         let child = spawn_bridge(&cfg, plugins_dir, &dir.join("none"), &extra);
         bridge = Some(child);
@@ -734,6 +742,112 @@ async fn publish_on(port: u16, topic: String, n: u64, first: u64) {
     let _ = task.await;
 }
 
+/// `--spool-recovery MIB`: a spool of MIB mebibytes of 64-byte QoS 1 messages, written and
+/// synced as the bridge writes it; then the time and the memory its recovery takes (what a
+/// restart after a long outage costs), and the append and release rates on this disk.
+fn spool_recovery(mib: u64) {
+    use edgebridge::spool::{Spool, SpoolCounters, SpoolSettings, fs::RealFs};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = SpoolSettings {
+        max_bytes: (mib + 64) << 20,
+        min_free_bytes: 0,
+        ..SpoolSettings::new(dir.path().join("spool"))
+    };
+    let counters = || Arc::new(SpoolCounters::new(settings.dir.clone()));
+    let mut sp = Spool::open(settings.clone(), Arc::new(RealFs), counters()).unwrap();
+    let msg = Message {
+        topic: "bench/spool/x".into(),
+        payload: vec![b'x'; 64].into(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties::default(),
+    };
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while sp
+        .counters()
+        .bytes
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < mib << 20
+    {
+        for _ in 0..1000 {
+            sp.append(&msg);
+        }
+        n += 1000;
+        while let Some(job) = sp.begin_job(true) {
+            sp.finish_job(job.run()).unwrap();
+        }
+        sp.publish_gauges();
+    }
+    let append_s = t0.elapsed().as_secs_f64();
+    drop(sp);
+    let rss0 = edgebridge_tests::faults::rss_kib();
+    edgebridge_tests::faults::reset_peak_rss();
+    let t1 = Instant::now();
+    let mut sp = Spool::open(settings.clone(), Arc::new(RealFs), counters()).unwrap();
+    let open_s = t1.elapsed().as_secs_f64();
+    let peak = edgebridge_tests::faults::peak_rss_kib().saturating_sub(rss0);
+    let t2 = Instant::now();
+    let mut released = 0u64;
+    while let Some(o) = sp.next_to_send().unwrap() {
+        sp.release(o.seq);
+        released += 1;
+        if released % 100_000 == 0 {
+            while let Some(job) = sp.begin_job(true) {
+                sp.finish_job(job.run()).unwrap();
+            }
+        }
+    }
+    while let Some(job) = sp.begin_job(true) {
+        sp.finish_job(job.run()).unwrap();
+    }
+    let release_s = t2.elapsed().as_secs_f64();
+    println!("| spool of {mib} MiB ({n} records of 64 B) | figure |");
+    println!("| --- | --- |");
+    println!(
+        "| append + group commit (1,000 records per fdatasync) | {:.0} records/s, {:.0} MiB/s |",
+        n as f64 / append_s,
+        mib as f64 / append_s
+    );
+    println!("| recovery (open after the writer stopped) | {open_s:.3} s |");
+    println!(
+        "| memory added by the recovery (peak RSS) | {:.1} MiB |",
+        peak as f64 / 1024.0
+    );
+    println!(
+        "| read back and release from the head (every record) | {:.0} records/s ({released} records) |",
+        released as f64 / release_s
+    );
+}
+
+/// `--spool-outage SECS`: the remote down for SECS + 2 s while 1,000 QoS 1 msg/s are
+/// published on a local broker with Mosquitto's default limits, through a spooled route.
+async fn spool_outage(secs: u64) {
+    let r = edgebridge_tests::spool::Outage {
+        qos: QoS::AtLeastOnce,
+        n: secs * 1_000,
+        rate: 1_000,
+        down: Duration::from_secs(secs + 2),
+        spooled: true,
+        route_extra: String::new(),
+        drain_timeout: Duration::from_secs(600),
+    }
+    .run()
+    .await;
+    println!(
+        "| outage of {} s at 1,000 msg/s (QoS 1) | acknowledged at the edge {} | spooled {} ({:.1} MiB) | arrived {} | duplicates {} | lost {} | drained at {:.0} msg/s |",
+        secs + 2,
+        r.acked,
+        r.backlog,
+        r.backlog_bytes as f64 / 1048576.0,
+        r.arrived,
+        r.duplicates,
+        r.lost,
+        r.drain_rate
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -745,7 +859,7 @@ fn main() {
             .and_then(|i| args.get(i + 1).cloned())
     };
     let only = flag("--only").unwrap_or_default();
-    let letters = flag("--cases").unwrap_or_else(|| "abcdef".into());
+    let letters = flag("--cases").unwrap_or_else(|| "abcdefg".into());
     let (n, repeats) = if quick {
         (10_000u64, 1)
     } else {
@@ -765,6 +879,14 @@ fn main() {
         rt.block_on(soak(secs, &plugins_dir));
         return;
     }
+    if let Some(mib) = flag("--spool-recovery").and_then(|v| v.parse::<u64>().ok()) {
+        spool_recovery(mib);
+        return;
+    }
+    if let Some(secs) = flag("--spool-outage").and_then(|v| v.parse::<u64>().ok()) {
+        rt.block_on(spool_outage(secs));
+        return;
+    }
     if args.iter().any(|a| a == "--scale") {
         rt.block_on(scale(n));
         return;
@@ -776,6 +898,7 @@ fn main() {
         ('d', Case::OnePlugin),
         ('e', Case::TwoPlugins),
         ('f', Case::Metrics),
+        ('g', Case::Spooled),
     ]
     .into_iter()
     .filter(|(l, _)| letters.contains(*l))
@@ -800,6 +923,7 @@ fn main() {
             );
             println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
             let mut base = (0.0, 0.0);
+            let mut plain_and_spooled = (0.0, 0.0, 0.0, 0.0);
             // In turns: every repeat runs every case once, so a slow spell of the shared
             // machine hits all cases alike instead of one case's repeats.
             let mut all: Vec<Vec<Run>> = vec![Vec::new(); cases.len()];
@@ -817,9 +941,12 @@ fn main() {
             }
             for (&case, runs) in cases.iter().zip(all) {
                 let rate = median(runs.iter().map(|r| r.rate).collect());
+                let p50 = median(runs.iter().map(|r| r.p50_us).collect());
                 match case {
                     Case::Baseline => base.0 = rate,
                     Case::MosquittoBridge => base.1 = rate,
+                    Case::Edgebridge => (plain_and_spooled.0, plain_and_spooled.2) = (rate, p50),
+                    Case::Spooled => (plain_and_spooled.1, plain_and_spooled.3) = (rate, p50),
                     _ => {}
                 }
                 let ratio = |b: f64| {
@@ -852,6 +979,15 @@ fn main() {
                         "-".into()
                     },
                     runs.iter().map(|r| r.broker_drops).sum::<usize>(),
+                );
+            }
+            let (plain, spooled, plain_p50, spooled_p50) = plain_and_spooled;
+            if plain > 0.0 && spooled > 0.0 {
+                println!();
+                println!(
+                    "spool on / off (g)/(c): throughput {:.2}, p50 latency added {:.0} µs",
+                    spooled / plain,
+                    spooled_p50 - plain_p50
                 );
             }
         }

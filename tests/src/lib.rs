@@ -593,6 +593,7 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 pub mod auth;
 pub mod faults;
+pub mod spool;
 
 /// Source-document fixtures shipped in `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {

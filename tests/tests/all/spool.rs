@@ -1,159 +1,110 @@
-//! Store and forward against real Mosquitto brokers: a local broker configured as Debian
-//! installs it (`max_queued_messages 1000`, `max_inflight_messages 20`), the remote stopped
-//! for an outage while publishers keep sending, and every message the local broker
-//! acknowledged counted at the remote. Bounded in messages and time; each test prints its
-//! figures.
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgebridge::bridge::{self, RunOptions};
-use edgebridge::config::{self, LoadOptions};
 use edgebridge::model::QoS;
 use edgebridge_tests::faults::AckedPublisher;
+use edgebridge_tests::spool::{DEBIAN_DEFAULTS, Outage, publish_at, received};
 use edgebridge_tests::{
     Collector, Mosquitto, MosquittoOptions, bridge_yaml, init_tracing, write_file,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
-/// Mosquitto 2.0's defaults, which the test harness otherwise lifts.
-const DEBIAN_DEFAULTS: &str = "max_queued_messages 1000\nmax_inflight_messages 20\n";
-
-/// Publishes `n` messages on `topic` at `rate` per second (in steps of 10 ms).
-async fn publish_at(
-    p: &AckedPublisher,
-    topic: &str,
-    range: std::ops::Range<u64>,
-    rate: u64,
-    qos: QoS,
-) {
-    let started = tokio::time::Instant::now();
-    let first = range.start;
-    for seq in range {
-        p.publish_qos(topic, seq, None, qos);
-        let due = started + Duration::from_micros((seq - first + 1) * 1_000_000 / rate);
-        if (seq - first) % 20 == 19 {
-            tokio::time::sleep_until(due).await;
-        }
-    }
-}
-
-/// Sequence numbers received (payloads are the numbers), and duplicates.
-fn received(c: &Collector) -> (std::collections::BTreeSet<u64>, usize) {
-    let (seen, dups) = c.distinct_and_duplicates();
-    (seen.keys().filter_map(|p| p.parse().ok()).collect(), dups)
-}
 
 /// The outage of the spool issue: 20,000 messages at 2,000 msg/s while the remote is down
 /// for 16 s, through a local broker with Mosquitto's default queue limit.
-async fn outage(qos: QoS, spooled: bool) -> (usize, usize) {
-    init_tracing();
-    let local = Mosquitto::start(MosquittoOptions {
-        extra: DEBIAN_DEFAULTS.into(),
-        ..Default::default()
-    });
-    let mut remote = Mosquitto::start(MosquittoOptions {
-        persistence: true,
-        ..Default::default()
-    });
-    let spool_dir = tempfile::tempdir().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_file(
-        dir.path(),
-        "bridge.yaml",
-        &bridge_yaml(
-            "v5",
-            &local.endpoint(),
-            &remote.endpoint(),
-            1,
-            "    - {direction: local-to-remote, name: up, source: \"up/#\", qos: 1}\n",
-        ),
-    );
-    let cfg = config::load(&[path], &LoadOptions::default()).unwrap();
-    let opts = RunOptions {
-        backoff: (Duration::from_millis(50), Duration::from_millis(500)),
-        connect_timeout: 2 * SECOND,
-        spool_dir: spooled.then(|| spool_dir.path().to_path_buf()),
-        ..RunOptions::default()
-    };
-    let b = bridge::start(&cfg, &opts).await.expect("bridge starts");
-    assert!(b.wait_ready(10 * SECOND).await);
-    let at_remote = Collector::start(remote.port, "outage-sub", "up/#", true).await;
-    let publisher = AckedPublisher::start(local.port, "outage-pub");
-    let (n, rate) = (20_000u64, 2_000);
-    remote.stop();
-    let down = Instant::now();
-    publish_at(&publisher, "up/x", 0..n, rate, qos).await;
-    let acked = publisher.wait_acked(n as usize, 10 * SECOND).await;
-    let backlog = b.stats.clients()[0]
-        .spool
-        .as_ref()
-        .map(|s| s.messages.load(std::sync::atomic::Ordering::Relaxed))
-        .unwrap_or(0);
-    tokio::time::sleep((16 * SECOND).saturating_sub(down.elapsed())).await;
-    let outage = down.elapsed();
-    remote.restart();
-    let back = Instant::now();
-    let deadline = back + if spooled { 60 * SECOND } else { 3 * SECOND };
-    let acked_set = publisher.acked();
-    let (mut got, mut dups) = received(&at_remote);
-    while acked_set.difference(&got).next().is_some() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        (got, dups) = received(&at_remote);
+fn sixteen_seconds(qos: QoS, spooled: bool) -> Outage {
+    Outage {
+        qos,
+        n: 20_000,
+        rate: 2_000,
+        down: 16 * SECOND,
+        spooled,
+        route_extra: String::new(),
+        drain_timeout: if spooled { 60 * SECOND } else { 3 * SECOND },
     }
-    let drained = back.elapsed();
-    let lost = acked_set.difference(&got).count();
+}
+
+async fn spooled_outage(qos: QoS) {
+    let r = sixteen_seconds(qos, true).run().await;
     println!(
-        "outage at QoS {}{}: {} s down, {acked}/{n} acknowledged at the edge, {backlog} spooled at the end of the burst, {} arrived, {dups} duplicates, {lost} lost; drained in {:.1} s ({:.0} msg/s)",
+        "outage at QoS {}: 16 s down, {}/20000 acknowledged at the edge, {} spooled at the end of the burst ({} bytes), {} arrived, {} duplicates, {} lost; drained at {:.0} msg/s",
         qos.as_u8(),
-        if spooled { "" } else { " without a spool" },
-        outage.as_secs(),
-        got.len(),
-        drained.as_secs_f64(),
-        got.len() as f64 / drained.as_secs_f64()
+        r.acked,
+        r.backlog,
+        r.backlog_bytes,
+        r.arrived,
+        r.duplicates,
+        r.lost,
+        r.drain_rate
     );
     assert_eq!(
-        acked, n as usize,
+        r.acked, 20_000,
         "the local broker acknowledged every publish"
     );
-    b.shutdown().await;
-    if !spooled {
-        return (lost, dups);
-    }
-    assert_eq!(lost, 0, "every acknowledged message arrived");
+    assert_eq!(r.lost, 0, "every acknowledged message arrived");
     assert!(
-        dups <= 256,
-        "duplicates are bounded by the in-flight window: {dups}"
+        r.duplicates <= 256,
+        "duplicates are bounded by the in-flight window: {}",
+        r.duplicates
     );
+    assert_eq!(r.broker_drops, 0, "the local broker dropped nothing");
     assert!(
-        local
-            .log()
-            .lines()
-            .all(|l| !l.contains("Outgoing messages are being dropped")),
-        "the local broker dropped nothing:\n{}",
-        local.log()
+        r.drain_rate >= 5.0 * 2_000.0,
+        "the backlog drains at 5x the publish rate or more: {:.0} msg/s",
+        r.drain_rate
     );
-    (lost, dups)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sixteen_second_outage_at_2000_messages_a_second_loses_nothing_at_qos_1() {
-    outage(QoS::AtLeastOnce, true).await;
+    spooled_outage(QoS::AtLeastOnce).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sixteen_second_outage_at_2000_messages_a_second_loses_nothing_at_qos_0() {
-    outage(QoS::AtMostOnce, true).await;
+    spooled_outage(QoS::AtMostOnce).await;
 }
 
 /// The same outage without a spool: the local broker keeps 1,000 messages for the bridge's
 /// session and drops the rest (what the README's delivery section says of brokers' limits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_spool_the_same_outage_loses_what_the_local_broker_drops() {
-    let (lost, _) = outage(QoS::AtLeastOnce, false).await;
+    let r = sixteen_seconds(QoS::AtLeastOnce, false).run().await;
+    println!(
+        "outage at QoS 1 without a spool: {}/20000 acknowledged at the edge, {} arrived, {} lost; the local broker logged {} drop notice(s)",
+        r.acked, r.arrived, r.lost, r.broker_drops
+    );
     assert!(
-        lost >= 15_000,
-        "the local broker's queue limit applies without a spool: {lost} lost"
+        r.lost >= 15_000,
+        "the local broker's queue limit applies without a spool: {} lost",
+        r.lost
+    );
+}
+
+/// `drainRate.messagesPerSecond: 1000`: after the outage the backlog goes to the remote at
+/// that rate, within 5 %.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_drain_keeps_to_its_rate() {
+    let r = Outage {
+        qos: QoS::AtLeastOnce,
+        n: 6_000,
+        rate: 2_000,
+        down: 4 * SECOND,
+        spooled: true,
+        route_extra: "spool: {drainRate: {messagesPerSecond: 1000}}".into(),
+        drain_timeout: 30 * SECOND,
+    }
+    .run()
+    .await;
+    println!(
+        "limited drain: {} arrived, {} lost, {:.0} msg/s (limit 1000)",
+        r.arrived, r.lost, r.drain_rate
+    );
+    assert_eq!(r.lost, 0);
+    assert!(
+        (950.0..=1050.0).contains(&r.drain_rate),
+        "drained at {:.0} msg/s",
+        r.drain_rate
     );
 }
 
