@@ -138,6 +138,12 @@ fn spool_families(
             &|s| s.released.load(Ordering::Relaxed),
         ),
         (
+            "edgebridge_spool_recovered",
+            "Records found in the spool when it was last opened (appended + recovered = released + dropped + messages).",
+            MetricType::Gauge,
+            &|s| s.recovered.load(Ordering::Relaxed),
+        ),
+        (
             "edgebridge_spool_failures",
             "Times a spool write or fdatasync failed (the route stopped reading its source until the spool was open again).",
             MetricType::Counter,

@@ -168,6 +168,8 @@ pub struct SpoolCounters {
     pub appended: AtomicU64,
     /// Records released (the target acknowledged them).
     pub released: AtomicU64,
+    /// Records found in the spool when it was last opened.
+    pub recovered: AtomicU64,
     dropped: [AtomicU64; SpoolDrop::ALL.len()],
     /// Time of each `fdatasync` (a job's data and cursor together).
     pub fsync: Histogram,
@@ -193,6 +195,7 @@ impl SpoolCounters {
             oldest_us: AtomicU64::new(0),
             appended: AtomicU64::new(0),
             released: AtomicU64::new(0),
+            recovered: AtomicU64::new(0),
             dropped: Default::default(),
             fsync: Histogram::new(&FSYNC_BUCKETS),
             recovery_us: AtomicU64::new(0),
@@ -786,6 +789,10 @@ impl Spool {
             s: settings,
             failed: false,
         };
+        spool
+            .counters
+            .recovered
+            .store(next_seq - head_seq, Ordering::Relaxed);
         spool.read_ahead()?;
         spool.publish_gauges();
         spool
@@ -965,9 +972,9 @@ impl Spool {
             let u = self.queue.pop_front().expect("just seen");
             self.queue_bytes -= u.size;
         }
-        // Records of it in flight stay with the target session; their release is a no-op.
-        self.inflight.retain(|f| f.seq >= end);
-        self.inflight_unreleased = self.inflight.iter().filter(|f| !f.released).count();
+        // Records of it in flight stay with the target session and are released (and
+        // counted) when it acknowledges them; the cursor may meanwhile point into the deleted
+        // segment, which recovery handles as a cursor older than the files.
         if let Some((loc, seq)) = self.disk
             && loc.seg == seg.first_seq
         {
@@ -1410,10 +1417,10 @@ impl Spool {
     pub fn publish_gauges(&self) {
         let c = &self.counters;
         c.bytes.store(self.total_bytes, Ordering::Relaxed);
-        let unreleased = self
-            .next_seq
-            .saturating_sub(self.head_seq)
-            .saturating_sub(self.inflight.iter().filter(|f| f.released).count() as u64);
+        // Handed out and not released, and not handed out yet (dropped records moved
+        // `send_seq` past them).
+        let unreleased =
+            self.inflight_unreleased as u64 + self.next_seq.saturating_sub(self.send_seq);
         c.messages.store(unreleased, Ordering::Relaxed);
         let oldest = self
             .inflight

@@ -444,3 +444,60 @@ fn a_backlog_larger_than_memory_is_read_back_from_disk_in_order() {
     assert!(sp.disk.is_none());
     assert_eq!(drain(&mut sp), vec![5000]);
 }
+
+#[test]
+fn the_counters_add_up_after_drops_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SpoolSettings {
+        max_bytes: 1024 * 1024,
+        when_full: WhenFull::DropOldest,
+        ..settings(dir.path())
+    };
+    let check = |sp: &Spool| {
+        sp.publish_gauges();
+        let c = sp.counters();
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let dropped: u64 = SpoolDrop::ALL.iter().map(|r| c.dropped(*r)).sum();
+        assert_eq!(
+            get(&c.appended) + get(&c.recovered),
+            get(&c.released) + dropped + get(&c.messages),
+            "appended + recovered = released + dropped + messages"
+        );
+    };
+    let mut sp = open(&s);
+    let big = |i: u64| Message {
+        payload: Bytes::from(vec![b'x'; 10_000]),
+        ..msg(i)
+    };
+    // 20 in flight when the oldest segments are dropped under them.
+    for i in 0..20 {
+        sp.append(&big(i));
+    }
+    sync(&mut sp).unwrap();
+    let in_flight: Vec<u64> = (0..20).map(|_| sp.next_to_send().unwrap().unwrap().seq).collect();
+    for i in 20..300 {
+        sp.append(&big(i));
+        if i % 10 == 0 {
+            sync(&mut sp).unwrap();
+        }
+    }
+    sync(&mut sp).unwrap();
+    assert!(sp.counters().dropped(SpoolDrop::Full) > 0);
+    check(&sp);
+    for seq in in_flight {
+        sp.release(seq);
+    }
+    check(&sp);
+    for _ in 0..10 {
+        let o = sp.next_to_send().unwrap().unwrap();
+        sp.release(o.seq);
+    }
+    sync(&mut sp).unwrap();
+    check(&sp);
+    drop(sp);
+    let mut sp = open(&s);
+    check(&sp);
+    drain(&mut sp);
+    check(&sp);
+    assert!(sp.is_empty());
+}
