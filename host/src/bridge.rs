@@ -44,6 +44,8 @@ pub struct RunOptions {
     pub bridge_id: Option<String>,
     /// Most messages one route client forwards before their target acknowledgements arrive.
     pub max_inflight: u16,
+    /// Most bytes (payloads and topics) of those messages, per route client.
+    pub max_inflight_bytes: usize,
     /// Session expiry requested for the persistent source sessions (MQTT 5), seconds.
     pub session_expiry: u32,
     /// Keep alive of every session (a dead connection is detected within 1.5x this).
@@ -80,6 +82,7 @@ impl Default for RunOptions {
             instance: None,
             bridge_id: None,
             max_inflight: 256,
+            max_inflight_bytes: 32 * 1024 * 1024,
             session_expiry: 24 * 3600,
             keep_alive: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
@@ -881,6 +884,7 @@ impl Shared {
             source,
             target,
             max_inflight: opts.max_inflight,
+            max_inflight_bytes: opts.max_inflight_bytes,
             drain_timeout: opts.drain_timeout,
             pipeline,
             spool,

@@ -284,6 +284,8 @@ pub struct RouteCounters {
     pub plugin_errors: AtomicU64,
     /// Copies forwarded and not yet acknowledged by the target (gauge).
     pub in_flight: AtomicU64,
+    /// Their payload and topic bytes (gauge).
+    pub in_flight_bytes: AtomicU64,
     /// Source receipt to target acknowledgement of each message.
     pub latency: Histogram,
     /// The session subscribed on the source broker.
@@ -321,6 +323,7 @@ impl RouteCounters {
             redelivered: AtomicU64::new(0),
             plugin_errors: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            in_flight_bytes: AtomicU64::new(0),
             latency: Histogram::new(&LATENCY_BUCKETS),
             source: Arc::new(SessionCounters::new(source)),
             target: Arc::new(SessionCounters::new(target)),
@@ -472,6 +475,8 @@ pub struct PluginCounters {
     pub duration: Histogram,
     /// Whether the circuit breaker of a stage is open now (gauge, 0/1).
     pub breaker_open: AtomicU64,
+    /// Log lines the plugin wrote beyond its policy's rate, dropped.
+    pub log_dropped: AtomicU64,
 }
 
 impl PluginCounters {
@@ -483,6 +488,7 @@ impl PluginCounters {
             calls: Default::default(),
             duration: Histogram::new(&CALL_BUCKETS),
             breaker_open: AtomicU64::new(0),
+            log_dropped: AtomicU64::new(0),
         }
     }
 

@@ -32,10 +32,10 @@ pub enum Settled {
 
 #[derive(Debug)]
 enum Waiting {
-    /// The only copy of a source message.
-    Single(Option<AckToken>, Instant),
-    /// One copy of a group.
-    Copy(u64),
+    /// The only copy of a source message, and its size in bytes.
+    Single(Option<AckToken>, Instant, usize),
+    /// One copy of a group, and its size in bytes.
+    Copy(u64, usize),
 }
 
 #[derive(Debug)]
@@ -52,6 +52,8 @@ pub struct Ledger {
     groups: HashMap<u64, Group>,
     next_token: Token,
     next_group: u64,
+    /// Bytes of the copies waiting.
+    bytes: usize,
 }
 
 impl Ledger {
@@ -63,14 +65,28 @@ impl Ledger {
         ack: Option<AckToken>,
         since: Instant,
     ) -> Range<Token> {
+        self.forward_sized(&vec![0; copies], ack, since)
+    }
+
+    /// [`Ledger::forward`] with the size in bytes of each copy (counted in [`Ledger::bytes`]
+    /// until it is settled).
+    pub fn forward_sized(
+        &mut self,
+        sizes: &[usize],
+        ack: Option<AckToken>,
+        since: Instant,
+    ) -> Range<Token> {
+        let copies = sizes.len();
         debug_assert!(
             copies > 0,
             "a message forwarded as nothing is handled, not forwarded"
         );
         let first = self.next_token + 1;
         self.next_token += copies as Token;
+        self.bytes += sizes.iter().sum::<usize>();
         if copies == 1 {
-            self.waiting.insert(first, Waiting::Single(ack, since));
+            self.waiting
+                .insert(first, Waiting::Single(ack, since, sizes[0]));
         } else {
             self.next_group += 1;
             let group = self.next_group;
@@ -82,8 +98,8 @@ impl Ledger {
                     since,
                 },
             );
-            for t in first..=self.next_token {
-                self.waiting.insert(t, Waiting::Copy(group));
+            for (t, size) in (first..=self.next_token).zip(sizes) {
+                self.waiting.insert(t, Waiting::Copy(group, *size));
             }
         }
         first..self.next_token + 1
@@ -93,8 +109,12 @@ impl Ledger {
     pub fn settle(&mut self, token: Token) -> Settled {
         match self.waiting.remove(&token) {
             None => Settled::Unknown,
-            Some(Waiting::Single(ack, since)) => Settled::Message { ack, since },
-            Some(Waiting::Copy(group)) => {
+            Some(Waiting::Single(ack, since, size)) => {
+                self.bytes -= size;
+                Settled::Message { ack, since }
+            }
+            Some(Waiting::Copy(group, size)) => {
+                self.bytes -= size;
                 let g = self.groups.get_mut(&group).expect("a copy's group exists");
                 g.left -= 1;
                 if g.left > 0 {
@@ -112,6 +132,11 @@ impl Ledger {
     /// Copies forwarded and not yet settled.
     pub fn len(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Bytes of the copies forwarded and not yet settled.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Whether nothing waits.

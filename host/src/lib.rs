@@ -29,6 +29,7 @@
 //! - [`credentials`]: user/password, Kubernetes SAT and managed-identity tokens for CONNECT.
 //! - [`embedded`]: an in-process broker for `embedded://` endpoints.
 //! - [`spool`]: store and forward, a durable bounded log per route client.
+//! - [`logging`]: log lines through a bounded queue; dropped, never blocking forwarding.
 //! - [`secret`]: values that never print; [`error`]: printing an error with its causes.
 //! - [`tools`]: the `pub` / `sub` / `plugin test` / `plugins list` commands.
 //!
@@ -56,6 +57,7 @@ pub mod delivery;
 pub mod embedded;
 pub mod error;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod mqtt;

@@ -37,6 +37,10 @@ enum Command {
         /// 65535; it is announced as MQTT 5 Receive Maximum, where 0 is a protocol error).
         #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
         max_inflight: u16,
+        /// Most bytes (payloads and topics) a route client forwards before the target
+        /// acknowledges them; past it the route stops reading its source (MiB).
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        max_inflight_mib: u64,
         /// Store and forward: spool every route client under this folder (each in
         /// <DIR>/<connector>/<client id>), so a remote outage loses nothing the source
         /// acknowledged; the YAML's `spool` settings override it per connector or route.
@@ -312,14 +316,17 @@ impl Files {
     }
 }
 
-fn init_logging(level: &str, format: &str) {
+/// Logs to standard error through a bounded queue (see `edgebridge::logging`); keep the
+/// guard until the end.
+fn init_logging(level: &str, format: &str) -> tracing_appender::non_blocking::WorkerGuard {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},rumqttd=off")));
+    let (writer, guard) = edgebridge::logging::non_blocking_stderr();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if format == "json" {
         // One object per line: timestamp, level, message and the fields (route, side,
         // plugin, client_id...) flattened beside it.
@@ -327,6 +334,7 @@ fn init_logging(level: &str, format: &str) {
     } else {
         builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
+    guard
 }
 
 /// `file:line: ` of the first route that uses `plugin` ("" when none does).
@@ -632,6 +640,7 @@ fn main() -> ExitCode {
             instance,
             bridge_id,
             max_inflight,
+            max_inflight_mib,
             max_backoff,
             keep_alive,
             http,
@@ -654,7 +663,7 @@ fn main() -> ExitCode {
                     .map(|c| c.log_level.as_str().to_string())
                     .unwrap_or_else(|| "info".into())
             });
-            init_logging(&level, &logs.log_format);
+            let _log = init_logging(&level, &logs.log_format);
             for w in cfg.warnings() {
                 tracing::warn!("{w}");
             }
@@ -662,6 +671,7 @@ fn main() -> ExitCode {
                 instance,
                 bridge_id,
                 max_inflight,
+                max_inflight_bytes: (max_inflight_mib as usize) << 20,
                 backoff: (
                     Duration::from_millis(100),
                     Duration::from_secs(max_backoff.max(1)),
@@ -677,7 +687,7 @@ fn main() -> ExitCode {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
-                    eprintln!("cannot start the async runtime: {e}");
+                    tracing::error!("cannot start the async runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };

@@ -258,6 +258,13 @@ impl Collector for Scrape {
             MetricType::Gauge,
             &sum(&|c| c.in_flight.load(Ordering::Relaxed)),
         )?;
+        family(
+            &mut encoder,
+            "edgebridge_messages_in_flight_bytes",
+            "Payload and topic bytes of the messages in flight (bounded by --max-inflight-mib).",
+            MetricType::Gauge,
+            &sum(&|c| c.in_flight_bytes.load(Ordering::Relaxed)),
+        )?;
         let latency: Vec<(Labels, Vec<&Histogram>)> = routes
             .iter()
             .map(|(k, cs)| (route_labels(k), cs.iter().map(|c| &c.latency).collect()))
@@ -347,6 +354,17 @@ impl Collector for Scrape {
             .iter()
             .map(|p| (plugin_labels(p), p.breaker_open.load(Ordering::Relaxed)))
             .collect();
+        let log_dropped: Vec<(Labels, u64)> = plugins
+            .iter()
+            .map(|p| (plugin_labels(p), p.log_dropped.load(Ordering::Relaxed)))
+            .collect();
+        family(
+            &mut encoder,
+            "edgebridge_plugin_log_lines_dropped",
+            "Log lines the plugin wrote beyond its policy's log.linesPerSecond, dropped.",
+            MetricType::Counter,
+            &log_dropped,
+        )?;
         family(
             &mut encoder,
             "edgebridge_plugin_breaker_open",
@@ -389,6 +407,22 @@ impl Collector for Scrape {
                 (
                     vec![("result", "failed".to_string())],
                     o.stats.reloads_failed.load(Ordering::Relaxed),
+                ),
+            ],
+        )?;
+        family(
+            &mut encoder,
+            "edgebridge_log_lines_dropped",
+            "Log lines dropped instead of blocking: queue_full (standard error not read fast enough) and write_error (a full disk, a reader gone).",
+            MetricType::Counter,
+            &[
+                (
+                    vec![("reason", "queue_full".to_string())],
+                    crate::logging::dropped_full(),
+                ),
+                (
+                    vec![("reason", "write_error".to_string())],
+                    crate::logging::dropped_write_errors(),
                 ),
             ],
         )?;

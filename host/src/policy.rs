@@ -15,6 +15,7 @@
 //!   emitTopics: ["$target"]     # filters emitted topics must match; $target = the route's target namespace
 //!   imports: [log, clock, kv]   # host interfaces it may import; also wasi-clocks, wasi-random
 //!   kv: {maxKeys: 10000, maxBytes: 1Mi}
+//!   log: {linesPerSecond: 20, maxLineBytes: 1Ki}   # more is dropped and counted
 //!   mayChangeQos: false
 //!   mayChangeRetain: false
 //!   circuitBreaker: {failures: 5, pause: 1s, maxPause: 60s}
@@ -109,6 +110,11 @@ pub struct Policy {
     pub kv_max_keys: usize,
     /// kv quota: bytes of keys and values.
     pub kv_max_bytes: usize,
+    /// Log lines a (plugin, route) may write per second (and in a burst); more are dropped
+    /// and counted.
+    pub log_lines_per_second: u32,
+    /// Longest log line kept, bytes (longer ones are cut).
+    pub log_max_line: usize,
     /// May emitted messages set their own QoS (never above the route's).
     pub may_change_qos: bool,
     /// May emitted messages set their own retain flag.
@@ -155,6 +161,8 @@ impl Policy {
             imports: vec![Import::Log, Import::Clock],
             kv_max_keys: 10_000,
             kv_max_bytes: 1 << 20,
+            log_lines_per_second: 20,
+            log_max_line: 1024,
             may_change_qos: false,
             may_change_retain: false,
             breaker: Breaker::default(),
@@ -513,6 +521,20 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
             }
             ok &= bytes_field(cx, &mut kv, "maxBytes", &mut p.kv_max_bytes);
             kv.finish(cx);
+        } else {
+            ok = false;
+        }
+    }
+    if let Some((path, n)) = s.get(cx, &["log"]) {
+        if let Some(mut log) = Fields::of(cx, n, &path) {
+            if let Some(f) = log.get(cx, &["linesPerSecond"]) {
+                match integer(cx, f, 1, 100_000) {
+                    Some(v) => p.log_lines_per_second = v as u32,
+                    None => ok = false,
+                }
+            }
+            ok &= bytes_field(cx, &mut log, "maxLineBytes", &mut p.log_max_line);
+            log.finish(cx);
         } else {
             ok = false;
         }

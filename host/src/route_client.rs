@@ -50,6 +50,8 @@ pub struct RouteClientSetup<S> {
     pub target: LinkOptions,
     /// Most copies forwarded and not yet acknowledged by the target.
     pub max_inflight: u16,
+    /// Most bytes (payloads and topics) of those copies: past it the source is not read.
+    pub max_inflight_bytes: usize,
     /// How long a stop waits for in-flight messages to be acknowledged.
     pub drain_timeout: Duration,
     /// The route's logic.
@@ -164,6 +166,7 @@ pub async fn run<S: Stage>(
         source,
         target,
         max_inflight,
+        max_inflight_bytes,
         drain_timeout,
         pipeline,
         spool,
@@ -188,6 +191,9 @@ pub async fn run<S: Stage>(
         retry_at: None,
         src_resumed: false,
         lane: None,
+        sizes: Vec::new(),
+        resubscribe_at: None,
+        resubscribe_backoff: RESUBSCRIBE_FIRST,
     };
     c.lane = match (spool, c.counters.spool.clone()) {
         (Some(settings), Some(counters)) => Some(Lane::new(settings, counters)),
@@ -222,7 +228,7 @@ pub async fn run<S: Stage>(
                 src_state = SessionState::new(subscriptions.clone(), max_inflight);
             }
         }
-        let room = c.ledger.len() < max;
+        let room = c.ledger.len() < max && c.ledger.bytes() < max_inflight_bytes;
         let spooled = c.lane.is_some();
         let shedding = !spooled
             && !room
@@ -240,6 +246,14 @@ pub async fn run<S: Stage>(
             (None, Some(r), _) => Some(r),
             (None, None, Some(s)) if !spooled && !room && !shedding => Some(s + QOS0_WAIT),
             _ => None,
+        };
+        if c.resubscribe_at.is_some_and(|t| Instant::now() >= t) {
+            c.resubscribe_at = None;
+            src_state.resubscribe();
+        }
+        let lane_wake = match (lane_wake, c.resubscribe_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         let want_wake = match (want_wake, lane_wake) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -303,15 +317,21 @@ pub async fn run<S: Stage>(
                 &mut job,
                 &mut src_state,
                 &mut c.dst_state,
-                max,
+                (max, max_inflight_bytes),
                 stopping,
                 &c.counters,
             );
         }
-        let in_flight = match &c.lane {
-            Some(lane) => lane.spool.as_ref().map_or(0, Spool::in_flight),
-            None => c.ledger.len(),
+        let (in_flight, in_flight_bytes) = match &c.lane {
+            Some(lane) => lane
+                .spool
+                .as_ref()
+                .map_or((0, 0), |sp| (sp.in_flight(), sp.in_flight_bytes())),
+            None => (c.ledger.len(), c.ledger.bytes()),
         };
+        c.counters
+            .in_flight_bytes
+            .store(in_flight_bytes as u64, Ordering::Relaxed);
         if was_idle && in_flight > 0 {
             c.counters
                 .busy_since_ms
@@ -320,7 +340,10 @@ pub async fn run<S: Stage>(
         c.counters
             .in_flight
             .store(in_flight as u64, Ordering::Relaxed);
-        stalled_since = match (in_flight < max, stalled_since) {
+        stalled_since = match (
+            in_flight < max && in_flight_bytes < max_inflight_bytes,
+            stalled_since,
+        ) {
             (true, _) => None,
             (false, None) => Some(Instant::now()),
             (false, since) => since,
@@ -387,6 +410,20 @@ struct Client<S> {
     src_resumed: bool,
     /// Store and forward, when the route has a spool.
     lane: Option<Lane>,
+    /// Reused for the sizes of the pipeline's output.
+    sizes: Vec<usize>,
+    /// When to send a refused SUBSCRIBE again.
+    resubscribe_at: Option<Instant>,
+    resubscribe_backoff: Duration,
+}
+
+/// First wait before a refused subscription is sent again (doubling up to the max).
+const RESUBSCRIBE_FIRST: Duration = Duration::from_secs(5);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(60);
+
+/// What a message counts for in the in-flight bound: its payload and topic.
+fn message_bytes(m: &Message) -> usize {
+    m.payload.len() + m.topic.len()
 }
 
 /// One turn of the spool: records to the target (within the in-flight window and the drain
@@ -396,7 +433,7 @@ fn lane_turn(
     job: &mut Option<tokio::task::JoinHandle<SyncDone>>,
     src_state: &mut SessionState,
     dst_state: &mut SessionState,
-    max: usize,
+    (max, max_bytes): (usize, usize),
     stopping: bool,
     counters: &RouteCounters,
 ) {
@@ -405,7 +442,7 @@ fn lane_turn(
     };
     let mut failure = None;
     if !stopping {
-        while sp.in_flight() < max {
+        while sp.in_flight() < max && sp.in_flight_bytes() < max_bytes {
             match sp.next_to_send() {
                 Ok(Some(out)) => dst_state.publish(out.msg, out.seq),
                 Ok(None) => break,
@@ -483,10 +520,14 @@ impl<S: Stage> Client<S> {
                 }
                 if shedding && msg.qos == QoS::AtMostOnce {
                     self.counters.count_drop(DropReason::Qos0Overflow);
-                } else if self.v3 && self.src_resumed && msg.retain {
+                } else if self.v3
+                    && msg.retain
+                    && retained::seen(&self.plan.client_id, &msg, self.src_resumed)
+                {
                     // MQTT 3.1.1 sets retain only on messages sent for a new subscription: on a
                     // resumed session that is our SUBSCRIBE again, replaying what was
-                    // forwarded when it was new.
+                    // forwarded when it was new. A replay whose content changed since (it
+                    // changed while the bridge was away) is the newest state: it goes on.
                     self.counters.count_drop(DropReason::RetainedReplay);
                     if let Some(ack) = ack {
                         src_state.ack(ack);
@@ -498,12 +539,20 @@ impl<S: Stage> Client<S> {
                     self.process(msg, ack, now, src_state).await;
                 }
             }
-            StateEvent::Connected { session_present } => self.src_resumed = session_present,
+            StateEvent::Connected { session_present } => {
+                self.src_resumed = session_present;
+                // The connection subscribes anyway.
+                self.resubscribe_at = None;
+            }
             StateEvent::Subscribed(result) => {
                 for (filter, code) in result {
                     if code >= 0x80 {
-                        error!(route = %route, client_id = %client_id, filter = %filter, "Source broker refused the subscription (code {code:#04x}); no messages flow on this client until it reconnects");
+                        let wait = self.resubscribe_backoff;
+                        error!(route = %route, client_id = %client_id, filter = %filter, "Source broker refused the subscription (code {code:#04x}); no messages flow on this client; subscribing again in {} s", wait.as_secs());
+                        self.resubscribe_at = Some(Instant::now() + wait);
+                        self.resubscribe_backoff = (wait * 2).min(RESUBSCRIBE_MAX);
                     } else {
+                        self.resubscribe_backoff = RESUBSCRIBE_FIRST;
                         self.counters
                             .source
                             .subscribed
@@ -562,7 +611,9 @@ impl<S: Stage> Client<S> {
                         }
                     }
                 } else {
-                    let tokens = self.ledger.forward(self.out.len(), ack, since);
+                    self.sizes.clear();
+                    self.sizes.extend(self.out.iter().map(message_bytes));
+                    let tokens = self.ledger.forward_sized(&self.sizes, ack, since);
                     for (m, token) in self.out.drain(..).zip(tokens) {
                         self.dst_state.publish(m, token);
                     }
@@ -731,4 +782,44 @@ fn target_outcome(
         _ => return None,
     };
     Some(token)
+}
+
+/// MQTT 3.1.1 retained replays: the content of the retained messages each route client
+/// forwarded, by topic, for the life of the process (bounded).
+mod retained {
+    use std::collections::HashMap;
+    use std::hash::{Hash, Hasher};
+    use std::sync::Mutex;
+
+    use crate::model::Message;
+
+    /// Topics remembered at most; past it, replays of topics not remembered are forwarded.
+    const MAX_TOPICS: usize = 100_000;
+
+    static FORWARDED: Mutex<Option<HashMap<(String, String), u64>>> = Mutex::new(None);
+
+    fn digest(msg: &Message) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        msg.payload.hash(&mut h);
+        msg.properties.user_properties.hash(&mut h);
+        h.finish()
+    }
+
+    /// Whether this retained message (on a resumed session: a replay) was forwarded before
+    /// with the same content; otherwise it is remembered as forwarded now.
+    pub(super) fn seen(client_id: &str, msg: &Message, resumed: bool) -> bool {
+        let d = digest(msg);
+        let mut map = FORWARDED.lock().expect("retained lock");
+        let map = map.get_or_insert_with(HashMap::new);
+        let key = (client_id.to_string(), msg.topic.clone());
+        match map.get(&key) {
+            Some(old) if *old == d && resumed => true,
+            _ => {
+                if map.len() < MAX_TOPICS || map.contains_key(&key) {
+                    map.insert(key, d);
+                }
+                false
+            }
+        }
+    }
 }

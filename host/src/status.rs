@@ -31,7 +31,31 @@ pub fn health(o: &Observed) -> Result<(), String> {
         return Err(format!("internal task ended: {}", dead.join(", ")));
     }
     let now = uptime_ms();
-    for c in o.stats.clients() {
+    let clients = o.stats.clients();
+    let up_for = SystemTime::now()
+        .duration_since(o.started)
+        .unwrap_or_default();
+    if !clients.is_empty()
+        && up_for > o.stall_timeout
+        && clients.iter().all(|c| {
+            c.source.connects.load(Ordering::Relaxed) == 0
+                && c.target.connects.load(Ordering::Relaxed) == 0
+        })
+    {
+        let why = clients
+            .iter()
+            .flat_map(|c| [c.source.last_error(), c.target.last_error()])
+            .flatten()
+            .map(|(e, _)| e)
+            .next()
+            .unwrap_or_else(|| "no attempt finished".into());
+        return Err(format!(
+            "no route client has connected to a broker in {} s since the start (stall timeout {} s): {why}",
+            up_for.as_secs(),
+            o.stall_timeout.as_secs()
+        ));
+    }
+    for c in clients {
         if let Some(spool) = &c.spool {
             // A spooled route waiting for its target is what the spool is for; a spool that
             // cannot write is not live.
@@ -172,6 +196,7 @@ fn client_json(c: &RouteCounters, o: &Observed) -> Value {
         "forwarded": n.forwarded,
         "dropped": dropped,
         "in_flight": n.in_flight,
+        "in_flight_bytes": c.in_flight_bytes.load(Ordering::Relaxed),
         "redelivered": n.redelivered,
         "plugin_errors": n.plugin_errors,
         "waiting_for_plugin": c.waiting_for_plugin.lock().expect("counters lock").clone(),
@@ -422,6 +447,31 @@ mod tests {
     }
 
     #[test]
+    fn a_bridge_none_of_whose_route_clients_ever_connected_is_not_live() {
+        let mut o = observed();
+        o.stall_timeout = Duration::from_millis(50);
+        let c = Arc::new(RouteCounters::new(
+            "r",
+            Direction::LocalToRemote,
+            "c-r",
+            "local",
+            "remote",
+        ));
+        o.stats.register(c.clone());
+        assert!(health(&o).is_ok(), "within the stall timeout of the start");
+        c.source
+            .set_error("broker refused the connection: protocol error (code 0x82)".into());
+        std::thread::sleep(Duration::from_millis(80));
+        let e = health(&o).unwrap_err();
+        assert!(
+            e.contains("no route client has connected") && e.contains("code 0x82"),
+            "{e}"
+        );
+        c.target.connects.store(1, Ordering::Relaxed);
+        assert!(health(&o).is_ok(), "one connection is enough");
+    }
+
+    #[test]
     fn a_route_with_messages_in_flight_and_no_acknowledgement_is_not_live() {
         let mut o = observed();
         o.stall_timeout = Duration::from_millis(50);
@@ -433,6 +483,7 @@ mod tests {
             "remote",
         ));
         o.stats.register(c.clone());
+        c.source.connects.store(1, Ordering::Relaxed);
         assert!(health(&o).is_ok(), "idle is healthy");
         c.in_flight.store(3, Ordering::Relaxed);
         c.busy_since_ms.store(uptime_ms(), Ordering::Relaxed);

@@ -241,3 +241,157 @@ fn status_json_logs_and_sighup_through_the_binary() {
         "SIGHUP reloads: {log}"
     );
 }
+
+/// The quick start on free ports with standard error going to `stderr`; returns the bridge
+/// and its (local, remote) ports once the remote embedded broker accepts connections.
+fn quickstart_with_stderr(
+    stderr: std::process::Stdio,
+    extra: &[&str],
+) -> (std::process::Child, u16, u16) {
+    let (lp, rp) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap().keep();
+    let cfg = dir.join("quick.yaml");
+    let text = std::fs::read_to_string(quickstart())
+        .unwrap()
+        .replace("127.0.0.1:1883", &format!("127.0.0.1:{lp}"))
+        .replace("127.0.0.1:1884", &format!("127.0.0.1:{rp}"));
+    std::fs::write(&cfg, text).unwrap();
+    let mut bridge = edgebridge()
+        .args(["run", "-f"])
+        .arg(&cfg)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", rp)).is_ok() {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            return (bridge, lp, rp);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = bridge.kill();
+    let _ = bridge.wait();
+    panic!("the quick start bridge did not come up");
+}
+
+/// Sends `n` messages from the local to the remote broker of a quick start bridge; how many
+/// arrived.
+fn cross(lp: u16, rp: u16, n: usize) -> usize {
+    let sub = edgebridge()
+        .args(["sub", "-b", &format!("127.0.0.1:{rp}"), "-t", "factory/#"])
+        .args(["-C", &n.to_string(), "--wait", "10"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let ok = edgebridge()
+        .args([
+            "pub",
+            "-b",
+            &format!("127.0.0.1:{lp}"),
+            "-t",
+            "factory/telemetry/x",
+        ])
+        .args(["-m", "m {n}", "-n", &n.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "pub failed");
+    let out = sub.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// SIGTERM; the exit status and how long it took (killed after 15 s).
+fn terminate(
+    mut bridge: std::process::Child,
+) -> (Option<std::process::ExitStatus>, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(bridge.id().to_string())
+        .status();
+    while started.elapsed() < std::time::Duration::from_secs(15) {
+        if let Ok(Some(status)) = bridge.try_wait() {
+            return (Some(status), started.elapsed());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = bridge.kill();
+    let _ = bridge.wait();
+    (None, started.elapsed())
+}
+
+/// Standard error on a full disk: log lines are dropped and counted, the bridge forwards and
+/// stops as usual (it used to panic at the first log line, exit 101).
+#[test]
+fn a_full_disk_under_standard_error_does_not_stop_the_bridge() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        eprintln!("no /dev/full here; skipped");
+        return;
+    };
+    let (mut bridge, lp, rp) = quickstart_with_stderr(full.into(), &["--log-level", "debug"]);
+    assert!(
+        bridge.try_wait().unwrap().is_none(),
+        "the bridge is running"
+    );
+    assert_eq!(cross(lp, rp, 50), 50);
+    let (status, took) = terminate(bridge);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} after {took:?}"
+    );
+}
+
+/// Standard error a pipe nobody reads (trace logging fills it at once): forwarding goes on
+/// and SIGTERM stops the bridge within its bounds (it used to stop forwarding and ignore
+/// SIGTERM).
+#[test]
+fn a_standard_error_nobody_reads_stops_neither_forwarding_nor_shutdown() {
+    let (bridge, lp, rp) =
+        quickstart_with_stderr(std::process::Stdio::piped(), &["--log-level", "trace"]);
+    assert_eq!(cross(lp, rp, 300), 300);
+    let (status, took) = terminate(bridge);
+    assert!(
+        status.is_some() && took < std::time::Duration::from_secs(10),
+        "{status:?} after {took:?}"
+    );
+}
+
+/// The log reader goes away (`edgebridge run … 2>&1 | head -1`): the bridge goes on.
+#[test]
+fn a_log_reader_that_went_away_does_not_stop_the_bridge() {
+    let (mut bridge, lp, rp) =
+        quickstart_with_stderr(std::process::Stdio::piped(), &["--log-level", "debug"]);
+    let mut stderr = bridge.stderr.take().unwrap();
+    let mut first = [0u8; 64];
+    let _ = std::io::Read::read(&mut stderr, &mut first).unwrap();
+    drop(stderr);
+    assert_eq!(cross(lp, rp, 50), 50);
+    assert!(
+        bridge.try_wait().unwrap().is_none(),
+        "the bridge is running"
+    );
+    let (status, took) = terminate(bridge);
+    assert!(status.is_some(), "stopped after {took:?}");
+}
+
+/// `--max-inflight 0` would be announced as Receive Maximum 0, a protocol error: refused at
+/// start with the range.
+#[test]
+fn a_max_inflight_of_zero_is_refused_at_start() {
+    let out = edgebridge()
+        .args(["run", "--max-inflight", "0", "-f"])
+        .arg(quickstart())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--max-inflight") && stderr.contains("1..=65535"),
+        "{stderr}"
+    );
+}

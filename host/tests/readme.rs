@@ -279,7 +279,7 @@ fn the_plugin_walkthrough_replays() {
     let r = prepare("walkthrough");
     assert!(r.script.contains("plugin new site-prefix"), "{}", r.script);
     let out = run(&r, &repo(), Duration::from_secs(900));
-    assert!(out.contains("test result: ok. 2 passed"), "{out}");
+    assert!(out.contains("test result: ok. 3 passed"), "{out}");
 }
 
 /// `cargo component build --release` builds what `plugin new` makes, and the bridge's engine

@@ -101,6 +101,11 @@ pub struct SyntaxError {
 /// Most nodes that aliases may add to a file (each alias copies its anchored node): a
 /// "billion laughs" file of nested aliases is refused instead of growing without bound.
 pub const MAX_ALIAS_NODES: usize = 100_000;
+/// Most bytes that aliases may add to a file (scalar text, plus 64 bytes a node for the tree):
+/// a long scalar copied by nested aliases is refused however few nodes it takes.
+pub const MAX_ALIAS_BYTES: usize = 16 * 1024 * 1024;
+/// What one node of the tree costs besides its text, for [`MAX_ALIAS_BYTES`].
+const NODE_BYTES: usize = 64;
 /// Deepest nesting of mappings and lists accepted.
 pub const MAX_DEPTH: usize = 64;
 
@@ -123,20 +128,27 @@ pub fn parse_documents(text: &str) -> Result<Vec<Node>, SyntaxError> {
 struct Builder {
     docs: Vec<Node>,
     stack: Vec<Partial>,
-    /// Anchored nodes with their size in nodes.
-    anchors: Vec<(usize, Node, usize)>,
+    /// Anchored nodes with their size in nodes and in bytes.
+    anchors: Vec<(usize, Node, (usize, usize))>,
     /// Nodes added by aliases so far.
     alias_nodes: usize,
+    /// Bytes added by aliases so far.
+    alias_bytes: usize,
     error: Option<SyntaxError>,
 }
 
-/// Number of nodes in a tree.
-fn size(node: &Node) -> usize {
-    1 + match &node.kind {
-        NodeKind::Scalar { .. } => 0,
-        NodeKind::Seq(items) => items.iter().map(size).sum(),
-        NodeKind::Map(entries) => entries.iter().map(|(k, v)| size(k) + size(v)).sum(),
-    }
+/// Number of nodes in a tree, and its bytes (scalar text plus [`NODE_BYTES`] a node).
+fn size(node: &Node) -> (usize, usize) {
+    let add = |a: (usize, usize), b: (usize, usize)| (a.0 + b.0, a.1.saturating_add(b.1));
+    let own = match &node.kind {
+        NodeKind::Scalar { value, .. } => (0, value.len()),
+        NodeKind::Seq(items) => items.iter().map(size).fold((0, 0), add),
+        NodeKind::Map(entries) => entries
+            .iter()
+            .map(|(k, v)| add(size(k), size(v)))
+            .fold((0, 0), add),
+    };
+    add((1, NODE_BYTES), own)
 }
 
 enum Partial {
@@ -224,15 +236,23 @@ impl MarkedEventReceiver for Builder {
                 self.push_value(node);
             }
             Event::Alias(id) => match self.anchors.iter().rev().find(|(a, _, _)| *a == id) {
-                Some((_, _, n)) if self.alias_nodes + n > MAX_ALIAS_NODES => {
+                Some((_, _, (n, _))) if self.alias_nodes + n > MAX_ALIAS_NODES => {
                     let message = format!(
                         "aliases expand to more than {MAX_ALIAS_NODES} nodes (nested anchors and aliases, a \"billion laughs\" file?); refused"
                     );
                     self.fail(mark, message);
                 }
-                Some((_, node, n)) => {
+                Some((_, _, (_, b))) if self.alias_bytes.saturating_add(*b) > MAX_ALIAS_BYTES => {
+                    let message = format!(
+                        "aliases expand to more than {} MiB (long values copied by nested aliases?); refused",
+                        MAX_ALIAS_BYTES >> 20
+                    );
+                    self.fail(mark, message);
+                }
+                Some((_, node, (n, b))) => {
                     let node = node.clone();
                     self.alias_nodes += *n;
+                    self.alias_bytes += *b;
                     self.push_value(node);
                 }
                 None => self.fail(mark, "alias refers to an unknown anchor".into()),
@@ -320,6 +340,22 @@ mod tests {
             err.message.contains("nested more than 64 levels"),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn aliases_of_a_long_scalar_are_refused_by_their_bytes() {
+        // The file: a 10 KB scalar, 5 levels of 9 aliases (9^5 copies, 590 MB of
+        // text in 59,000 nodes: under the node cap, far over the byte cap).
+        let mut text = format!("a0: &a0 \"{}\"\n", "x".repeat(10_000));
+        for level in 1..=5 {
+            let refs = vec![format!("*a{}", level - 1); 9].join(", ");
+            text.push_str(&format!("a{level}: &a{level} [{refs}]\n"));
+        }
+        assert!(text.len() < 21_000);
+        let started = std::time::Instant::now();
+        let err = parse_documents(&text).unwrap_err();
+        assert!(err.message.contains("MiB"), "{}", err.message);
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]

@@ -478,12 +478,60 @@ pub fn decode(
             Err(b4::Error::InsufficientBytes(_)) => Ok(None),
             Err(e) => Err(CodecError::Malformed(e.to_string())),
         },
-        Version::V5 => match v5::Packet::read(buf, Some(max_incoming as u32)) {
-            Ok(p) => Ok(Some(from_packet5(p)?)),
-            Err(b5::Error::InsufficientBytes(_)) => Ok(None),
-            Err(e) => Err(CodecError::Malformed(e.to_string())),
-        },
+        Version::V5 => {
+            if let Some(ack) = refused_ack(buf) {
+                return Ok(Some(ack));
+            }
+            match v5::Packet::read(buf, Some(max_incoming as u32)) {
+                Ok(p) => Ok(Some(from_packet5(p)?)),
+                Err(b5::Error::InsufficientBytes(_)) => Ok(None),
+                Err(e) => Err(CodecError::Malformed(e.to_string())),
+            }
+        }
     }
+}
+
+/// A whole PUBACK or PUBREC at the front of `buf` whose reason code MQTT 5 does not define
+/// for it (Mosquitto 2.0 answers an oversize publish with PUBACK 0x95): read as that one
+/// message's refusal (reason code 0x80 or more) and consumed, so that it is not taken for a
+/// broken connection. `None` for anything else (left in `buf`).
+fn refused_ack(buf: &mut BytesMut) -> Option<Incoming> {
+    let kind = *buf.first()?;
+    if kind != 0x40 && kind != 0x50 {
+        return None;
+    }
+    let (mut len, mut i, mut shift) = (0usize, 1usize, 0);
+    loop {
+        let b = *buf.get(i)?;
+        len |= ((b & 0x7f) as usize) << shift;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if i > 4 {
+            return None;
+        }
+    }
+    if len < 3 || buf.len() < i + len {
+        return None;
+    }
+    // The codes MQTT 5 defines for PUBACK and PUBREC (§3.4.2.1, §3.5.2.1): the codec reads
+    // those.
+    if matches!(
+        buf[i + 2],
+        0x00 | 0x10 | 0x80 | 0x83 | 0x87 | 0x90 | 0x91 | 0x97 | 0x99
+    ) {
+        return None;
+    }
+    let pkid = u16::from_be_bytes([buf[i], buf[i + 1]]);
+    let code = buf[i + 2].max(0x80);
+    let _ = buf.split_to(i + len);
+    Some(if kind == 0x40 {
+        Incoming::PubAck { pkid, code }
+    } else {
+        Incoming::PubRec { pkid, code }
+    })
 }
 
 fn topic_string(bytes: &[u8]) -> Result<String, CodecError> {
@@ -828,5 +876,32 @@ mod tests {
             panic!("not a publish")
         };
         assert!(got.properties.is_empty());
+    }
+
+    #[test]
+    fn a_puback_with_a_reason_code_mqtt_5_does_not_define_refuses_that_message_only() {
+        // Mosquitto 2.0.11 with message_size_limit: PUBACK, pkid 7, reason 0x95.
+        let mut buf = BytesMut::from(&b"\x40\x03\x00\x07\x95\x40\x02\x00\x08"[..]);
+        assert_eq!(
+            decode(Version::V5, &mut buf, 1 << 20).unwrap(),
+            Some(Incoming::PubAck {
+                pkid: 7,
+                code: 0x95
+            })
+        );
+        // The next packet is read as usual.
+        assert_eq!(
+            decode(Version::V5, &mut buf, 1 << 20).unwrap(),
+            Some(Incoming::PubAck { pkid: 8, code: 0 })
+        );
+        // An undefined code below 0x80 is a refusal too.
+        let mut buf = BytesMut::from(&b"\x40\x03\x00\x09\x05"[..]);
+        assert_eq!(
+            decode(Version::V5, &mut buf, 1 << 20).unwrap(),
+            Some(Incoming::PubAck {
+                pkid: 9,
+                code: 0x80
+            })
+        );
     }
 }

@@ -115,11 +115,32 @@ pub enum StateError {
         reason: String,
     },
     /// The broker sent DISCONNECT.
-    #[error("broker sent DISCONNECT with reason code {0:#04x}")]
+    #[error("broker sent DISCONNECT with reason code {code:#04x}{why}", code = .0, why = disconnect_reason(*.0))]
     Disconnected(u8),
     /// A packet that makes no sense at this point.
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+/// What an MQTT 5 DISCONNECT reason code means, for the log (§3.14.2.1).
+pub fn disconnect_reason(code: u8) -> &'static str {
+    match code {
+        0x8e => {
+            ": session taken over (another client connected with the same client ID: two bridges or instances with one clientIdPrefix?)"
+        }
+        0x8b => ": the broker is shutting down",
+        0x87 => ": not authorized",
+        0x89 => ": server busy",
+        0x8d => ": keep alive timeout",
+        0x93 => ": receive maximum exceeded",
+        0x95 => ": packet too large",
+        0x96 => ": message rate too high",
+        0x97 => ": quota exceeded",
+        0x9c => ": use another server",
+        0x9d => ": server moved",
+        0xa2 => ": wildcard subscriptions not supported",
+        _ => "",
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,6 +394,18 @@ impl SessionState {
                 why: Undeliverable::Poison { size },
             });
         }
+    }
+
+    /// Sends the session's SUBSCRIBE again on this connection (after the broker refused it);
+    /// false when not connected or one is still unanswered.
+    pub fn resubscribe(&mut self) -> bool {
+        if !self.connected || self.sub_pkid.is_some() || self.subscriptions.is_empty() {
+            return false;
+        }
+        let pkid = self.alloc_pkid();
+        self.sub_pkid = Some(pkid);
+        self.out.push_back(Out::Subscribe(pkid));
+        true
     }
 
     /// Queues a publish. QoS 1/2 beyond the broker's quota wait in order.
@@ -1118,6 +1151,19 @@ mod tests {
             !s.take_events()
                 .iter()
                 .any(|e| matches!(e, StateEvent::Undeliverable { .. }))
+        );
+    }
+
+    #[test]
+    fn a_session_taken_over_says_so() {
+        let e = StateError::Disconnected(0x8e).to_string();
+        assert!(
+            e.contains("0x8e") && e.contains("session taken over"),
+            "{e}"
+        );
+        assert_eq!(
+            StateError::Disconnected(0x00).to_string(),
+            "broker sent DISCONNECT with reason code 0x00"
         );
     }
 }

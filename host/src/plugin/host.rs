@@ -25,16 +25,65 @@ pub(super) struct KvQuota {
 /// these; `RUST_LOG=edgebridge::plugin::guest=debug` selects them).
 pub const GUEST_LOG: &str = "edgebridge::plugin::guest";
 
-/// `log`: the plugin and route its lines are tagged with.
+/// How much a (plugin, route) may log, from its policy: a token bucket of lines (burst: one
+/// second's worth) and a line length; dropped lines are counted.
+#[derive(Debug)]
+pub(super) struct LogLimit {
+    pub(super) per_second: f64,
+    pub(super) max_line: usize,
+    tokens: f64,
+    last: std::time::Instant,
+    pub(super) dropped: Option<std::sync::Arc<crate::counters::PluginCounters>>,
+}
+
+impl LogLimit {
+    pub(super) fn new(
+        per_second: u32,
+        max_line: usize,
+        dropped: Option<std::sync::Arc<crate::counters::PluginCounters>>,
+    ) -> LogLimit {
+        LogLimit {
+            per_second: f64::from(per_second),
+            max_line,
+            tokens: f64::from(per_second),
+            last: std::time::Instant::now(),
+            dropped,
+        }
+    }
+
+    /// Whether a line may be written now.
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.per_second).min(self.per_second.max(1.0));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return true;
+        }
+        if let Some(c) = &self.dropped {
+            c.log_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        false
+    }
+}
+
+/// `log`: the plugin and route its lines are tagged with, and its limit.
 struct LogView<'a> {
     plugin: &'a str,
     route: &'a str,
+    limit: &'a mut LogLimit,
 }
 
 impl log::Host for LogView<'_> {
     fn write(&mut self, level: log::Level, mut message: String) {
-        if message.len() > 4096 {
-            let mut cut = 4096;
+        if !self.limit.take() {
+            return;
+        }
+        let max = self.limit.max_line;
+        if message.len() > max {
+            let mut cut = max;
             while !message.is_char_boundary(cut) {
                 cut -= 1;
             }
@@ -129,6 +178,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     log::add_to_linker::<HostState, Log>(linker, |s| LogView {
         plugin: &s.plugin,
         route: &s.route,
+        limit: &mut s.log_limit,
     })?;
     clock::add_to_linker::<HostState, Clock>(linker, |_| ClockView)?;
     kv::add_to_linker::<HostState, Kv>(linker, |s| KvView {

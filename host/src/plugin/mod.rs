@@ -167,6 +167,7 @@ pub struct HostState {
     route: Arc<str>,
     kv: Arc<Mutex<KvStore>>,
     kv_quota: host::KvQuota,
+    log_limit: host::LogLimit,
     stderr: MemoryOutputPipe,
     budget: Option<CallBudget>,
     /// The policy grants `wasi-clocks`: sleeping waits.
@@ -476,7 +477,12 @@ impl Runtime {
     }
 
     /// A fresh store for `loaded` on `route`, with the policy's limits.
-    pub(crate) fn store(&self, loaded: &Loaded, route: &str) -> Store<HostState> {
+    pub(crate) fn store(
+        &self,
+        loaded: &Loaded,
+        route: &str,
+        counters: Option<Arc<crate::counters::PluginCounters>>,
+    ) -> Store<HostState> {
         let stderr = MemoryOutputPipe::new(16 * 1024);
         let p = &loaded.policy;
         // Nothing of the host: no files, no network, no environment. What a plugin may observe
@@ -515,6 +521,7 @@ impl Runtime {
                 max_keys: p.kv_max_keys,
                 max_bytes: p.kv_max_bytes,
             },
+            log_limit: host::LogLimit::new(p.log_lines_per_second, p.log_max_line, counters),
             stderr,
             budget: None,
             clocks_granted: p.grants(Import::WasiClocks),
@@ -537,7 +544,19 @@ impl Runtime {
         route: &str,
         config: &str,
     ) -> Result<(Store<HostState>, Instance), PluginError> {
-        let mut store = self.store(loaded, route);
+        self.instantiate_counted(loaded, route, config, None).await
+    }
+
+    /// [`Runtime::instantiate`], counting what the instance's limits drop (its log lines) in
+    /// `counters`.
+    pub(crate) async fn instantiate_counted(
+        &self,
+        loaded: &Loaded,
+        route: &str,
+        config: &str,
+        counters: Option<Arc<crate::counters::PluginCounters>>,
+    ) -> Result<(Store<HostState>, Instance), PluginError> {
+        let mut store = self.store(loaded, route, counters);
         let fail = |message: String| PluginError::Init {
             plugin: loaded.name.clone(),
             route: route.to_string(),

@@ -180,7 +180,12 @@ impl Stage {
         }
         match self
             .runtime
-            .instantiate(&current, &self.route.name, &self.config)
+            .instantiate_counted(
+                &current,
+                &self.route.name,
+                &self.config,
+                Some(self.counters.clone()),
+            )
             .await
         {
             Ok((store, instance)) => {

@@ -322,6 +322,8 @@ struct Flight {
     loc: Loc,
     appended_us: u64,
     released: bool,
+    /// Payload and topic bytes.
+    bytes: usize,
 }
 
 /// A record to publish on the target session, with its sequence number as the token.
@@ -489,6 +491,8 @@ pub struct Spool {
     inflight: VecDeque<Flight>,
     /// Entries of `inflight` not released.
     inflight_unreleased: usize,
+    /// Their payload and topic bytes.
+    inflight_bytes: usize,
     head_seq: u64,
     cursor_file: Arc<dyn FsFile>,
     cursor_gen: u64,
@@ -773,6 +777,7 @@ impl Spool {
             send_seq: head_seq,
             inflight: VecDeque::new(),
             inflight_unreleased: 0,
+            inflight_bytes: 0,
             head_seq,
             cursor_file,
             cursor_gen,
@@ -1132,14 +1137,17 @@ impl Spool {
             } else {
                 None
             };
+            let bytes = msg.payload.len() + msg.topic.len();
             self.inflight.push_back(Flight {
                 seq: u.seq,
                 loc: u.loc,
                 appended_us: u.appended_us,
                 released: drop.is_some(),
+                bytes,
             });
             if drop.is_none() {
                 self.inflight_unreleased += 1;
+                self.inflight_bytes += bytes;
             }
             if let Some(reason) = drop {
                 self.counters.drop_n(reason, 1);
@@ -1179,6 +1187,7 @@ impl Spool {
         }
         f.released = true;
         self.inflight_unreleased -= 1;
+        self.inflight_bytes -= f.bytes;
         let appended_us = f.appended_us;
         self.counters.released.fetch_add(1, Ordering::Relaxed);
         if i == 0 {
@@ -1238,6 +1247,11 @@ impl Spool {
     /// Records handed to the target and not yet released.
     pub fn in_flight(&self) -> usize {
         self.inflight_unreleased
+    }
+
+    /// Payload and topic bytes of the records in flight.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.inflight_bytes
     }
 
     /// Whether every record was released.

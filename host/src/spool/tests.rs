@@ -474,7 +474,9 @@ fn the_counters_add_up_after_drops_and_a_restart() {
         sp.append(&big(i));
     }
     sync(&mut sp).unwrap();
-    let in_flight: Vec<u64> = (0..20).map(|_| sp.next_to_send().unwrap().unwrap().seq).collect();
+    let in_flight: Vec<u64> = (0..20)
+        .map(|_| sp.next_to_send().unwrap().unwrap().seq)
+        .collect();
     for i in 20..300 {
         sp.append(&big(i));
         if i % 10 == 0 {

@@ -266,7 +266,12 @@ pub async fn run(t: &PluginTest) -> Result<bool, String> {
     let counters = std::sync::Arc::new(crate::counters::PluginCounters::new(&name, "test"));
     let mut stage = Stage::new(runtime, registry, &name, &t.config, route, counters);
     let started = std::time::Instant::now();
-    stage.start().await.map_err(|e| e.to_string())?;
+    stage.start().await.map_err(|e| {
+        format!(
+            "{e}\n(the plugin's init refused the config {}: give the route's `config:` as JSON with --config, e.g. --config '{{\"field\": \"value\"}}'; the plugin's README or policy.yaml says which fields it takes)",
+            t.config
+        )
+    })?;
     println!("init with {}: ok ({})", t.config, micros(started.elapsed()));
     let mut ok = true;
     for (i, msg) in t.messages.iter().enumerate() {

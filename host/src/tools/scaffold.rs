@@ -271,7 +271,7 @@ package = "edgebridge:{{name}}"
 const MAPPER_LIB: &str = r##"//! `{{name}}`: an edgebridge route-mapper plugin.
 //!
 //! It forwards every message under a prefix: a message going to `factory/temp` goes to
-//! `<prefix>/factory/temp`. Config (the route's `config:`):
+//! `<prefix>/factory/temp`. Config (the route's `config:`; without one, `prefix: edge`):
 //!
 //! ```yaml
 //! plugins:
@@ -286,8 +286,13 @@ use serde::Deserialize;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
-    /// Topic levels put in front of the target topic.
+    /// Topic levels put in front of the target topic (default `edge`).
+    #[serde(default = "default_prefix")]
     prefix: String,
+}
+
+fn default_prefix() -> String {
+    "edge".to_string()
 }
 
 /// One value per route: its fields are the plugin's state between messages.
@@ -352,13 +357,22 @@ mod tests {
         assert!(testing::mapper::<{{type}}>(r#"{"prefix": "a/#"}"#).is_err());
         assert!(testing::mapper::<{{type}}>(r#"{"prefx": "a"}"#).is_err());
     }
+
+    #[test]
+    fn without_a_config_the_prefix_is_edge() {
+        let mut plugin = testing::mapper::<{{type}}>("{}").unwrap();
+        let decision = plugin
+            .map_message(Context::new("r", "a/b"), Message::new("a/b", "x"))
+            .unwrap();
+        assert_eq!(decision, Decision::Emit(vec![Emitted::to("edge/a/b")]));
+    }
 }
 "##;
 
 const FILTER_LIB: &str = r##"//! `{{name}}`: an edgebridge message-filter plugin.
 //!
 //! It keeps messages whose payload is at most `maxBytes` long and drops the others. Config
-//! (the route's `config:`):
+//! (the route's `config:`; without one, `maxBytes: 1024`):
 //!
 //! ```yaml
 //! plugins:
@@ -373,8 +387,13 @@ use serde::Deserialize;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
-    /// Longest payload kept, in bytes.
+    /// Longest payload kept, in bytes (default 1024).
+    #[serde(default = "default_max_bytes")]
     max_bytes: usize,
+}
+
+fn default_max_bytes() -> usize {
+    1024
 }
 
 /// One value per route: its fields are the plugin's state between messages.
@@ -426,7 +445,8 @@ mod tests {
     #[test]
     fn a_bad_config_is_refused() {
         assert!(testing::filter::<{{type}}>(r#"{"maxBytes": -1}"#).is_err());
-        assert!(testing::filter::<{{type}}>("{}").is_err());
+        assert!(testing::filter::<{{type}}>(r#"{"maxByte": 1}"#).is_err());
+        assert!(testing::filter::<{{type}}>("{}").is_ok(), "maxBytes defaults to 1024");
     }
 }
 "##;
@@ -476,7 +496,7 @@ rustup target add wasm32-wasip2                     # once
 cargo build --target wasm32-wasip2 --release        # → target/wasm32-wasip2/release/{{lib}}.wasm
 # or: cargo component build --release               # → target/wasm32-wasip1/release/{{lib}}.wasm
 
-edgebridge plugin test target/wasm32-wasip2/release/{{lib}}.wasm --config '{{config}}' --messages messages.jsonl
+edgebridge plugin test target/wasm32-wasip2/release/{{lib}}.wasm --messages messages.jsonl   # its default config; another: --config '{{config}}'
 edgebridge plugin install target/wasm32-wasip2/release/{{lib}}.wasm --plugins-dir /etc/edgebridge/plugins
 cp policy.yaml /etc/edgebridge/policies/{{name}}.yaml   # optional: the default policy may do
 ```
@@ -565,7 +585,7 @@ mod tests {
         assert!(!lib.contains("{{"));
         let readme = std::fs::read_to_string(p.dir.join("README.md")).unwrap();
         assert!(
-            readme.contains("release/site_prefix.wasm --config '{\"prefix\": \"edge\"}'"),
+            readme.contains("release/site_prefix.wasm --messages messages.jsonl   # its default config; another: --config '{\"prefix\": \"edge\"}'"),
             "{readme}"
         );
         assert!(!readme.contains("{{"), "{readme}");

@@ -819,3 +819,164 @@ async fn a_crash_between_fanned_out_copies_loses_none_of_them() {
     edgebridge_tests::faults::print_peak("crash during fan-out");
     b.shutdown().await;
 }
+
+/// 4 MB QoS 1 messages while the remote is down: the bridge stops reading its source at its
+/// in-flight byte bound (8 MiB here) instead of holding them all (300 of them took one route
+/// to 1.5 GB before); once the remote is back every one arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_in_flight_are_bounded_in_bytes() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let mut remote = Mosquitto::start(MosquittoOptions {
+        persistence: true,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &bridge_yaml(
+            "v5",
+            &local.endpoint(),
+            &remote.endpoint(),
+            1,
+            "    - {direction: local-to-remote, name: big, source: \"big/#\"}\n",
+        ),
+    );
+    let bound = 8 << 20;
+    let b = start(
+        &cfg,
+        &RunOptions {
+            max_inflight_bytes: bound,
+            ..opts()
+        },
+    )
+    .await;
+    let at_remote = Collector::start(remote.port, "bytes-sub", "big/#", true).await;
+    remote.stop();
+    let publisher = AckedPublisher::start(local.port, "bytes-pub");
+    let padding = "x".repeat(4 << 20);
+    let n = 20u64;
+    for seq in 0..n {
+        publisher.publish("big/a", seq, Some(format!("{seq}:{padding}").into()));
+    }
+    let counters = b.stats.clients()[0].clone();
+    let mut peak = 0;
+    let watch_until = Instant::now() + 4 * SECOND;
+    while Instant::now() < watch_until {
+        peak = peak.max(
+            counters
+                .in_flight_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    remote.restart();
+    let (acked, got, dups, lost) = settle(&publisher, &at_remote, 60 * SECOND).await;
+    println!(
+        "4 MB messages, remote down: peak {:.1} MiB in flight (bound 8 MiB); {acked} acknowledged, {got} received, {dups} duplicates, {lost} lost",
+        peak as f64 / 1048576.0
+    );
+    assert!(peak > 0, "messages were in flight");
+    assert!(
+        peak <= (bound + 2 * (4 << 20) + 1024) as u64,
+        "in flight {peak} bytes, bound {bound}"
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(acked, n as usize);
+    b.shutdown().await;
+}
+
+/// MQTT 3.1.1: a retained message changed while the bridge was away. The broker sends the
+/// queued change with retain = 0 and then, for the bridge's SUBSCRIBE, the retained message
+/// again: that replay carries the newest state and is forwarded (it used to be dropped as a
+/// replay, leaving the old retained state at the remote for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_changed_while_the_bridge_was_away_reaches_the_remote_on_3_1_1() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions {
+        persistence: true,
+        ..Default::default()
+    });
+    let remote = Mosquitto::start(MosquittoOptions::default());
+    let lp = edgebridge_tests::Publisher::connect(local.port, "chg-pub").await;
+    lp.publish("chg/state", 1, true, "on").await;
+    assert_eq!(lp.wait_acked(1, 5 * SECOND).await, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &bridge_yaml(
+            "v3",
+            &local.endpoint(),
+            &remote.endpoint(),
+            1,
+            "    - {direction: local-to-remote, name: chg, source: \"chg/#\"}\n",
+        ),
+    );
+    let b = start(&cfg, &opts()).await;
+    let first = Collector::start(remote.port, "chg-first", "chg/#", false).await;
+    assert_eq!(first.wait_for(1, 10 * SECOND).await, 1);
+    b.abort();
+    lp.publish("chg/state", 1, true, "off").await;
+    assert_eq!(lp.wait_acked(2, 5 * SECOND).await, 2);
+    let b = start(&cfg, &opts()).await;
+    tokio::time::sleep(2 * SECOND).await;
+    let late = Collector::start(remote.port, "chg-late", "chg/#", false).await;
+    assert_eq!(late.wait_for(1, 5 * SECOND).await, 1);
+    let m = &late.messages()[0];
+    println!(
+        "retained changed while away on 3.1.1: the remote holds {:?} (retain {})",
+        m.payload, m.retain
+    );
+    assert_eq!((m.payload.as_str(), m.retain), ("off", true));
+    b.shutdown().await;
+}
+
+/// The source broker refuses the route's subscription (its ACL denies the filter): the bridge
+/// says so and subscribes again with backoff, so messages flow once the ACL allows them
+/// (a refused subscription used to stay refused until the connection dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_is_tried_again() {
+    init_tracing();
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("acl");
+    std::fs::write(&acl, "topic readwrite other/#\n").unwrap();
+    let local = Mosquitto::start(MosquittoOptions {
+        extra: format!("acl_file {}\n", acl.display()),
+        ..Default::default()
+    });
+    let remote = Mosquitto::start(MosquittoOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &bridge_yaml(
+            "v5",
+            &local.endpoint(),
+            &remote.endpoint(),
+            1,
+            "    - {direction: local-to-remote, name: acl, source: \"acl/#\"}\n",
+        ),
+    );
+    let b = bridge::start(&cfg, &opts()).await.expect("bridge starts");
+    let at_remote = Collector::start(remote.port, "acl-sub", "acl/#", false).await;
+    tokio::time::sleep(SECOND).await;
+    assert!(!b.stats.ready(), "the subscription is refused");
+    std::fs::write(&acl, "topic readwrite acl/#\ntopic readwrite other/#\n").unwrap();
+    local.reload();
+    let started = Instant::now();
+    assert!(
+        eventually(20 * SECOND, || b.stats.ready()).await,
+        "subscribed again: {:?}",
+        b.stats.all()
+    );
+    let subscribed_after = started.elapsed();
+    let lp = edgebridge_tests::Publisher::connect(local.port, "acl-pub").await;
+    lp.publish("acl/x", 1, false, "through").await;
+    assert_eq!(at_remote.wait_for(1, 10 * SECOND).await, 1);
+    println!(
+        "refused subscription: granted {:.1} s after the ACL allowed it, without a reconnect ({} source reconnects)",
+        subscribed_after.as_secs_f64(),
+        b.stats.clients()[0].source.reconnects()
+    );
+    assert_eq!(b.stats.clients()[0].source.reconnects(), 0);
+    b.shutdown().await;
+}

@@ -764,3 +764,44 @@ async fn the_wasi_sandbox_gives_time_and_randomness_only_when_granted() {
         "sandbox: denied sleep returned at once; granted 30 s sleep stopped after {took:?}: {e}"
     );
 }
+
+/// A plugin that logs 1,000 lines of 10 KB per message (it wrote 168 MB of log for 300
+/// messages before): its policy's log rate holds, the rest is dropped and counted, and the
+/// messages go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_floods_its_log_is_held_to_its_policys_rate() {
+    let s = Setup::new();
+    install_plugin(&s.plugins(), "misbehave", "misbehave");
+    std::fs::create_dir_all(s.policies()).unwrap();
+    std::fs::write(
+        s.policies().join("misbehave.yaml"),
+        "apiVersion: edgebridge.dev/v1alpha1\nkind: PluginPolicy\nmetadata: {name: misbehave}\nspec:\n  timePerMessage: 250ms\n  log: {linesPerSecond: 5, maxLineBytes: 100}\n",
+    )
+    .unwrap();
+    let b = s
+        .start(
+            "    - direction: local-to-remote
+      name: loud
+      source: loud/#
+      plugins:
+        - name: misbehave
+",
+        )
+        .await;
+    let at_remote = Collector::start(s.remote.port, "loud-sub", "loud/#", false).await;
+    let lp = Publisher::connect(s.local.port, "loud-pub").await;
+    let n = 20;
+    for _ in 0..n {
+        lp.publish("loud/x", 1, false, "flood").await;
+    }
+    assert!(eventually(20 * SECOND, || at_remote.count() >= n).await);
+    let counters = b.stats.plugin("misbehave", "loud");
+    let dropped = counters
+        .log_dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!("20 messages x 1,000 log lines: {dropped} lines dropped");
+    // 20,000 lines written; at 5 a second (a burst of 5) over the few seconds this took, at
+    // most a few dozen were kept.
+    assert!(dropped >= 19_900, "dropped {dropped}");
+    b.shutdown().await;
+}
