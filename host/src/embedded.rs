@@ -1,11 +1,13 @@
 //! An in-process MQTT broker (rumqttd) for `embedded://host:port` endpoints, so the bridge
 //! runs with nothing installed: the quick start, single-box gateways, and tests.
 //!
-//! It accepts MQTT 3.1.1 and MQTT 5 clients on the same port, as any broker does: rumqttd
-//! serves each protocol on its own listener (on loopback ports of its own), and a front
-//! listener on the configured address reads the protocol level from each connection's CONNECT
-//! ([`protocol_level`]) and passes the connection to the listener of that protocol. Both
-//! listeners share one router, so messages cross between 3.1.1 and 5 clients.
+//! It accepts MQTT 3.1.1 and MQTT 5 clients on the same port, as any broker does. rumqttd
+//! serves MQTT 5 on a loopback port of its own; a front listener on the configured address
+//! reads the protocol level from each connection's CONNECT ([`protocol_level`]): an MQTT 5
+//! connection is passed through as it is, an MQTT 3.1.1 one is translated packet by packet
+//! ([`v3`]: 3.1.1 in, 5 out, and back; MQTT 5 properties are dropped on the way to a 3.1.1
+//! client). rumqttd's own 3.1.1 listener is not used: it panics when a message with MQTT 5
+//! properties (such as the bridge's loop mark) goes to one of its 3.1.1 clients.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -121,10 +123,7 @@ pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, Emb
         .set_nonblocking(true)
         .map_err(|source| EmbeddedError::Bind { addr, source })?;
     let bind = |source| EmbeddedError::Bind { addr, source };
-    let (v4_addr, v5_addr) = (
-        loopback_port().map_err(bind)?,
-        loopback_port().map_err(bind)?,
-    );
+    let v5_addr = loopback_port().map_err(bind)?;
     let server = |listen: SocketAddr, name: &str| rumqttd::ServerSettings {
         name: format!("embedded-{addr}-{name}"),
         listen,
@@ -150,7 +149,7 @@ pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, Emb
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
-        v4: Some(HashMap::from([("v4".to_string(), server(v4_addr, "v4"))])),
+        v4: None,
         v5: Some(HashMap::from([("v5".to_string(), server(v5_addr, "v5"))])),
         ws: None,
         cluster: None,
@@ -170,7 +169,7 @@ pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, Emb
         .map_err(bind)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let up = |a: &SocketAddr| TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok();
-    while !(up(&v4_addr) && up(&v5_addr)) {
+    while !up(&v5_addr) {
         if Instant::now() >= deadline {
             return Err(EmbeddedError::NotReady(addr));
         }
@@ -189,7 +188,7 @@ pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, Emb
                     return;
                 }
             };
-            rt.block_on(front_loop(front, v4_addr, v5_addr));
+            rt.block_on(front_loop(front, v5_addr));
         })
         .map_err(bind)?;
     tracing::info!("Embedded broker listening on {addr} (MQTT 3.1.1 and 5)");
@@ -197,9 +196,9 @@ pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, Emb
     Ok(addr)
 }
 
-/// Accepts connections on the configured address and passes each to the listener of its
-/// protocol.
-async fn front_loop(front: TcpListener, v4: SocketAddr, v5: SocketAddr) {
+/// Accepts connections on the configured address and passes each to the broker, as it is
+/// (MQTT 5) or translated (MQTT 3.1.1).
+async fn front_loop(front: TcpListener, v5: SocketAddr) {
     let listener = match tokio::net::TcpListener::from_std(front) {
         Ok(l) => l,
         Err(e) => {
@@ -210,7 +209,7 @@ async fn front_loop(front: TcpListener, v4: SocketAddr, v5: SocketAddr) {
     loop {
         match listener.accept().await {
             Ok((conn, _)) => {
-                tokio::spawn(pass_on(conn, v4, v5));
+                tokio::spawn(pass_on(conn, v5));
             }
             Err(e) => {
                 // Out of file descriptors, say: wait instead of spinning.
@@ -221,7 +220,7 @@ async fn front_loop(front: TcpListener, v4: SocketAddr, v5: SocketAddr) {
     }
 }
 
-async fn pass_on(mut conn: tokio::net::TcpStream, v4: SocketAddr, v5: SocketAddr) {
+async fn pass_on(mut conn: tokio::net::TcpStream, v5: SocketAddr) {
     let _ = conn.set_nodelay(true);
     let mut head = Vec::with_capacity(16);
     let level = tokio::time::timeout(CONNECT_WAIT, async {
@@ -240,19 +239,227 @@ async fn pass_on(mut conn: tokio::net::TcpStream, v4: SocketAddr, v5: SocketAddr
     })
     .await
     .unwrap_or(Level::NotMqtt);
-    let to = match level {
-        Level::V3 => v4,
-        Level::V5 => v5,
-        _ => return, // not MQTT, or silent: closed
-    };
-    let Ok(mut upstream) = tokio::net::TcpStream::connect(to).await else {
+    if !matches!(level, Level::V3 | Level::V5) {
+        return; // not MQTT, or silent: closed
+    }
+    let Ok(mut upstream) = tokio::net::TcpStream::connect(v5).await else {
         return;
     };
     let _ = upstream.set_nodelay(true);
+    if level == Level::V3 {
+        v3::translate(conn, upstream, head).await;
+        return;
+    }
     if upstream.write_all(&head).await.is_err() {
         return;
     }
     let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+}
+
+/// An MQTT 3.1.1 client of the embedded broker, translated to and from MQTT 5.
+pub mod v3 {
+    use bytes::{Bytes, BytesMut};
+    use rumqttc::mqttbytes::{self as b4, v4};
+    use rumqttc::v5::mqttbytes::{self as b5, v5};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Largest packet either way (the broker's own limit).
+    const MAX_PACKET: usize = 256 * 1024 * 1024;
+
+    fn qos5(q: b4::QoS) -> b5::QoS {
+        match q {
+            b4::QoS::AtMostOnce => b5::QoS::AtMostOnce,
+            b4::QoS::AtLeastOnce => b5::QoS::AtLeastOnce,
+            b4::QoS::ExactlyOnce => b5::QoS::ExactlyOnce,
+        }
+    }
+
+    fn qos4(q: b5::QoS) -> b4::QoS {
+        match q {
+            b5::QoS::AtMostOnce => b4::QoS::AtMostOnce,
+            b5::QoS::AtLeastOnce => b4::QoS::AtLeastOnce,
+            b5::QoS::ExactlyOnce => b4::QoS::ExactlyOnce,
+        }
+    }
+
+    /// A packet from the 3.1.1 client, as MQTT 5 for the broker.
+    pub fn to_broker(p: v4::Packet) -> Option<v5::Packet> {
+        Some(match p {
+            v4::Packet::Connect(c) => {
+                // A 3.1.1 session without clean session lasts until it is cleaned: MQTT 5's
+                // session expiry 0xFFFFFFFF.
+                let properties = (!c.clean_session).then(|| v5::ConnectProperties {
+                    session_expiry_interval: Some(u32::MAX),
+                    ..v5::ConnectProperties::new()
+                });
+                let will = c.last_will.map(|w| {
+                    v5::LastWill::new(w.topic, w.message.to_vec(), qos5(w.qos), w.retain, None)
+                });
+                let login = c.login.map(|l| v5::Login::new(l.username, l.password));
+                v5::Packet::Connect(
+                    v5::Connect {
+                        keep_alive: c.keep_alive,
+                        client_id: c.client_id,
+                        clean_start: c.clean_session,
+                        properties,
+                    },
+                    will,
+                    login,
+                )
+            }
+            v4::Packet::Publish(p) => v5::Packet::Publish(v5::Publish {
+                dup: p.dup,
+                qos: qos5(p.qos),
+                retain: p.retain,
+                topic: Bytes::from(p.topic.into_bytes()),
+                pkid: p.pkid,
+                payload: p.payload,
+                properties: None,
+            }),
+            v4::Packet::PubAck(a) => v5::Packet::PubAck(v5::PubAck::new(a.pkid, None)),
+            v4::Packet::PubRec(a) => v5::Packet::PubRec(v5::PubRec::new(a.pkid, None)),
+            v4::Packet::PubRel(a) => v5::Packet::PubRel(v5::PubRel::new(a.pkid, None)),
+            v4::Packet::PubComp(a) => v5::Packet::PubComp(v5::PubComp::new(a.pkid, None)),
+            v4::Packet::Subscribe(s) => v5::Packet::Subscribe(v5::Subscribe {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| v5::Filter {
+                        path: f.path,
+                        qos: qos5(f.qos),
+                        nolocal: false,
+                        preserve_retain: false,
+                        retain_forward_rule: v5::RetainForwardRule::OnEverySubscribe,
+                    })
+                    .collect(),
+                properties: None,
+            }),
+            v4::Packet::Unsubscribe(u) => v5::Packet::Unsubscribe(v5::Unsubscribe {
+                pkid: u.pkid,
+                filters: u.topics,
+                properties: None,
+            }),
+            v4::Packet::PingReq => v5::Packet::PingReq(v5::PingReq),
+            v4::Packet::Disconnect => v5::Packet::Disconnect(v5::Disconnect::new(
+                v5::DisconnectReasonCode::NormalDisconnection,
+            )),
+            // Server-to-client packets from a client: a protocol error; the connection ends.
+            _ => return None,
+        })
+    }
+
+    /// A packet from the broker, as MQTT 3.1.1 for the client (`None`: close the connection,
+    /// as a 3.1.1 broker does where MQTT 5 sends DISCONNECT or AUTH).
+    pub fn to_client(p: v5::Packet) -> Option<v4::Packet> {
+        use v4::ConnectReturnCode as C4;
+        use v5::ConnectReturnCode as C5;
+        Some(match p {
+            v5::Packet::ConnAck(c) => v4::Packet::ConnAck(v4::ConnAck {
+                session_present: c.session_present,
+                code: match c.code {
+                    C5::Success => C4::Success,
+                    C5::RefusedProtocolVersion | C5::UnsupportedProtocolVersion => {
+                        C4::RefusedProtocolVersion
+                    }
+                    C5::BadClientId | C5::ClientIdentifierNotValid => C4::BadClientId,
+                    C5::BadUserNamePassword => C4::BadUserNamePassword,
+                    C5::NotAuthorized | C5::Banned => C4::NotAuthorized,
+                    _ => C4::ServiceUnavailable,
+                },
+            }),
+            v5::Packet::Publish(p) => v4::Packet::Publish(v4::Publish {
+                dup: p.dup,
+                qos: qos4(p.qos),
+                retain: p.retain,
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                pkid: p.pkid,
+                payload: p.payload,
+            }),
+            v5::Packet::PubAck(a) => v4::Packet::PubAck(v4::PubAck::new(a.pkid)),
+            v5::Packet::PubRec(a) => v4::Packet::PubRec(v4::PubRec::new(a.pkid)),
+            v5::Packet::PubRel(a) => v4::Packet::PubRel(v4::PubRel::new(a.pkid)),
+            v5::Packet::PubComp(a) => v4::Packet::PubComp(v4::PubComp::new(a.pkid)),
+            v5::Packet::SubAck(s) => v4::Packet::SubAck(v4::SubAck {
+                pkid: s.pkid,
+                return_codes: s
+                    .return_codes
+                    .into_iter()
+                    .map(|c| match c {
+                        v5::SubscribeReasonCode::Success(q) => {
+                            v4::SubscribeReasonCode::Success(qos4(q))
+                        }
+                        _ => v4::SubscribeReasonCode::Failure,
+                    })
+                    .collect(),
+            }),
+            v5::Packet::UnsubAck(u) => v4::Packet::UnsubAck(v4::UnsubAck { pkid: u.pkid }),
+            v5::Packet::PingResp(_) => v4::Packet::PingResp,
+            _ => return None,
+        })
+    }
+
+    /// Moves packets between the 3.1.1 client and the broker until either side ends or sends
+    /// something that cannot be translated. `head`: what was read of the client already.
+    pub async fn translate(
+        client: tokio::net::TcpStream,
+        broker: tokio::net::TcpStream,
+        head: Vec<u8>,
+    ) {
+        let (mut cr, mut cw) = client.into_split();
+        let (mut br, mut bw) = broker.into_split();
+        let up = async {
+            let mut buf = BytesMut::from(&head[..]);
+            let mut out = BytesMut::new();
+            loop {
+                loop {
+                    match v4::Packet::read(&mut buf, MAX_PACKET) {
+                        Ok(p) => {
+                            let p = to_broker(p)?;
+                            p.write(&mut out, None).ok()?;
+                        }
+                        Err(b4::Error::InsufficientBytes(_)) => break,
+                        Err(_) => return None::<()>,
+                    }
+                }
+                if !out.is_empty() {
+                    bw.write_all(&out).await.ok()?;
+                    out.clear();
+                }
+                if cr.read_buf(&mut buf).await.ok()? == 0 {
+                    return None;
+                }
+            }
+        };
+        let down = async {
+            let mut buf = BytesMut::new();
+            let mut out = BytesMut::new();
+            loop {
+                if br.read_buf(&mut buf).await.ok()? == 0 {
+                    return None::<()>;
+                }
+                loop {
+                    match v5::Packet::read(&mut buf, Some(MAX_PACKET as u32)) {
+                        Ok(p) => {
+                            let p = to_client(p)?;
+                            p.write(&mut out, MAX_PACKET).ok()?;
+                        }
+                        Err(b5::Error::InsufficientBytes(_)) => break,
+                        Err(_) => return None,
+                    }
+                }
+                if !out.is_empty() {
+                    cw.write_all(&out).await.ok()?;
+                    out.clear();
+                }
+            }
+        };
+        // Whichever side ends first ends both.
+        tokio::select! {
+            _ = up => {}
+            _ = down => {}
+        }
+    }
 }
 
 #[cfg(test)]
@@ -284,5 +491,66 @@ mod tests {
         assert_eq!(protocol_level(b"\x10\x0c\x00\x04MQTX\x05"), Level::NotMqtt);
         assert_eq!(protocol_level(b"\x10\x0c\x00\x04MQTT\x07"), Level::NotMqtt);
         assert_eq!(protocol_level(b"\x10\xff\xff\xff\xff\x01"), Level::NotMqtt);
+    }
+
+    #[test]
+    fn a_3_1_1_session_translates_to_mqtt_5_and_back() {
+        use bytes::{Bytes, BytesMut};
+        use rumqttc::mqttbytes::{QoS as Q4, v4};
+        use rumqttc::v5::mqttbytes::{QoS as Q5, v5};
+        let mut c = v4::Connect::new("c");
+        c.keep_alive = 30;
+        c.clean_session = false;
+        c.login = Some(v4::Login {
+            username: "u".into(),
+            password: "p".into(),
+        });
+        let connect = v4::Packet::Connect(c);
+        match v3::to_broker(connect) {
+            Some(v5::Packet::Connect(c, None, Some(login))) => {
+                assert_eq!(
+                    (c.client_id.as_str(), c.keep_alive, c.clean_start),
+                    ("c", 30, false)
+                );
+                assert_eq!(
+                    c.properties.unwrap().session_expiry_interval,
+                    Some(u32::MAX)
+                );
+                assert_eq!(login.username, "u");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A broker publish with MQTT 5 properties reaches the 3.1.1 client without them.
+        let publish = v5::Packet::Publish(v5::Publish {
+            dup: false,
+            qos: Q5::AtLeastOnce,
+            retain: true,
+            topic: Bytes::from_static(b"a/b"),
+            pkid: 7,
+            payload: Bytes::from_static(b"x"),
+            properties: Some(v5::PublishProperties {
+                user_properties: vec![("edgebridge-via".into(), "b".into())],
+                ..Default::default()
+            }),
+        });
+        let v4p = v3::to_client(publish).unwrap();
+        let mut buf = BytesMut::new();
+        v4p.write(&mut buf, 1 << 20).unwrap();
+        match v4::Packet::read(&mut buf, 1 << 20).unwrap() {
+            v4::Packet::Publish(p) => {
+                assert_eq!(
+                    (p.topic.as_str(), p.pkid, p.qos, p.retain),
+                    ("a/b", 7, Q4::AtLeastOnce, true)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // MQTT 5's DISCONNECT from the broker: a 3.1.1 broker closes the connection instead.
+        assert!(
+            v3::to_client(v5::Packet::Disconnect(v5::Disconnect::new(
+                v5::DisconnectReasonCode::SessionTakenOver
+            )))
+            .is_none()
+        );
     }
 }

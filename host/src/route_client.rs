@@ -12,7 +12,8 @@
 //! wait for the target, the source link does not read (it still writes acknowledgements and
 //! keeps its connection alive). A route stalled for longer than [`QOS0_WAIT`] (its target is
 //! down, say) reads again to shed QoS 0 messages, counted as `qos0_overflow`; QoS 1/2
-//! messages are never dropped: past twice the window the source is not read at all.
+//! messages are never dropped: past twice the window (in messages or in bytes) the source is
+//! not read at all.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -233,6 +234,7 @@ pub async fn run<S: Stage>(
         let shedding = !spooled
             && !room
             && c.ledger.len() < 2 * max
+            && c.ledger.bytes() < 2 * max_inflight_bytes
             && stalled_since.is_some_and(|t| t.elapsed() >= QOS0_WAIT);
         let read = !stopping
             && c.held.is_empty()

@@ -395,3 +395,75 @@ fn a_max_inflight_of_zero_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+/// Mosquitto's own clients with their defaults (MQTT 3.1.1) against the quick start: the
+/// embedded brokers take 3.1.1 and 5 on one port, and messages cross between them both ways
+/// (a 3.1.1 client used to be cut off without a word).
+#[test]
+fn mosquitto_clients_with_their_defaults_cross_the_quick_start() {
+    let has = Command::new("mosquitto_pub")
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty() || !o.stderr.is_empty());
+    assert!(
+        has,
+        "mosquitto_pub is not installed (scripts/test installs mosquitto-clients)"
+    );
+    let (bridge, lp, rp) = quickstart_with_stderr(std::process::Stdio::null(), &[]);
+    let sub = |port: u16, topic: &str, version: &[&str]| {
+        Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic])
+            .args(version)
+            .args(["-C", "1", "-W", "10", "-v"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let publish = |port: u16, topic: &str, msg: &str, version: &[&str]| {
+        let ok = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-t",
+                topic,
+                "-m",
+                msg,
+            ])
+            .args(version)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mosquitto_pub {version:?} was refused");
+    };
+    let cases: [(&[&str], &[&str]); 3] = [
+        (&[], &[]),
+        (&["-V", "mqttv5"], &[]),
+        (&[], &["-V", "mqttv5"]),
+    ];
+    for (pub_version, sub_version) in cases {
+        let up = sub(rp, "factory/#", sub_version);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        publish(lp, "factory/telemetry/x", "hi", pub_version);
+        let out = up.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "factory/telemetry/x hi\n",
+            "publisher {pub_version:?}, subscriber {sub_version:?}"
+        );
+    }
+    let down = sub(lp, "factory/commands", &[]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    publish(rp, "command/stop", "stop", &[]);
+    let out = down.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "factory/commands stop\n"
+    );
+    let (status, took) = terminate(bridge);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} after {took:?}"
+    );
+}

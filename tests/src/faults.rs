@@ -181,6 +181,9 @@ pub enum Hostility {
     CoalescedConnack,
     /// Accepts the connection (CONNACK), then closes it at once.
     ConnackThenClose,
+    /// Refuses the first SUBSCRIBE of a connection (SUBACK 0x87, not authorized), grants the
+    /// next one and then sends a PUBLISH (QoS 0, payload `granted`).
+    RefuseFirstSubscribe,
 }
 
 /// A scripted MQTT 5 "broker" that misbehaves as told; counts connections.
@@ -335,6 +338,38 @@ async fn serve(mut sock: TcpStream, how: Hostility, acks: Arc<Mutex<Vec<u16>>>) 
                     }
                 }
             }
+        }
+        Hostility::RefuseFirstSubscribe => {
+            let _ = sock.write_all(&CONNACK_OK).await;
+            if let Some(pkid) = read_subscribe(&mut sock, &mut buf).await {
+                let _ = sock
+                    .write_all(&[0x90, 4, (pkid >> 8) as u8, pkid as u8, 0, 0x87])
+                    .await;
+            }
+            let again = tokio::time::timeout(Duration::from_secs(30), async {
+                loop {
+                    // Anything but a SUBSCRIBE (a PINGREQ) is read past.
+                    let n = sock.read(&mut buf).await.ok()?;
+                    if n == 0 {
+                        return None;
+                    }
+                    if n >= 4 && buf[0] == 0x82 {
+                        return Some(u16::from_be_bytes([buf[2], buf[3]]));
+                    }
+                    if buf[0] == 0xc0 {
+                        let _ = sock.write_all(&[0xd0, 0]).await;
+                    }
+                }
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(pkid) = again {
+                let mut out = suback(pkid);
+                out.extend(publish_bytes("acl/x", b"granted", 0, 0));
+                let _ = sock.write_all(&out).await;
+            }
+            tokio::time::sleep(Duration::from_secs(60)).await;
         }
         Hostility::CoalescedConnack => {
             let mut out = CONNACK_OK.to_vec();

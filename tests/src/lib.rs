@@ -295,21 +295,6 @@ impl Mosquitto {
         }
     }
 
-    /// Makes the broker read its configuration files again (SIGHUP: ACL and password files).
-    pub fn reload(&self) {
-        if let Some(child) = &self.child {
-            let _ = Command::new("kill")
-                .arg("-HUP")
-                .arg(child.id().to_string())
-                .status();
-        }
-    }
-
-    /// The broker's folder (for files its configuration names).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// Starts the stopped broker again on the same ports.
     pub fn restart(&mut self) {
         self.stop();

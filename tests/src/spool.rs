@@ -137,19 +137,41 @@ impl Outage {
         let backlog = gauge(|s| s.messages.load(std::sync::atomic::Ordering::Relaxed));
         let backlog_bytes = gauge(|s| s.bytes.load(std::sync::atomic::Ordering::Relaxed));
         tokio::time::sleep(self.down.saturating_sub(down.elapsed())).await;
-        remote.restart();
+        // Arrivals are sampled every 5 ms from before the restart, by a task of their own.
+        let at_remote = std::sync::Arc::new(at_remote);
+        let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(f64, usize)>::new()));
         let back = Instant::now();
+        let sampler = {
+            let (c, samples) = (at_remote.clone(), samples.clone());
+            tokio::spawn(async move {
+                loop {
+                    let n = c.count();
+                    samples
+                        .lock()
+                        .unwrap()
+                        .push((back.elapsed().as_secs_f64(), n));
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        let mut remote = tokio::task::spawn_blocking(move || {
+            remote.restart();
+            remote
+        })
+        .await
+        .unwrap();
         let acked = publisher.acked();
         let deadline = back + self.drain_timeout;
-        let mut samples: Vec<(f64, usize)> = Vec::new();
         let (mut got, mut dups) = received(&at_remote);
         while acked.difference(&got).next().is_some() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
             (got, dups) = received(&at_remote);
-            samples.push((back.elapsed().as_secs_f64(), got.len()));
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        sampler.abort();
         let lost = acked.difference(&got).count();
-        let total = got.len().max(1);
+        let samples = samples.lock().unwrap().clone();
+        let total = samples.last().map_or(0, |s| s.1).max(1);
         let at = |frac: f64| {
             samples
                 .iter()
@@ -157,9 +179,10 @@ impl Outage {
                 .copied()
         };
         let drain_rate = match (at(0.1), at(0.9)) {
-            (Some((t1, n1)), Some((t2, n2))) if t2 > t1 => (n2 - n1) as f64 / (t2 - t1),
+            (Some((t1, n1)), Some((t2, n2))) => (n2 - n1) as f64 / (t2 - t1).max(0.005),
             _ => 0.0,
         };
+        remote.stop();
         let broker_drops = local
             .log()
             .lines()
