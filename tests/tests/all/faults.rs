@@ -969,3 +969,61 @@ async fn a_refused_subscription_is_tried_again() {
     assert_eq!(local.connections(), 1, "no reconnect was needed");
     b.shutdown().await;
 }
+
+/// MQTT 5, a remote Mosquitto with `message_size_limit`: it answers an oversize QoS 1 PUBLISH
+/// with PUBACK reason 0x95, a code MQTT 5 does not define for PUBACK (and resets the
+/// connection around it). That one message is refused (counted `rejected_by_target`), never
+/// sent again, and the next 300 arrive at once (the bridge used to read the PUBACK as a broken
+/// connection and resend the message first at every reconnect, forever: 2 of 300 in 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_message_refused_with_an_undefined_puback_code_is_refused_alone_on_mqtt_5() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions {
+        extra: "message_size_limit 1000\n".into(),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &bridge_yaml(
+            "v5",
+            &local.endpoint(),
+            &remote.endpoint(),
+            1,
+            "    - {direction: local-to-remote, name: sz, source: \"sz/#\"}\n",
+        ),
+    );
+    let b = start(&cfg, &opts()).await;
+    let at_remote = Collector::start(remote.port, "sz-sub", "sz/#", false).await;
+    let publisher = AckedPublisher::start(local.port, "sz-pub");
+    publisher.publish("sz/a", 0, None);
+    publisher.publish("sz/a", 1, Some(format!("1:{}", "x".repeat(2000)).into()));
+    for seq in 2..302 {
+        publisher.publish("sz/a", seq, None);
+    }
+    let started = Instant::now();
+    let (mut got, _) = received(&at_remote);
+    while got.len() < 301 && started.elapsed() < 30 * SECOND {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (got, _) = received(&at_remote);
+    }
+    let c = b.stats.clients()[0].clone();
+    let rejected = c.dropped(DropReason::RejectedByTarget);
+    println!(
+        "oversize on MQTT 5 (PUBACK 0x95): {} of the 301 others arrived in {:.1} s, {rejected} refused, {} target reconnects",
+        got.len(),
+        started.elapsed().as_secs_f64(),
+        c.target.reconnects()
+    );
+    assert_eq!(got.len(), 301, "every other message arrived");
+    assert!(!got.contains(&1));
+    assert_eq!(rejected, 1);
+    assert!(started.elapsed() < 10 * SECOND, "the route went on at once");
+    assert!(
+        c.target.reconnects() <= 3,
+        "the refused message is not retried on every reconnect: {} reconnects",
+        c.target.reconnects()
+    );
+    b.shutdown().await;
+}
