@@ -1,12 +1,13 @@
-//! The README's shell blocks, replayed through the real binary: the quick start, the shipped
-//! plugins, and writing a plugin outside the repository (`plugin new` to a message crossing).
+//! The shell blocks of the README and of `docs/`, replayed through the real binary: the quick
+//! start, the shipped plugins, and writing a plugin outside the repository (`plugin new` to a
+//! message crossing); and every relative link of the documentation resolved.
 //!
 //! A block marked `<!-- replay: NAME -->` is run by bash as it is written, with only these
 //! changes, so that it runs beside other tests and without a terminal:
 //! - `edgebridge` is the binary under test, on the PATH (`cargo run --release --` is replaced
 //!   by it);
 //! - the brokers' ports 1883 / 1884 become free ports (in the block and in a copy of the
-//!   `examples/` file it runs), `/tmp/eb-plugins` a folder of the test;
+//!   `examples/` file it runs), `/tmp/eb-plugins` and `/tmp/eb-spool` folders of the test;
 //! - `scripts/test` is skipped (it is what CI runs; replaying it here would recurse);
 //! - `edgebridge run` goes to the background (as in its own terminal) with `--http`, and the
 //!   next line waits until `/status` says ready; a `sub … &` is followed by a wait for its
@@ -23,12 +24,28 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `sh` blocks marked `<!-- replay: name -->`, in order.
+/// The documentation: the README, then `docs/*.md` in name order.
+fn documents() -> Vec<std::path::PathBuf> {
+    let mut docs: Vec<std::path::PathBuf> = std::fs::read_dir(repo().join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.sort();
+    let mut all = vec![repo().join("README.md")];
+    all.extend(docs);
+    all
+}
+
+/// The `sh` blocks marked `<!-- replay: name -->` in the documentation, in order.
 fn blocks(name: &str) -> Vec<Vec<String>> {
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let text: String = documents()
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap() + "\n")
+        .collect();
     let marker = format!("<!-- replay: {name} -->");
     let mut out = Vec::new();
-    let mut lines = readme.lines();
+    let mut lines = text.lines();
     while let Some(line) = lines.next() {
         if line.trim() != marker {
             continue;
@@ -41,7 +58,7 @@ fn blocks(name: &str) -> Vec<Vec<String>> {
             .collect();
         out.push(block);
     }
-    assert!(!out.is_empty(), "README has no {marker} block");
+    assert!(!out.is_empty(), "no {marker} block in the README or docs/");
     out
 }
 
@@ -60,6 +77,10 @@ fn prepare(name: &str) -> Replay {
             .replace(
                 "/tmp/eb-plugins",
                 &dir.path().join("eb-plugins").display().to_string(),
+            )
+            .replace(
+                "/tmp/eb-spool",
+                &dir.path().join("eb-spool").display().to_string(),
             )
     };
     let mut script = format!(
@@ -266,6 +287,12 @@ fn the_quick_start_replays() {
 }
 
 #[test]
+fn the_spool_walkthrough_replays() {
+    let r = prepare("spool");
+    run(&r, &repo(), Duration::from_secs(120));
+}
+
+#[test]
 fn the_shipped_plugins_replay() {
     let r = prepare("plugins");
     run(&r, &repo(), Duration::from_secs(600));
@@ -342,4 +369,87 @@ fn cargo_component_builds_a_new_plugin() {
         "{stdout}"
     );
     assert!(stdout.contains("  drop: filtered out"), "{stdout}");
+}
+
+/// The anchor GitHub gives a heading: lower case, spaces to `-`, punctuation but `-` and `_`
+/// dropped.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every relative link of the README, `docs/`, CONTRIBUTING.md and the plugin, policy and WIT
+/// references points at a file or folder that exists, and a `#anchor` at a heading of it.
+#[test]
+fn every_relative_link_of_the_documentation_resolves() {
+    let mut files = documents();
+    for f in [
+        "CONTRIBUTING.md",
+        "plugins/README.md",
+        "policies/README.md",
+        "wit/README.md",
+    ] {
+        files.push(repo().join(f));
+    }
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let mut in_code = false;
+        for line in text.lines() {
+            if line.trim_start().starts_with("```") {
+                in_code = !in_code;
+            }
+            if in_code {
+                continue;
+            }
+            let mut rest = line;
+            while let Some(at) = rest.find("](") {
+                rest = &rest[at + 2..];
+                let Some(end) = rest.find(')') else { break };
+                let target = &rest[..end];
+                rest = &rest[end..];
+                if target.contains("://") || target.starts_with("mailto:") {
+                    continue;
+                }
+                checked += 1;
+                let (path, frag) = match target.split_once('#') {
+                    Some((p, f)) => (p, Some(f)),
+                    None => (target, None),
+                };
+                let resolved = if path.is_empty() {
+                    file.clone()
+                } else {
+                    file.parent().unwrap().join(path)
+                };
+                if !resolved.exists() {
+                    broken.push(format!("{}: {target} (no such file)", file.display()));
+                    continue;
+                }
+                if let Some(frag) = frag
+                    && resolved.is_file()
+                {
+                    let doc = std::fs::read_to_string(&resolved).unwrap();
+                    let found = doc
+                        .lines()
+                        .filter_map(|l| l.trim_start().strip_prefix('#'))
+                        .map(|h| anchor(h.trim_start_matches('#')))
+                        .any(|a| a == frag);
+                    if !found {
+                        broken.push(format!("{}: {target} (no such heading)", file.display()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 30, "only {checked} links found");
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
