@@ -124,6 +124,18 @@ pub enum BridgeError {
         #[source]
         source: std::io::Error,
     },
+    /// The route clients need more file descriptors than the process may open.
+    #[error(
+        "this instance runs {clients} route client(s), which need about {needed} file descriptors (two connections each, the spool's files, a margin), but the process may open {limit}: raise the limit (ulimit -n; a container's nofile) or split the routes across instances (bridgeInstances)"
+    )]
+    FileDescriptors {
+        /// Route clients this instance runs.
+        clients: usize,
+        /// What they need, about.
+        needed: u64,
+        /// The limit (after raising the soft limit to the hard one).
+        limit: u64,
+    },
     /// The instance index does not fit `bridgeInstances`.
     #[error("connector \"{connector}\": {message}")]
     Instance {
@@ -358,12 +370,24 @@ impl RunningBridge {
                     }
                     Some(r) => {
                         summary.restarted.push(plan.client_id.clone());
+                        // Its persistent source session keeps the old subscription unless
+                        // told otherwise.
+                        let unsubscribe = (r.plan.subscription != plan.subscription
+                            && r.plan.source == plan.source)
+                            .then(|| r.plan.subscription.clone())
+                            .into_iter()
+                            .collect();
                         let predecessor = self.retire(r);
-                        clients.push(shared.spawn(plan, &self.stats, Some(predecessor)));
+                        clients.push(shared.spawn(
+                            plan,
+                            &self.stats,
+                            Some(predecessor),
+                            unsubscribe,
+                        ));
                     }
                     None => {
                         summary.started.push(plan.client_id.clone());
-                        clients.push(shared.spawn(plan, &self.stats, None));
+                        clients.push(shared.spawn(plan, &self.stats, None, Vec::new()));
                     }
                 }
             }
@@ -781,6 +805,7 @@ impl Shared {
         plan: RouteClient,
         stats: &Stats,
         predecessor: Option<JoinHandle<()>>,
+        unsubscribe: Vec<String>,
     ) -> Running {
         let v5 = self.connector.protocol == Protocol::V5;
         let opts = &self.opts;
@@ -888,6 +913,7 @@ impl Shared {
             drain_timeout: opts.drain_timeout,
             pipeline,
             spool,
+            unsubscribe,
         };
         let c = counters.clone();
         let task = tokio::spawn(async move {
@@ -903,6 +929,60 @@ impl Shared {
             counters,
         }
     }
+}
+
+/// File descriptors a route client needs beyond its two connections when it has a spool (the
+/// cursor, the segment being written and the one being read).
+const SPOOL_FDS: u64 = 3;
+/// Descriptors for everything else: listeners, the embedded brokers, configuration and
+/// plugin files, the log.
+const FD_MARGIN: u64 = 64;
+
+/// Raises the soft limit of open files to the hard one, and checks that the route clients
+/// this instance runs for `config` fit in it; returns (route clients, needed, limit).
+pub fn check_file_descriptors(
+    config: &Config,
+    opts: &RunOptions,
+) -> Result<(usize, u64, u64), BridgeError> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut clients = 0usize;
+    let mut needed = FD_MARGIN;
+    for connector in &config.connectors {
+        let index = resolve_instance(connector, opts.instance)?;
+        for plan in routing::plan(connector, index, connector.bridge_instances) {
+            clients += 1;
+            needed += 2;
+            if config::SpoolSpec::resolve(
+                connector,
+                &plan.route,
+                &plan.client_id,
+                opts.spool_dir.as_deref(),
+            )
+            .is_some()
+            {
+                needed += SPOOL_FDS;
+            }
+        }
+    }
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            limit = getrlimit(Resource::Nofile);
+        }
+    }
+    let limit = limit.current.unwrap_or(u64::MAX);
+    if needed > limit {
+        return Err(BridgeError::FileDescriptors {
+            clients,
+            needed,
+            limit,
+        });
+    }
+    Ok((clients, needed, limit))
 }
 
 /// Decides the instance index of this process for a connector.

@@ -155,8 +155,9 @@ enum PluginCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Where the crate gets edgebridge-plugin-sdk: the SDK folder (plugins/sdk of an
-        /// edgebridge checkout) or a git URL of the edgebridge repository (default: the
-        /// sources this binary was built from).
+        /// edgebridge checkout), a git URL of the edgebridge repository, or a version on
+        /// crates.io once it is published there (`0.1`) (default: the sources this binary
+        /// was built from).
         #[arg(long)]
         sdk: Option<String>,
     },
@@ -684,6 +685,10 @@ fn main() -> ExitCode {
                 policies_dir: plugin_dirs.policies_dir,
                 ..RunOptions::default()
             };
+            if let Err(e) = bridge::check_file_descriptors(&cfg, &opts) {
+                tracing::error!("{e}; nothing started");
+                return ExitCode::FAILURE;
+            }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -59,6 +59,9 @@ pub struct RouteClientSetup<S> {
     pub pipeline: Pipeline<S>,
     /// Store and forward: the spool's settings (its counters are in the route's counters).
     pub spool: Option<SpoolSettings>,
+    /// Filters the persistent source session may still hold from the route's previous
+    /// configuration: unsubscribed once on the first connection.
+    pub unsubscribe: Vec<String>,
 }
 
 /// Delay before a failed spool is opened again (doubling up to [`SPOOL_RETRY_MAX`]).
@@ -171,6 +174,7 @@ pub async fn run<S: Stage>(
         drain_timeout,
         pipeline,
         spool,
+        unsubscribe,
     } = setup;
     let max = max_inflight as usize;
     let mut src_state = SessionState::new(
@@ -180,6 +184,7 @@ pub async fn run<S: Stage>(
         }],
         max_inflight,
     );
+    src_state.unsubscribe_once(unsubscribe);
     let mut c = Client {
         v3: source.version == Version::V4,
         plan,

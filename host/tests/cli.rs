@@ -467,3 +467,36 @@ fn mosquitto_clients_with_their_defaults_cross_the_quick_start() {
         "{status:?} after {took:?}"
     );
 }
+
+/// More route clients than the process may open connections for: `run` refuses to start and
+/// says how many it needs (some routes used to start and the rest retry forever).
+#[test]
+fn run_refuses_more_route_clients_than_file_descriptors_allow() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("many.yaml");
+    let mut text = std::fs::read_to_string(quickstart())
+        .unwrap()
+        .replace("127.0.0.1:1883", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:1884", &format!("127.0.0.1:{}", free_port()));
+    for i in 0..100 {
+        text.push_str(&format!(
+            "    - direction: local-to-remote\n      name: r{i}\n      source: many/{i}/#\n"
+        ));
+    }
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 128 && exec {} run -f {}",
+            env!("CARGO_BIN_EXE_edgebridge"),
+            cfg.display()
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("102 route client(s)") && stderr.contains("may open 128"),
+        "{stderr}"
+    );
+}

@@ -78,6 +78,13 @@ pub enum Outgoing {
         /// Filters.
         filters: Vec<SubFilter>,
     },
+    /// UNSUBSCRIBE.
+    Unsubscribe {
+        /// Packet id.
+        pkid: u16,
+        /// Filters.
+        filters: Vec<String>,
+    },
     /// PINGREQ.
     PingReq,
     /// DISCONNECT (normal).
@@ -391,6 +398,10 @@ fn encode4(packet: &Outgoing, buf: &mut BytesMut) -> Result<(), CodecError> {
                 })
                 .collect(),
         }),
+        Outgoing::Unsubscribe { pkid, filters } => v4::Packet::Unsubscribe(v4::Unsubscribe {
+            pkid: *pkid,
+            topics: filters.clone(),
+        }),
         Outgoing::PingReq => v4::Packet::PingReq,
         Outgoing::Disconnect => v4::Packet::Disconnect,
     };
@@ -454,6 +465,11 @@ fn encode5(packet: &Outgoing, buf: &mut BytesMut, max: Option<u32>) -> Result<()
                     retain_forward_rule: v5::RetainForwardRule::OnNewSubscribe,
                 })
                 .collect(),
+            properties: None,
+        }),
+        Outgoing::Unsubscribe { pkid, filters } => v5::Packet::Unsubscribe(v5::Unsubscribe {
+            pkid: *pkid,
+            filters: filters.clone(),
             properties: None,
         }),
         Outgoing::PingReq => v5::Packet::PingReq(v5::PingReq),

@@ -28,6 +28,31 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, error, info, trace, warn};
 
+/// `EDGEBRIDGE_TRACE_PAYLOADS=1`: packet-level trace lines show message payloads. Off by
+/// default: payloads may hold personal or secret data, and `trace` is what people turn on to
+/// debug a connection.
+static TRACE_PAYLOADS: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var("EDGEBRIDGE_TRACE_PAYLOADS").is_ok_and(|v| v == "1"));
+
+/// A received packet for a trace line: a PUBLISH without its payload unless
+/// [`TRACE_PAYLOADS`].
+fn traced(p: &codec::Incoming) -> String {
+    traced_with(p, *TRACE_PAYLOADS)
+}
+
+fn traced_with(p: &codec::Incoming, payloads: bool) -> String {
+    match p {
+        codec::Incoming::Publish { pkid, dup, msg } if !payloads => format!(
+            "Publish {{ pkid: {pkid}, dup: {dup}, topic: {:?}, qos: {}, retain: {}, payload: {} bytes (EDGEBRIDGE_TRACE_PAYLOADS=1 shows it) }}",
+            msg.topic,
+            msg.qos.as_u8(),
+            msg.retain,
+            msg.payload.len()
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
 use super::backoff::Backoff;
 use super::codec::{self, CodecError, ConnAckInfo, ConnectSpec, Incoming, Outgoing, Version};
 use super::state::{SessionState, StateError, Token, Writer};
@@ -504,7 +529,7 @@ impl Link {
                     up.last_rx = now;
                     up.ping_flushed = None;
                     while let Some(p) = codec::decode(opts.version, rbuf, opts.max_packet)? {
-                        trace!(session = %opts.label, "Received {p:?}");
+                        trace!(session = %opts.label, "Received {}", traced(&p));
                         state.on_incoming(p)?;
                     }
                     activity = true;
@@ -767,5 +792,26 @@ mod tests {
             "HTTP/1.1 400 Bad Request"
         );
         assert_eq!(printable(b"\x01\x02ab"), "..ab");
+    }
+
+    #[test]
+    fn trace_lines_leave_payloads_out_unless_asked() {
+        let p = crate::mqtt::codec::Incoming::Publish {
+            pkid: 3,
+            dup: false,
+            msg: crate::model::Message {
+                topic: "a/b".into(),
+                payload: bytes::Bytes::from_static(b"secret-reading"),
+                qos: crate::model::QoS::AtLeastOnce,
+                retain: false,
+                properties: Default::default(),
+            },
+        };
+        let line = super::traced_with(&p, false);
+        assert!(
+            !line.contains("secret-reading") && line.contains("14 bytes"),
+            "{line}"
+        );
+        assert!(super::traced_with(&p, true).contains("secret"));
     }
 }

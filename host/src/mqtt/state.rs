@@ -219,6 +219,9 @@ pub struct SessionState {
     awaiting_rel: HashSet<u16>,
     subscriptions: Vec<SubFilter>,
     sub_pkid: Option<u16>,
+    /// Filters to UNSUBSCRIBE once, on the next connection (a persistent session's
+    /// subscriptions that its route no longer has).
+    unsubscribe: Vec<String>,
     max_qos: QoS,
     /// The broker's Maximum Packet Size: announced (MQTT 5) or learned from poison publishes.
     max_packet: Option<u32>,
@@ -247,12 +250,19 @@ impl SessionState {
             awaiting_rel: HashSet::new(),
             subscriptions,
             sub_pkid: None,
+            unsubscribe: Vec::new(),
             max_qos: QoS::ExactlyOnce,
             max_packet: None,
             largest_delivered: 0,
             out: VecDeque::new(),
             events: Vec::new(),
         }
+    }
+
+    /// UNSUBSCRIBE from `filters` once, on the next connection (after the SUBSCRIBE): what a
+    /// persistent session still holds of a subscription its route no longer has.
+    pub fn unsubscribe_once(&mut self, filters: Vec<String>) {
+        self.unsubscribe = filters;
     }
 
     /// Moves the events recorded so far into the driver's (empty) `spare` vector, so that the
@@ -340,6 +350,12 @@ impl SessionState {
             let pkid = self.alloc_pkid();
             self.sub_pkid = Some(pkid);
             self.out.push_back(Out::Subscribe(pkid));
+        }
+        if !self.unsubscribe.is_empty() {
+            let pkid = self.alloc_pkid();
+            let filters = std::mem::take(&mut self.unsubscribe);
+            self.out
+                .push_back(Out::Packet(Outgoing::Unsubscribe { pkid, filters }));
         }
         self.events.push(StateEvent::Connected {
             session_present: resumed,

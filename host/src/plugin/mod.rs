@@ -894,6 +894,30 @@ mod tests {
         );
     }
 
+    /// The SDK's version is the WIT package version it implements (0.1.x for
+    /// `edgebridge:plugin@0.1.0`), so a plugin's dependency says which contract it speaks.
+    #[test]
+    fn the_sdk_version_is_the_wit_package_version() {
+        let wit = include_str!("../../../wit/plugin.wit");
+        let package = wit
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("package edgebridge:plugin@"))
+            .expect("a package line")
+            .trim_end_matches(';');
+        let cargo = include_str!("../../../plugins/sdk/Cargo.toml");
+        let version = cargo
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("version = \""))
+            .expect("a version")
+            .trim_end_matches('"');
+        let minor = |v: &str| v.rsplit_once('.').map(|(a, _)| a.to_string());
+        assert_eq!(
+            minor(version),
+            minor(package),
+            "edgebridge-plugin-sdk {version} must implement edgebridge:plugin@{package} (same major.minor)"
+        );
+    }
+
     #[test]
     fn the_time_budget_counts_cpu_time_not_waiting() {
         let mut budget = CallBudget::start(Duration::from_millis(5));

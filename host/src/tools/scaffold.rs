@@ -19,12 +19,21 @@ pub enum Sdk {
     Path(PathBuf),
     /// A git repository holding it (cargo finds the crate inside).
     Git(String),
+    /// A version requirement on crates.io (`--sdk 0.1`), once the SDK is published there.
+    Version(String),
 }
 
 impl Sdk {
-    /// `--sdk`: a git URL (`https://…`, `ssh://…`, `git@…`, `git+…`) or a path to the SDK
-    /// folder (checked).
+    /// `--sdk`: a git URL (`https://…`, `ssh://…`, `git@…`, `git+…`), a version on crates.io
+    /// (`0.1`, `=0.1.0`, `^0.1`), or a path to the SDK folder (checked).
     pub fn parse(arg: &str) -> Result<Sdk, String> {
+        let version = arg.trim_start_matches(['=', '^', '~']);
+        if !version.is_empty()
+            && version.starts_with(|c: char| c.is_ascii_digit())
+            && version.chars().all(|c| c.is_ascii_digit() || c == '.')
+        {
+            return Ok(Sdk::Version(arg.to_string()));
+        }
         if let Some(url) = arg.strip_prefix("git+") {
             return Ok(Sdk::Git(url.to_string()));
         }
@@ -50,6 +59,7 @@ impl Sdk {
         match self {
             Sdk::Path(p) => format!("{{ path = {} }}", toml_string(&p.display().to_string())),
             Sdk::Git(url) => format!("{{ git = {} }}", toml_string(url)),
+            Sdk::Version(v) => toml_string(v),
         }
     }
 }
@@ -544,6 +554,12 @@ mod tests {
             "site-prefix"
         );
         assert!(name_of(Path::new("t/Bad.wasm")).is_err());
+    }
+
+    #[test]
+    fn the_sdk_argument_may_be_a_version_on_crates_io() {
+        assert_eq!(Sdk::parse("0.1").unwrap(), Sdk::Version("0.1".into()));
+        assert_eq!(Sdk::parse("=0.1.0").unwrap().dependency(), "\"=0.1.0\"");
     }
 
     #[test]

@@ -1027,3 +1027,50 @@ async fn an_oversize_message_refused_with_an_undefined_puback_code_is_refused_al
     );
     b.shutdown().await;
 }
+
+/// A reload changes a route's source: its persistent session on the source broker would keep
+/// the old subscription (and deliver its messages to be dropped as `unmatched`, for as long as
+/// the session lives); the new client unsubscribes it on its first connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_a_source_unsubscribes_the_old_filter() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = |source: &str| {
+        bridge_yaml(
+            "v5",
+            &local.endpoint(),
+            &remote.endpoint(),
+            1,
+            &format!("    - {{direction: local-to-remote, name: moved, source: \"{source}\"}}\n"),
+        )
+    };
+    let mut b = start(&load(dir.path(), &yaml("old/#")), &opts()).await;
+    let summary = b
+        .reload(load(dir.path(), &yaml("new/#")))
+        .await
+        .expect("reload");
+    assert_eq!(summary.restarted, vec!["edge-moved".to_string()]);
+    assert!(eventually(10 * SECOND, || b.stats.ready()).await);
+    let at_remote = Collector::start(remote.port, "moved-sub", "#", false).await;
+    let lp = edgebridge_tests::Publisher::connect(local.port, "moved-pub").await;
+    lp.publish("old/x", 1, false, "old").await;
+    lp.publish("new/x", 1, false, "new").await;
+    assert_eq!(at_remote.wait_for(1, 10 * SECOND).await, 1);
+    tokio::time::sleep(SECOND).await;
+    let c = b.stats.route("moved");
+    println!(
+        "source changed by a reload: received {}, unmatched {}",
+        c.received,
+        c.dropped(DropReason::Unmatched)
+    );
+    assert_eq!(at_remote.messages()[0].payload, "new");
+    assert_eq!(
+        c.dropped(DropReason::Unmatched),
+        0,
+        "the old filter is gone"
+    );
+    assert_eq!(c.received, 1);
+    b.shutdown().await;
+}
