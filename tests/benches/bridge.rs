@@ -51,6 +51,53 @@ impl Case {
     }
 }
 
+/// CPU seconds and read-like / write-like system calls of a process so far (`/proc/PID/stat`
+/// and `/proc/PID/io`, every thread of the process).
+#[derive(Default, Clone, Copy, Debug)]
+struct Usage {
+    cpu_s: f64,
+    reads: u64,
+    writes: u64,
+}
+
+fn usage(pid: u32) -> Usage {
+    let (_, cpu_s) = proc_stats(pid);
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    let field = |name: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Usage {
+        cpu_s,
+        reads: field("syscr:"),
+        writes: field("syscw:"),
+    }
+}
+
+impl std::ops::Sub for Usage {
+    type Output = Usage;
+    fn sub(self, o: Usage) -> Usage {
+        Usage {
+            cpu_s: self.cpu_s - o.cpu_s,
+            reads: self.reads.saturating_sub(o.reads),
+            writes: self.writes.saturating_sub(o.writes),
+        }
+    }
+}
+
+/// Per message of a throughput run, for each process: the local broker, the remote broker,
+/// the bridge process (none for Mosquitto's bridge, which runs in the local broker) and the
+/// load clients (this benchmark's process).
+#[derive(Default, Clone, Copy, Debug)]
+struct System {
+    local: Usage,
+    remote: Usage,
+    bridge: Usage,
+    clients: Usage,
+}
+
 #[derive(Default, Clone, Copy)]
 struct Run {
     rate: f64,
@@ -63,6 +110,8 @@ struct Run {
     /// Lines of the brokers' logs saying they dropped messages (then the brokers, not the
     /// bridge, were the limit).
     broker_drops: usize,
+    /// Every process's CPU and system calls over the throughput run, per message.
+    system: System,
 }
 
 /// Mosquitto's notices of dropped messages in a log.
@@ -430,6 +479,22 @@ async fn run_case(
     let (seen, task) = subscriber(sub_port, QoS::AtLeastOnce).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = bridge.as_ref().map(|b| proc_stats(b.id()));
+    let pids = (
+        local.pid().unwrap_or(0),
+        remote.pid().unwrap_or(0),
+        bridge.as_ref().map_or(0, Child::id),
+        std::process::id(),
+    );
+    let snapshot = |(l, r, b, c): (u32, u32, u32, u32)| {
+        [l, r, b, c].map(|pid| {
+            if pid == 0 {
+                Usage::default()
+            } else {
+                usage(pid)
+            }
+        })
+    };
+    let sys0 = snapshot(pids);
 
     // Throughput: as fast as the publisher goes.
     let t0 = Instant::now();
@@ -457,9 +522,21 @@ async fn run_case(
         } else {
             0.0
         };
+    let sys1 = snapshot(pids);
     let got: Vec<(u64, u64)> = std::mem::take(&mut *seen.lock().unwrap());
     let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
+    let per = |u: Usage| Usage {
+        cpu_s: u.cpu_s / n as f64,
+        ..u
+    };
+    let system = System {
+        local: per(sys1[0] - sys0[0]),
+        remote: per(sys1[1] - sys0[1]),
+        bridge: per(sys1[2] - sys0[2]),
+        clients: per(sys1[3] - sys0[3]),
+    };
     let mut run = Run {
+        system,
         rate: distinct.len() as f64 / elapsed.max(1e-9),
         lost: n - distinct.len() as u64,
         dups: got.len() as u64 - distinct.len() as u64,
@@ -946,6 +1023,7 @@ fn main() {
                     )));
                 }
             }
+            let whole = all.clone();
             for (&case, runs) in cases.iter().zip(all) {
                 let rate = median(runs.iter().map(|r| r.rate).collect());
                 let p50 = median(runs.iter().map(|r| r.p50_us).collect());
@@ -986,6 +1064,55 @@ fn main() {
                         "-".into()
                     },
                     runs.iter().map(|r| r.broker_drops).sum::<usize>(),
+                );
+            }
+            println!();
+            println!(
+                "whole system, per message of the throughput run (medians): CPU µs of each process, and read / write system calls"
+            );
+            println!(
+                "| case | local broker µs | remote broker µs | bridge µs | load clients µs | total µs | local reads / writes | remote reads / writes | bridge reads / writes |"
+            );
+            println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+            for (&case, runs) in cases.iter().zip(&whole) {
+                let us = |f: &dyn Fn(&System) -> Usage| {
+                    median(runs.iter().map(|r| f(&r.system).cpu_s * 1e6).collect())
+                };
+                let calls = |f: &dyn Fn(&System) -> Usage| {
+                    let r = median(
+                        runs.iter()
+                            .map(|r| f(&r.system).reads as f64 / n as f64)
+                            .collect(),
+                    );
+                    let w = median(
+                        runs.iter()
+                            .map(|r| f(&r.system).writes as f64 / n as f64)
+                            .collect(),
+                    );
+                    format!("{r:.2} / {w:.2}")
+                };
+                let (l, r, b, c) = (
+                    us(&|s| s.local),
+                    us(&|s| s.remote),
+                    us(&|s| s.bridge),
+                    us(&|s| s.clients),
+                );
+                println!(
+                    "| {} | {l:.2} | {r:.2} | {} | {c:.2} | {:.2} | {} | {} | {} |",
+                    case.label(),
+                    if matches!(case, Case::Baseline | Case::MosquittoBridge) {
+                        "-".to_string()
+                    } else {
+                        format!("{b:.2}")
+                    },
+                    l + r + b + c,
+                    calls(&|s| s.local),
+                    calls(&|s| s.remote),
+                    if matches!(case, Case::Baseline | Case::MosquittoBridge) {
+                        "-".to_string()
+                    } else {
+                        calls(&|s| s.bridge)
+                    },
                 );
             }
             let (plain, spooled, plain_p50, spooled_p50) = plain_and_spooled;

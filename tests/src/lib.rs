@@ -284,6 +284,11 @@ impl Mosquitto {
         panic!("mosquitto did not start; log:\n{}", self.log());
     }
 
+    /// The broker's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stops the broker gracefully (SIGTERM: a persistent broker saves its sessions).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
