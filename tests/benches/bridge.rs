@@ -51,8 +51,8 @@ impl Case {
     }
 }
 
-/// CPU seconds and read-like / write-like system calls of a process so far (`/proc/PID/stat`
-/// and `/proc/PID/io`, every thread of the process).
+/// CPU seconds of a process so far (`/proc/PID/stat`, every thread), and the read-like and
+/// write-like system calls counted by [`Syscalls`] over a run.
 #[derive(Default, Clone, Copy, Debug)]
 struct Usage {
     cpu_s: f64,
@@ -62,17 +62,81 @@ struct Usage {
 
 fn usage(pid: u32) -> Usage {
     let (_, cpu_s) = proc_stats(pid);
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
-    let field = |name: &str| {
-        io.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
     Usage {
         cpu_s,
-        reads: field("syscr:"),
-        writes: field("syscw:"),
+        ..Usage::default()
+    }
+}
+
+/// System calls that read a socket and that write one.
+const READ_CALLS: [&str; 4] = ["read", "readv", "recvfrom", "recvmsg"];
+const WRITE_CALLS: [&str; 4] = ["write", "writev", "sendto", "sendmsg"];
+
+/// `perf stat` counting the socket reads and writes of one process (syscall tracepoints);
+/// `None` where perf or its tracepoints are not available.
+struct Syscalls {
+    perf: Child,
+    out: std::path::PathBuf,
+}
+
+impl Syscalls {
+    fn start(pid: u32) -> Option<Syscalls> {
+        if pid == 0 {
+            return None;
+        }
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out =
+            std::env::temp_dir().join(format!("bench-perf-{}-{pid}-{n}.csv", std::process::id()));
+        let events: Vec<String> = READ_CALLS
+            .iter()
+            .chain(WRITE_CALLS.iter())
+            .map(|c| format!("syscalls:sys_enter_{c}"))
+            .collect();
+        let perf = Command::new("perf")
+            .args([
+                "stat",
+                "-x",
+                ",",
+                "-e",
+                &events.join(","),
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(Syscalls { perf, out })
+    }
+
+    /// Stops counting; (reads, writes).
+    fn stop(mut self) -> (u64, u64) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.perf.id().to_string()])
+            .status();
+        let _ = self.perf.wait();
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.out);
+        let (mut reads, mut writes) = (0, 0);
+        for line in text.lines() {
+            let cols: Vec<&str> = line.split(',').collect();
+            let (Some(count), Some(event)) = (cols.first(), cols.get(2)) else {
+                continue;
+            };
+            let Ok(count) = count.trim().parse::<u64>() else {
+                continue;
+            };
+            let call = event.trim().trim_start_matches("syscalls:sys_enter_");
+            if READ_CALLS.contains(&call) {
+                reads += count;
+            } else if WRITE_CALLS.contains(&call) {
+                writes += count;
+            }
+        }
+        (reads, writes)
     }
 }
 
@@ -495,6 +559,9 @@ async fn run_case(
         })
     };
     let sys0 = snapshot(pids);
+    let counting = [pids.0, pids.1, pids.2].map(Syscalls::start);
+    // perf attaches in a few milliseconds.
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Throughput: as fast as the publisher goes.
     let t0 = Instant::now();
@@ -523,16 +590,18 @@ async fn run_case(
             0.0
         };
     let sys1 = snapshot(pids);
+    let calls = counting.map(|c| c.map(Syscalls::stop).unwrap_or((0, 0)));
     let got: Vec<(u64, u64)> = std::mem::take(&mut *seen.lock().unwrap());
     let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
     let per = |u: Usage| Usage {
         cpu_s: u.cpu_s / n as f64,
         ..u
     };
+    let with_calls = |u: Usage, (reads, writes): (u64, u64)| Usage { reads, writes, ..u };
     let system = System {
-        local: per(sys1[0] - sys0[0]),
-        remote: per(sys1[1] - sys0[1]),
-        bridge: per(sys1[2] - sys0[2]),
+        local: with_calls(per(sys1[0] - sys0[0]), calls[0]),
+        remote: with_calls(per(sys1[1] - sys0[1]), calls[1]),
+        bridge: with_calls(per(sys1[2] - sys0[2]), calls[2]),
         clients: per(sys1[3] - sys0[3]),
     };
     let mut run = Run {
@@ -1068,7 +1137,7 @@ fn main() {
             }
             println!();
             println!(
-                "whole system, per message of the throughput run (medians): CPU µs of each process, and read / write system calls"
+                "whole system, per message of the throughput run (medians): CPU µs of each process, and socket read / write system calls (perf's syscall tracepoints; 0 where perf is not available)"
             );
             println!(
                 "| case | local broker µs | remote broker µs | bridge µs | load clients µs | total µs | local reads / writes | remote reads / writes | bridge reads / writes |"
