@@ -41,6 +41,21 @@ pub fn received(c: &Collector) -> (BTreeSet<u64>, usize) {
     (seen.keys().filter_map(|p| p.parse().ok()).collect(), dups)
 }
 
+/// The brokers of an outage: the local one configured as Debian installs Mosquitto, the
+/// remote one persistent (its subscribers' sessions survive its restart).
+pub fn brokers() -> (Mosquitto, Mosquitto) {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions {
+        extra: DEBIAN_DEFAULTS.into(),
+        ..Default::default()
+    });
+    let remote = Mosquitto::start(MosquittoOptions {
+        persistence: true,
+        ..Default::default()
+    });
+    (local, remote)
+}
+
 /// One outage.
 #[derive(Debug, Clone)]
 pub struct Outage {
@@ -86,15 +101,7 @@ pub struct OutageReport {
 impl Outage {
     /// Runs it (two brokers and an in-process bridge).
     pub async fn run(&self) -> OutageReport {
-        init_tracing();
-        let local = Mosquitto::start(MosquittoOptions {
-            extra: DEBIAN_DEFAULTS.into(),
-            ..Default::default()
-        });
-        let mut remote = Mosquitto::start(MosquittoOptions {
-            persistence: true,
-            ..Default::default()
-        });
+        let (local, mut remote) = brokers();
         let spool_dir = tempfile::tempdir().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let extra = if self.route_extra.is_empty() {

@@ -31,6 +31,21 @@ fn load(dir: &std::path::Path, yaml: &str) -> Config {
         .unwrap_or_else(|r| panic!("invalid test configuration:\n{r}\n{yaml}"))
 }
 
+/// The configuration of one route (`route`, the YAML flow mapping of a `routes` item) between
+/// the broker at `local` and the one at `remote`, on `protocol`, written into `dir`.
+fn one_route(
+    dir: &std::path::Path,
+    protocol: &str,
+    local: &str,
+    remote: &str,
+    route: &str,
+) -> Config {
+    load(
+        dir,
+        &bridge_yaml(protocol, local, remote, 1, &format!("    - {route}\n")),
+    )
+}
+
 async fn start(cfg: &Config, opts: &RunOptions) -> RunningBridge {
     let b = bridge::start(cfg, opts).await.expect("bridge starts");
     assert!(
@@ -833,15 +848,12 @@ async fn large_messages_in_flight_are_bounded_in_bytes() {
         ..Default::default()
     });
     let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
+    let cfg = one_route(
         dir.path(),
-        &bridge_yaml(
-            "v5",
-            &local.endpoint(),
-            &remote.endpoint(),
-            1,
-            "    - {direction: local-to-remote, name: big, source: \"big/#\"}\n",
-        ),
+        "v5",
+        &local.endpoint(),
+        &remote.endpoint(),
+        "{direction: local-to-remote, name: big, source: \"big/#\"}",
     );
     let bound = 8 << 20;
     let b = start(
@@ -903,15 +915,12 @@ async fn a_retained_message_changed_while_the_bridge_was_away_reaches_the_remote
     lp.publish("chg/state", 1, true, "on").await;
     assert_eq!(lp.wait_acked(1, 5 * SECOND).await, 1);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
+    let cfg = one_route(
         dir.path(),
-        &bridge_yaml(
-            "v3",
-            &local.endpoint(),
-            &remote.endpoint(),
-            1,
-            "    - {direction: local-to-remote, name: chg, source: \"chg/#\"}\n",
-        ),
+        "v3",
+        &local.endpoint(),
+        &remote.endpoint(),
+        "{direction: local-to-remote, name: chg, source: \"chg/#\"}",
     );
     let b = start(&cfg, &opts()).await;
     let first = Collector::start(remote.port, "chg-first", "chg/#", false).await;
@@ -941,15 +950,12 @@ async fn a_refused_subscription_is_tried_again() {
     let local = HostileBroker::start(Hostility::RefuseFirstSubscribe).await;
     let remote = Mosquitto::start(MosquittoOptions::default());
     let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
+    let cfg = one_route(
         dir.path(),
-        &bridge_yaml(
-            "v5",
-            &format!("127.0.0.1:{}", local.port),
-            &remote.endpoint(),
-            1,
-            "    - {direction: local-to-remote, name: acl, source: \"acl/#\"}\n",
-        ),
+        "v5",
+        &format!("127.0.0.1:{}", local.port),
+        &remote.endpoint(),
+        "{direction: local-to-remote, name: acl, source: \"acl/#\"}",
     );
     let at_remote = Collector::start(remote.port, "acl-sub", "acl/#", false).await;
     let started = Instant::now();
@@ -984,15 +990,12 @@ async fn an_oversize_message_refused_with_an_undefined_puback_code_is_refused_al
         ..Default::default()
     });
     let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
+    let cfg = one_route(
         dir.path(),
-        &bridge_yaml(
-            "v5",
-            &local.endpoint(),
-            &remote.endpoint(),
-            1,
-            "    - {direction: local-to-remote, name: sz, source: \"sz/#\"}\n",
-        ),
+        "v5",
+        &local.endpoint(),
+        &remote.endpoint(),
+        "{direction: local-to-remote, name: sz, source: \"sz/#\"}",
     );
     let b = start(&cfg, &opts()).await;
     let at_remote = Collector::start(remote.port, "sz-sub", "sz/#", false).await;

@@ -3,10 +3,8 @@ use std::time::{Duration, Instant};
 
 use edgebridge::model::QoS;
 use edgebridge_tests::faults::AckedPublisher;
-use edgebridge_tests::spool::{DEBIAN_DEFAULTS, Outage, publish_at, received};
-use edgebridge_tests::{
-    Collector, Mosquitto, MosquittoOptions, bridge_yaml, init_tracing, write_file,
-};
+use edgebridge_tests::spool::{Outage, publish_at, received};
+use edgebridge_tests::{Collector, bridge_yaml, write_file};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -140,16 +138,8 @@ fn run_bridge(bin: &std::path::Path, config: &std::path::Path, spool: &std::path
 /// while the backlog drains: no message the local broker acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_an_outage_and_during_the_drain_loses_no_acknowledged_message() {
-    init_tracing();
     let bin = binary();
-    let local = Mosquitto::start(MosquittoOptions {
-        extra: DEBIAN_DEFAULTS.into(),
-        ..Default::default()
-    });
-    let mut remote = Mosquitto::start(MosquittoOptions {
-        persistence: true,
-        ..Default::default()
-    });
+    let (local, mut remote) = edgebridge_tests::spool::brokers();
     let spool = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = write_file(
