@@ -19,6 +19,22 @@ fn msg(i: u64) -> Message {
     }
 }
 
+/// Message `i` with a 10 KB payload.
+fn big(i: u64) -> Message {
+    Message {
+        payload: Bytes::from(vec![b'x'; 10_000]),
+        ..msg(i)
+    }
+}
+
+/// Sends and releases `n` records.
+fn release(sp: &mut Spool, n: usize) {
+    for _ in 0..n {
+        let o = sp.next_to_send().unwrap().unwrap();
+        sp.release(o.seq);
+    }
+}
+
 fn settings(dir: &Path) -> SpoolSettings {
     SpoolSettings {
         min_free_bytes: 0,
@@ -91,10 +107,7 @@ fn a_crash_keeps_every_synced_record_and_resends_only_the_unreleased() {
     }
     sync(&mut sp).unwrap();
     // 20 sent and released, 5 sent and in flight, the cursor on disk.
-    for _ in 0..20 {
-        let o = sp.next_to_send().unwrap().unwrap();
-        sp.release(o.seq);
-    }
+    release(&mut sp, 20);
     for _ in 0..5 {
         sp.next_to_send().unwrap().unwrap();
     }
@@ -177,10 +190,6 @@ fn released_segments_are_deleted_once_the_cursor_says_so() {
         ..settings(dir.path())
     };
     let mut sp = open(&s);
-    let big = |i: u64| Message {
-        payload: Bytes::from(vec![b'x'; 10_000]),
-        ..msg(i)
-    };
     for i in 0..60 {
         sp.append(&big(i));
         sync(&mut sp).unwrap();
@@ -218,10 +227,6 @@ fn drop_oldest_drops_exactly_the_oldest_records_and_counts_them() {
         ..settings(dir.path())
     };
     let mut sp = open(&s);
-    let big = |i: u64| Message {
-        payload: Bytes::from(vec![b'x'; 10_000]),
-        ..msg(i)
-    };
     let n = 300; // about 3 MB into 1 MiB
     for i in 0..n {
         sp.append(&big(i));
@@ -465,10 +470,6 @@ fn the_counters_add_up_after_drops_and_a_restart() {
         );
     };
     let mut sp = open(&s);
-    let big = |i: u64| Message {
-        payload: Bytes::from(vec![b'x'; 10_000]),
-        ..msg(i)
-    };
     // 20 in flight when the oldest segments are dropped under them.
     for i in 0..20 {
         sp.append(&big(i));
@@ -490,10 +491,7 @@ fn the_counters_add_up_after_drops_and_a_restart() {
         sp.release(seq);
     }
     check(&sp);
-    for _ in 0..10 {
-        let o = sp.next_to_send().unwrap().unwrap();
-        sp.release(o.seq);
-    }
+    release(&mut sp, 10);
     sync(&mut sp).unwrap();
     check(&sp);
     drop(sp);
