@@ -123,9 +123,17 @@ impl Lane {
 
     fn failed(&mut self, route: &str, e: &crate::spool::SpoolError) {
         let text = crate::error::chain(e);
-        error!(route = %route, "{text}; the spool is opened again in {} s", self.retry.as_secs());
+        error!(route = %route, "{text}");
         self.counters.failures.fetch_add(1, Ordering::Relaxed);
         *self.counters.failed.lock().expect("spool failure lock") = Some(text);
+        self.reopen_later();
+    }
+
+    /// Drops the spool (it failed; what it said is logged and counted) and opens it again
+    /// after the retry delay, from disk; the source reconnects to send again what was not
+    /// acknowledged.
+    fn reopen_later(&mut self) {
+        info!(dir = %self.settings.dir.display(), "The spool is opened again in {} s", self.retry.as_secs());
         self.spool = None;
         self.acks.clear();
         self.reconnect_source = true;
@@ -222,7 +230,8 @@ pub async fn run<S: Stage>(
     let mut wake_at: Option<Instant> = None;
     loop {
         if let Some(lane) = &mut c.lane {
-            if !stopping {
+            // Never while a group commit of the previous spool still writes its files.
+            if !stopping && job.is_none() {
                 lane.open_if_due(&c.plan.route.name).await;
             }
             if lane.reconnect_source {
@@ -444,6 +453,11 @@ fn lane_turn(
     stopping: bool,
     counters: &RouteCounters,
 ) {
+    if lane.spool.as_ref().is_some_and(Spool::failed) {
+        // It failed appending (a new segment could not be created): logged and counted there.
+        lane.reopen_later();
+        return;
+    }
     let Some(sp) = &mut lane.spool else {
         return;
     };
