@@ -42,7 +42,9 @@ pub fn received(c: &Collector) -> (BTreeSet<u64>, usize) {
 }
 
 /// The brokers of an outage: the local one configured as Debian installs Mosquitto, the
-/// remote one persistent (its subscribers' sessions survive its restart).
+/// remote one persistent (its subscribers' sessions survive its restart) and queueing QoS 0
+/// for them: after the restart the bridge may drain its whole backlog before the test's
+/// subscriber is back, and the remote must keep what it cannot deliver yet.
 pub fn brokers() -> (Mosquitto, Mosquitto) {
     init_tracing();
     let local = Mosquitto::start(MosquittoOptions {
@@ -51,6 +53,7 @@ pub fn brokers() -> (Mosquitto, Mosquitto) {
     });
     let remote = Mosquitto::start(MosquittoOptions {
         persistence: true,
+        extra: "queue_qos0_messages true\n".into(),
         ..Default::default()
     });
     (local, remote)
