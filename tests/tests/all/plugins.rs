@@ -723,8 +723,9 @@ async fn the_wasi_sandbox_gives_time_and_randomness_only_when_granted() {
     assert_eq!(r1, r2, "a fixed sequence, the same in every instance");
     let started = std::time::Instant::now();
     assert_eq!(observe(denied.clone(), "sleep").await.unwrap(), "slept");
+    // (Bounds with room for a loaded CI machine: the plugin asks for 30 s.)
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(5),
         "a denied sleep returns at once: {:?}",
         started.elapsed()
     );
@@ -757,7 +758,7 @@ async fn the_wasi_sandbox_gives_time_and_randomness_only_when_granted() {
         "{e}"
     );
     assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
         "{took:?}"
     );
     println!(
