@@ -437,6 +437,19 @@ mod tests {
         }
     }
 
+    /// The counters of a route client "r", registered in `o`.
+    fn registered(o: &Observed) -> Arc<RouteCounters> {
+        let c = Arc::new(RouteCounters::new(
+            "r",
+            Direction::LocalToRemote,
+            "c-r",
+            "local",
+            "remote",
+        ));
+        o.stats.register(c.clone());
+        c
+    }
+
     #[test]
     fn timestamps_are_rfc3339_utc() {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
@@ -450,14 +463,7 @@ mod tests {
     fn a_bridge_none_of_whose_route_clients_ever_connected_is_not_live() {
         let mut o = observed();
         o.stall_timeout = Duration::from_millis(50);
-        let c = Arc::new(RouteCounters::new(
-            "r",
-            Direction::LocalToRemote,
-            "c-r",
-            "local",
-            "remote",
-        ));
-        o.stats.register(c.clone());
+        let c = registered(&o);
         assert!(health(&o).is_ok(), "within the stall timeout of the start");
         c.source
             .set_error("broker refused the connection: protocol error (code 0x82)".into());
@@ -475,14 +481,7 @@ mod tests {
     fn a_route_with_messages_in_flight_and_no_acknowledgement_is_not_live() {
         let mut o = observed();
         o.stall_timeout = Duration::from_millis(50);
-        let c = Arc::new(RouteCounters::new(
-            "r",
-            Direction::LocalToRemote,
-            "c-r",
-            "local",
-            "remote",
-        ));
-        o.stats.register(c.clone());
+        let c = registered(&o);
         c.source.connects.store(1, Ordering::Relaxed);
         assert!(health(&o).is_ok(), "idle is healthy");
         c.in_flight.store(3, Ordering::Relaxed);
@@ -507,14 +506,7 @@ mod tests {
     #[test]
     fn readiness_lists_what_is_not_connected_or_subscribed() {
         let o = observed();
-        let c = Arc::new(RouteCounters::new(
-            "r",
-            Direction::LocalToRemote,
-            "c-r",
-            "local",
-            "remote",
-        ));
-        o.stats.register(c.clone());
+        let c = registered(&o);
         c.source.set_error("cannot connect".into());
         let not = readiness(&o).unwrap_err();
         assert_eq!(not.len(), 2, "{not:?}");

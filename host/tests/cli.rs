@@ -325,6 +325,15 @@ fn terminate(
     (None, started.elapsed())
 }
 
+/// SIGTERM, and the bridge exits with success within the bound of [`terminate`].
+fn stop_cleanly(bridge: std::process::Child) {
+    let (status, took) = terminate(bridge);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} after {took:?}"
+    );
+}
+
 /// Standard error on a full disk: log lines are dropped and counted, the bridge forwards and
 /// stops as usual (it used to panic at the first log line, exit 101).
 #[test]
@@ -339,11 +348,7 @@ fn a_full_disk_under_standard_error_does_not_stop_the_bridge() {
         "the bridge is running"
     );
     assert_eq!(cross(lp, rp, 50), 50);
-    let (status, took) = terminate(bridge);
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?} after {took:?}"
-    );
+    stop_cleanly(bridge);
 }
 
 /// Standard error a pipe nobody reads (trace logging fills it at once): forwarding goes on
@@ -461,11 +466,7 @@ fn mosquitto_clients_with_their_defaults_cross_the_quick_start() {
         String::from_utf8_lossy(&out.stdout),
         "factory/commands stop\n"
     );
-    let (status, took) = terminate(bridge);
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?} after {took:?}"
-    );
+    stop_cleanly(bridge);
 }
 
 /// More route clients than the process may open connections for: `run` refuses to start and

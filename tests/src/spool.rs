@@ -59,6 +59,35 @@ pub fn brokers() -> (Mosquitto, Mosquitto) {
     (local, remote)
 }
 
+/// The configuration file of the outage's route `up` (QoS 1, `up/#`, from the local broker to
+/// the remote one), with `extra` added to the route's YAML flow mapping (e.g.
+/// `spool: {maxBytes: 64Mi}`), written into `dir`.
+pub fn route_file(
+    dir: &std::path::Path,
+    local: &Mosquitto,
+    remote: &Mosquitto,
+    extra: &str,
+) -> std::path::PathBuf {
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
+    };
+    write_file(
+        dir,
+        "bridge.yaml",
+        &bridge_yaml(
+            "v5",
+            &local.endpoint(),
+            &remote.endpoint(),
+            1,
+            &format!(
+                "    - {{direction: local-to-remote, name: up, source: \"up/#\", qos: 1{extra}}}\n"
+            ),
+        ),
+    )
+}
+
 /// One outage.
 #[derive(Debug, Clone)]
 pub struct Outage {
@@ -107,24 +136,7 @@ impl Outage {
         let (local, mut remote) = brokers();
         let spool_dir = tempfile::tempdir().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let extra = if self.route_extra.is_empty() {
-            String::new()
-        } else {
-            format!(", {}", self.route_extra)
-        };
-        let path = write_file(
-            dir.path(),
-            "bridge.yaml",
-            &bridge_yaml(
-                "v5",
-                &local.endpoint(),
-                &remote.endpoint(),
-                1,
-                &format!(
-                    "    - {{direction: local-to-remote, name: up, source: \"up/#\", qos: 1{extra}}}\n"
-                ),
-            ),
-        );
+        let path = route_file(dir.path(), &local, &remote, &self.route_extra);
         let cfg = config::load(&[path], &LoadOptions::default()).unwrap();
         let opts = RunOptions {
             backoff: (Duration::from_millis(50), Duration::from_millis(500)),

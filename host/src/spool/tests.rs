@@ -19,6 +19,14 @@ fn msg(i: u64) -> Message {
     }
 }
 
+/// Syncs, closes and opens the spool again: nothing is left to send.
+fn assert_reopens_empty(mut sp: Spool, s: &SpoolSettings) {
+    sync(&mut sp).unwrap();
+    drop(sp);
+    let mut sp = open(s);
+    assert_eq!(drain(&mut sp), Vec::<u64>::new());
+}
+
 /// Message `i` with a 10 KB payload.
 fn big(i: u64) -> Message {
     Message {
@@ -91,10 +99,7 @@ fn records_come_out_in_order_and_a_released_spool_reopens_empty() {
     assert_eq!(sp.ack_threshold(), 101, "all 100 records are durable");
     assert_eq!(drain(&mut sp), (0..100).collect::<Vec<_>>());
     assert!(sp.is_empty());
-    sync(&mut sp).unwrap();
-    drop(sp);
-    let mut sp = open(&s);
-    assert_eq!(drain(&mut sp), Vec::<u64>::new());
+    assert_reopens_empty(sp, &s);
 }
 
 #[test]
@@ -154,10 +159,7 @@ fn a_torn_tail_is_cut_at_recovery_and_counted() {
     sp.append(&msg(100));
     sync(&mut sp).unwrap();
     assert_eq!(drain(&mut sp), vec![100]);
-    sync(&mut sp).unwrap();
-    drop(sp);
-    let mut sp = open(&s);
-    assert_eq!(drain(&mut sp), Vec::<u64>::new());
+    assert_reopens_empty(sp, &s);
 }
 
 #[test]

@@ -2,9 +2,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgebridge::model::QoS;
+use edgebridge_tests::Collector;
 use edgebridge_tests::faults::AckedPublisher;
 use edgebridge_tests::spool::{Outage, publish_at, received};
-use edgebridge_tests::{Collector, bridge_yaml, write_file};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -142,17 +142,7 @@ async fn kill_9_during_an_outage_and_during_the_drain_loses_no_acknowledged_mess
     let (local, mut remote) = edgebridge_tests::spool::brokers();
     let spool = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_file(
-        dir.path(),
-        "bridge.yaml",
-        &bridge_yaml(
-            "v5",
-            &local.endpoint(),
-            &remote.endpoint(),
-            1,
-            "    - {direction: local-to-remote, name: up, source: \"up/#\", qos: 1}\n",
-        ),
-    );
+    let config = edgebridge_tests::spool::route_file(dir.path(), &local, &remote, "");
     let at_remote = Collector::start(remote.port, "kill-sub", "up/#", true).await;
     let publisher = AckedPublisher::start(local.port, "kill-pub");
     let mut bridge = run_bridge(&bin, &config, spool.path());
