@@ -13,6 +13,19 @@ fn quickstart() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.yaml")
 }
 
+/// A copy of the quick start in `dir` with its brokers on free ports: (file, local port,
+/// remote port).
+fn quickstart_on_free_ports(dir: &std::path::Path) -> (std::path::PathBuf, u16, u16) {
+    let (lp, rp) = (free_port(), free_port());
+    let cfg = dir.join("quick.yaml");
+    let text = std::fs::read_to_string(quickstart())
+        .unwrap()
+        .replace("127.0.0.1:1883", &format!("127.0.0.1:{lp}"))
+        .replace("127.0.0.1:1884", &format!("127.0.0.1:{rp}"));
+    std::fs::write(&cfg, text).unwrap();
+    (cfg, lp, rp)
+}
+
 #[test]
 fn check_accepts_the_quickstart() {
     let out = edgebridge()
@@ -79,14 +92,8 @@ fn run_starts_nothing_when_the_configuration_is_invalid() {
 /// remote one, `pub` on the local one; then SIGTERM ends the bridge cleanly.
 #[test]
 fn the_quick_start_bridges_with_nothing_installed() {
-    let (lp, rp) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("quick.yaml");
-    let text = std::fs::read_to_string(quickstart())
-        .unwrap()
-        .replace("127.0.0.1:1883", &format!("127.0.0.1:{lp}"))
-        .replace("127.0.0.1:1884", &format!("127.0.0.1:{rp}"));
-    std::fs::write(&cfg, text).unwrap();
+    let (cfg, lp, rp) = quickstart_on_free_ports(dir.path());
     let mut bridge = edgebridge()
         .args(["run", "-f"])
         .arg(&cfg)
@@ -152,14 +159,9 @@ fn the_quick_start_bridges_with_nothing_installed() {
 /// terminal colours), `status` prints the running routes as a table, SIGHUP reloads.
 #[test]
 fn status_json_logs_and_sighup_through_the_binary() {
-    let (lp, rp, hp) = (free_port(), free_port(), free_port());
+    let hp = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("quick.yaml");
-    let text = std::fs::read_to_string(quickstart())
-        .unwrap()
-        .replace("127.0.0.1:1883", &format!("127.0.0.1:{lp}"))
-        .replace("127.0.0.1:1884", &format!("127.0.0.1:{rp}"));
-    std::fs::write(&cfg, text).unwrap();
+    let (cfg, _, _) = quickstart_on_free_ports(dir.path());
     let mut bridge = edgebridge()
         .args([
             "run",
@@ -248,14 +250,8 @@ fn quickstart_with_stderr(
     stderr: std::process::Stdio,
     extra: &[&str],
 ) -> (std::process::Child, u16, u16) {
-    let (lp, rp) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap().keep();
-    let cfg = dir.join("quick.yaml");
-    let text = std::fs::read_to_string(quickstart())
-        .unwrap()
-        .replace("127.0.0.1:1883", &format!("127.0.0.1:{lp}"))
-        .replace("127.0.0.1:1884", &format!("127.0.0.1:{rp}"));
-    std::fs::write(&cfg, text).unwrap();
+    let (cfg, lp, rp) = quickstart_on_free_ports(&dir);
     let mut bridge = edgebridge()
         .args(["run", "-f"])
         .arg(&cfg)
