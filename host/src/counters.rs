@@ -208,6 +208,25 @@ pub struct SessionCounters {
     /// The subscription of the current connection was granted (source sessions).
     pub subscribed: AtomicBool,
     last_error: Mutex<Option<(String, SystemTime)>>,
+    /// Fresh tokens presented with AUTH on the open connection (MQTT 5 re-authentication).
+    pub reauth_in_place: AtomicU64,
+    /// Fresh tokens presented by reconnecting: the broker granted no authentication method,
+    /// refused the AUTH, or did not answer it in time.
+    pub reauth_reconnect: AtomicU64,
+    /// Where the connection goes and how it last presented a token.
+    link: Mutex<LinkInfo>,
+}
+
+/// The address of a session's current (or last) connection, whether it goes through an HTTP
+/// proxy, and its last token refresh.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// `host:port` of the broker connected to (or being tried).
+    pub address: String,
+    /// The proxy's `host:port`, when the connection is tunnelled through one.
+    pub proxy: Option<String>,
+    /// The last fresh token presented, and how: `in-place` (AUTH) or `reconnect`.
+    pub last_refresh: Option<(SystemTime, &'static str)>,
 }
 
 impl SessionCounters {
@@ -221,7 +240,32 @@ impl SessionCounters {
             source_lost: AtomicU64::new(0),
             subscribed: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            reauth_in_place: AtomicU64::new(0),
+            reauth_reconnect: AtomicU64::new(0),
+            link: Mutex::new(LinkInfo::default()),
         }
+    }
+
+    /// Records the address (and proxy) of the connection being made.
+    pub fn set_address(&self, address: String, proxy: Option<String>) {
+        let mut l = self.link.lock().expect("link info lock");
+        l.address = address;
+        l.proxy = proxy;
+    }
+
+    /// Records a fresh token presented `how` (`in-place` or `reconnect`).
+    pub fn token_refreshed(&self, how: &'static str) {
+        match how {
+            "in-place" => &self.reauth_in_place,
+            _ => &self.reauth_reconnect,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        self.link.lock().expect("link info lock").last_refresh = Some((SystemTime::now(), how));
+    }
+
+    /// Address, proxy and last token refresh.
+    pub fn link_info(&self) -> LinkInfo {
+        self.link.lock().expect("link info lock").clone()
     }
 
     /// Sets the connection state.

@@ -163,6 +163,16 @@ impl Provider {
         }
     }
 
+    /// The MQTT 5 authentication method its credentials use, if it uses tokens (those expire
+    /// and are refreshed: in place with AUTH when the broker granted this method).
+    pub fn method(&self) -> Option<&'static str> {
+        match &self.auth {
+            Auth::ManagedIdentity { .. } => Some(OAUTH_METHOD),
+            Auth::Kubernetes { .. } => Some(SAT_METHOD),
+            _ => None,
+        }
+    }
+
     /// How many tokens were fetched so far.
     pub fn fetches(&self) -> u64 {
         *self.fetches.lock().expect("fetch counter")
@@ -181,8 +191,16 @@ impl Provider {
                 }
             }
             Auth::Kubernetes { token_path } => {
+                let token = read_secret(token_path)?;
+                // Kubelet rotates a projected token at 80 % of its lifetime: read it again
+                // then (a token without a readable `exp` is presented until reconnect).
+                c.renew_at = jwt_lifetime(&token).map(|left| {
+                    Instant::now()
+                        + Duration::from_millis(left.as_millis() as u64 * 8 / 10)
+                            .max(Duration::from_secs(1))
+                });
                 c.auth_method = Some(SAT_METHOD.into());
-                c.auth_data = Some(Secret::new(read_secret(token_path)?));
+                c.auth_data = Some(Secret::new(token));
             }
             Auth::ManagedIdentity { audience } => {
                 let mut cached = self.token.lock().await;
@@ -206,6 +224,22 @@ impl Provider {
         }
         Ok(c)
     }
+}
+
+/// The time left until a JWT's `exp` claim (not verified: the broker verifies it; this only
+/// says when to read the token again). `None` for a token that is not a JWT with `exp`.
+fn jwt_lifetime(token: &str) -> Option<Duration> {
+    use base64::Engine;
+    let claims = token.split('.').nth(1)?;
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims.trim_end_matches('='))
+        .ok()?;
+    let exp = serde_json::from_slice::<serde_json::Value>(&claims)
+        .ok()?
+        .get("exp")?
+        .as_u64()?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    (exp > now).then(|| Duration::from_secs(exp - now))
 }
 
 fn read_secret(path: &Path) -> Result<String, CredentialError> {
@@ -381,6 +415,27 @@ mod tests {
                 .unwrap_err()
                 .contains("expired")
         );
+    }
+
+    #[test]
+    fn a_service_account_token_is_read_again_at_80_percent_of_its_lifetime() {
+        use base64::Engine;
+        let enc = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let exp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 100;
+        let jwt = format!(
+            "{}.{}.sig",
+            enc(r#"{"alg":"RS256"}"#),
+            enc(&format!(r#"{{"exp":{exp}}}"#))
+        );
+        let left = jwt_lifetime(&jwt).unwrap();
+        assert!(left <= Duration::from_secs(100) && left >= Duration::from_secs(98));
+        assert_eq!(jwt_lifetime("not-a-jwt"), None);
+        let expired = format!("{}.{}.s", enc("{}"), enc(r#"{"exp":1}"#));
+        assert_eq!(jwt_lifetime(&expired), None);
     }
 
     #[test]

@@ -287,6 +287,8 @@ impl Collector for Scrape {
         let mut connected = Vec::new();
         let mut reconnects = Vec::new();
         let mut lost = Vec::new();
+        let mut refreshes = Vec::new();
+        let mut address = Vec::new();
         for c in &clients {
             for s in [&c.source, &c.target] {
                 let labels: Labels = vec![
@@ -294,6 +296,21 @@ impl Collector for Scrape {
                     ("side", s.side.to_string()),
                     ("client_id", c.client_id.clone()),
                 ];
+                for (how, n) in [
+                    ("in-place", &s.reauth_in_place),
+                    ("reconnect", &s.reauth_reconnect),
+                ] {
+                    let mut l = labels.clone();
+                    l.push(("how", how.to_string()));
+                    refreshes.push((l, n.load(Ordering::Relaxed)));
+                }
+                let link = s.link_info();
+                if !link.address.is_empty() {
+                    let mut l = labels.clone();
+                    l.push(("address", link.address));
+                    l.push(("proxy", link.proxy.unwrap_or_default()));
+                    address.push((l, u64::from(s.connected())));
+                }
                 connected.push((labels.clone(), u64::from(s.connected())));
                 reconnects.push((labels.clone(), s.reconnects()));
                 lost.push((labels, s.source_lost.load(Ordering::Relaxed)));
@@ -319,6 +336,20 @@ impl Collector for Scrape {
             "The broker did not resume the bridge's persistent session (session present = 0): messages it held for the bridge may be lost.",
             MetricType::Counter,
             &lost,
+        )?;
+        family(
+            &mut encoder,
+            "edgebridge_session_token_refreshes",
+            "Fresh tokens presented: in-place (MQTT 5 AUTH on the open connection) or by reconnecting.",
+            MetricType::Counter,
+            &refreshes,
+        )?;
+        family(
+            &mut encoder,
+            "edgebridge_session_address",
+            "The broker address (and HTTP proxy, empty when none) of the session's current or last connection; 1 while connected.",
+            MetricType::Gauge,
+            &address,
         )?;
         // Per plugin on a route.
         let plugins = o.stats.plugins();

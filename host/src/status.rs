@@ -149,9 +149,15 @@ pub fn rfc3339(t: SystemTime) -> String {
 }
 
 fn session_json(s: &SessionCounters) -> Value {
+    let link = s.link_info();
     json!({
         "side": s.side,
         "state": s.state().as_str(),
+        "address": link.address,
+        "proxy": link.proxy,
+        "token_refreshed": link.last_refresh.map(|(at, how)| json!({"at": rfc3339(at), "how": how})),
+        "reauth_in_place": s.reauth_in_place.load(Ordering::Relaxed),
+        "reauth_reconnect": s.reauth_reconnect.load(Ordering::Relaxed),
         "reconnects": s.reconnects(),
         "source_lost": s.source_lost.load(Ordering::Relaxed),
         "last_error": s.last_error().map(|(message, at)| json!({"message": message, "at": rfc3339(at)})),

@@ -55,7 +55,7 @@ fn traced_with(p: &codec::Incoming, payloads: bool) -> String {
 
 use super::backoff::Backoff;
 use super::codec::{self, CodecError, ConnAckInfo, ConnectSpec, Incoming, Outgoing, Version};
-use super::state::{SessionState, StateError, Token, Writer};
+use super::state::{ReauthError, SessionState, StateError, Token, Writer};
 use super::transport::{self, Stream, TransportError};
 use crate::config::BrokerConnection;
 use crate::counters::{LinkState, SessionCounters};
@@ -180,6 +180,9 @@ pub enum LinkError {
     /// A planned reconnect to present a fresh token.
     #[error("renewing the connection to present a fresh token")]
     Renew,
+    /// The broker did not answer an AUTH (re-authentication) in time.
+    #[error("no answer to re-authentication (AUTH) within {0:?}")]
+    ReauthTimeout(Duration),
 }
 
 impl LinkError {
@@ -207,6 +210,10 @@ struct Connected {
     renew_at: Option<Instant>,
 }
 
+/// Fetching a fresh token for re-authentication in place (not cancel-safe: held pinned).
+type Refreshing =
+    Pin<Box<dyn Future<Output = Result<crate::credentials::ConnectCredentials, LinkError>> + Send>>;
+
 type Connecting = Pin<Box<dyn Future<Output = Result<Connected, LinkError>> + Send>>;
 
 enum Phase {
@@ -233,6 +240,10 @@ struct Up {
     /// When the PINGREQ left the buffer; cleared by any byte received after it.
     ping_flushed: Option<Instant>,
     renew_at: Option<Instant>,
+    /// A fresh token being fetched for re-authentication in place.
+    refreshing: Option<Refreshing>,
+    /// An AUTH 0x19 is out: the broker must answer by then (deadline, limit).
+    reauth_deadline: Option<(Instant, Duration)>,
 }
 
 /// One MQTT connection's I/O (see the module docs).
@@ -247,6 +258,19 @@ pub struct Link {
     /// QoS 0 publishes in the write buffer, by the stream offset of their end.
     qos0: std::collections::VecDeque<(u64, Token)>,
     counters: Arc<SessionCounters>,
+    /// The next connection presents a fresh token in place of re-authentication (counted
+    /// when it is up).
+    renewing: bool,
+    /// "This broker cannot re-authenticate in place" was logged.
+    said_no_reauth: bool,
+}
+
+/// A renewal time moved later by up to 1/20 of the time left (at most 30 s), so that the
+/// sessions of one bridge do not all refresh at the same instant.
+fn jittered(at: Instant) -> Instant {
+    let left = at.saturating_duration_since(Instant::now());
+    let spread = (left / 20).min(Duration::from_secs(30));
+    at + spread.mul_f64(fastrand::f64())
 }
 
 fn far_future() -> Instant {
@@ -267,6 +291,8 @@ impl Link {
             wbuf: BytesMut::new(),
             qos0: Default::default(),
             counters,
+            renewing: false,
+            said_no_reauth: false,
         }
     }
 
@@ -322,7 +348,7 @@ impl Link {
                     }
                     Err(LinkError::Renew) => {
                         activity = true;
-                        self.renew(cx, state);
+                        self.renew(cx, state, None);
                     }
                     Err(e) => {
                         activity = true;
@@ -374,8 +400,13 @@ impl Link {
             ping_queued: false,
             ping_end: None,
             ping_flushed: None,
-            renew_at: c.renew_at,
+            renew_at: c.renew_at.map(jittered),
+            refreshing: None,
+            reauth_deadline: None,
         }));
+        if std::mem::take(&mut self.renewing) {
+            self.counters.token_refreshed("reconnect");
+        }
         self.counters.set_state(LinkState::Up);
         self.counters.connects.fetch_add(1, Ordering::Relaxed);
         info!(session = %o.label, endpoint = %o.conn.endpoint, client_id = %o.client_id, session_present = c.connack.session_present, "Connected");
@@ -398,6 +429,13 @@ impl Link {
             ),
             _ => (false, false),
         };
+        if let Phase::Up(up) = &self.phase
+            && up.reauth_deadline.is_some()
+        {
+            // Re-authentication was refused or not answered: the reconnect presents the
+            // fresh token.
+            self.renewing = true;
+        }
         state.on_disconnect(right_after_send);
         if stable {
             self.backoff.reset();
@@ -415,8 +453,36 @@ impl Link {
         self.arm(Instant::now() + delay);
     }
 
-    /// A planned reconnect: DISCONNECT (best effort, without waiting), then connect at once.
-    fn renew(&mut self, cx: &mut Context<'_>, state: &mut SessionState) {
+    /// A token is due for renewal. When the broker granted the token's authentication method
+    /// in CONNACK, a fresh token is fetched and presented with AUTH on the open connection
+    /// (MQTT 5 re-authentication: nothing in flight is resent). Otherwise, or when
+    /// `fallback` says why re-authentication failed, a planned reconnect: DISCONNECT (best
+    /// effort, without waiting), then connect at once with a fresh token.
+    fn renew(&mut self, cx: &mut Context<'_>, state: &mut SessionState, fallback: Option<String>) {
+        let o = self.opts.clone();
+        let method = o.credentials.method();
+        if let (Phase::Up(up), Some(m), None) = (&mut self.phase, method, &fallback)
+            && state.auth_granted(m)
+        {
+            up.renew_at = None;
+            let limit = o.connect_timeout;
+            let credentials = o.credentials.clone();
+            up.refreshing = Some(Box::pin(async move {
+                tokio::time::timeout(limit, credentials.connect())
+                    .await
+                    .map_err(|_| LinkError::ConnectTimeout(limit))?
+                    .map_err(LinkError::from)
+            }));
+            debug!(session = %o.label, client_id = %o.client_id, "Fetching a fresh token to re-authenticate in place");
+            cx.waker().wake_by_ref();
+            return;
+        }
+        let why = fallback
+            .unwrap_or_else(|| ReauthError::NotGranted(method.map(str::to_string)).to_string());
+        if !std::mem::replace(&mut self.said_no_reauth, true) {
+            warn!(session = %o.label, endpoint = %o.conn.endpoint, client_id = %o.client_id, "Cannot re-authenticate in place ({why}): reconnecting to present each fresh token (messages in flight are sent again)");
+        }
+        self.renewing = true;
         if let Phase::Up(up) = &mut self.phase {
             let _ = encode_disconnect(state, self.opts.version, &mut self.wbuf, up, &mut self.qos0);
             let _ = Pin::new(&mut up.stream).poll_write(cx, &self.wbuf);
@@ -451,6 +517,45 @@ impl Link {
         };
         let now = Instant::now();
         let mut activity = false;
+        // A fresh token for re-authentication in place.
+        if let Some(fut) = up.refreshing.as_mut()
+            && let Poll::Ready(result) = fut.as_mut().poll(cx)
+        {
+            up.refreshing = None;
+            activity = true;
+            match result {
+                Ok(creds) => {
+                    let method = opts.credentials.method().unwrap_or_default();
+                    let data = creds
+                        .auth_data
+                        .unwrap_or_else(|| crate::secret::Secret::new(""));
+                    match state.reauthenticate(method, data) {
+                        Ok(()) => {
+                            up.reauth_deadline =
+                                Some((now + opts.connect_timeout, opts.connect_timeout))
+                        }
+                        Err(e) => {
+                            return Err(LinkError::State(StateError::Protocol(e.to_string())));
+                        }
+                    }
+                    up.renew_at = creds.renew_at.map(jittered);
+                }
+                Err(e) => {
+                    // The token in use is still valid: try again shortly; the broker ends
+                    // the connection if it expires first, and the reconnect fetches again.
+                    let text = Chain(&e).to_string();
+                    warn!(session = %opts.label, client_id = %opts.client_id, "Cannot fetch a fresh token to re-authenticate: {text}; trying again in 5 s");
+                    self.counters.set_error(text);
+                    up.renew_at = Some(now + Duration::from_secs(5));
+                }
+            }
+        }
+        // The broker answered the AUTH.
+        if up.reauth_deadline.is_some() && !state.is_reauthenticating() {
+            up.reauth_deadline = None;
+            self.counters.token_refreshed("in-place");
+            info!(session = %opts.label, client_id = %opts.client_id, "Re-authenticated in place with a fresh token");
+        }
         // Keep-alive, stalls and token renewal.
         let next = check_timers(up, state, now, read)?;
         if next != *timer_at {
@@ -595,6 +700,12 @@ fn check_timers(
 ) -> Result<Instant, LinkError> {
     let k = up.keep_alive;
     let mut next = far_future();
+    if let Some((at, limit)) = up.reauth_deadline {
+        if now >= at && state.is_reauthenticating() {
+            return Err(LinkError::ReauthTimeout(limit));
+        }
+        next = next.min(at);
+    }
     if let Some(at) = up.renew_at {
         if now >= at {
             return Err(LinkError::Renew);
@@ -749,6 +860,8 @@ mod tests {
             ping_end: None,
             ping_flushed: None,
             renew_at: None,
+            refreshing: None,
+            reauth_deadline: None,
         }
     }
 

@@ -101,6 +101,9 @@ pub enum StateEvent {
     },
     /// SUBACK: granted QoS or failure code per filter.
     Subscribed(Vec<(String, u8)>),
+    /// The broker accepted re-authentication on the open connection (AUTH reason 0x00 after
+    /// our AUTH 0x19).
+    Reauthenticated,
 }
 
 /// Protocol violations and refusals that end the connection.
@@ -230,6 +233,26 @@ pub struct SessionState {
     largest_delivered: usize,
     out: VecDeque<Out>,
     events: Vec<StateEvent>,
+    /// The authentication method the broker accepted in CONNACK (MQTT 5 enhanced
+    /// authentication): re-authentication in place is possible with it.
+    auth_method: Option<String>,
+    /// An AUTH 0x19 was queued on this connection and not yet answered.
+    reauthenticating: bool,
+}
+
+/// Why [`SessionState::reauthenticate`] could not start a re-authentication.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReauthError {
+    /// Not connected.
+    #[error("not connected")]
+    NotConnected,
+    /// The broker's CONNACK named no authentication method (it does not support enhanced
+    /// authentication, or not this method): a reconnect presents new credentials instead.
+    #[error("the broker's CONNACK granted no authentication method{}", .0.as_ref().map(|m| format!(" \"{m}\" as asked")).unwrap_or_default())]
+    NotGranted(Option<String>),
+    /// One is already waiting for the broker's answer.
+    #[error("a re-authentication is already waiting for the broker's answer")]
+    InProgress,
 }
 
 impl SessionState {
@@ -256,7 +279,46 @@ impl SessionState {
             largest_delivered: 0,
             out: VecDeque::new(),
             events: Vec::new(),
+            auth_method: None,
+            reauthenticating: false,
         }
+    }
+
+    /// Re-authenticates on the open connection (MQTT 5 §4.12.1): queues AUTH with reason
+    /// 0x19, `method` and `data` (a fresh token). Possible only when the broker's CONNACK
+    /// granted this same method; the answer arrives as [`StateEvent::Reauthenticated`], or the
+    /// broker refuses with DISCONNECT (an error of [`Self::on_incoming`]).
+    pub fn reauthenticate(
+        &mut self,
+        method: &str,
+        data: crate::secret::Secret,
+    ) -> Result<(), ReauthError> {
+        if !self.connected {
+            return Err(ReauthError::NotConnected);
+        }
+        if self.auth_method.as_deref() != Some(method) {
+            return Err(ReauthError::NotGranted(Some(method.to_string())));
+        }
+        if self.reauthenticating {
+            return Err(ReauthError::InProgress);
+        }
+        self.reauthenticating = true;
+        self.out.push_back(Out::Packet(Outgoing::Auth {
+            reason: 0x19,
+            method: method.to_string(),
+            data,
+        }));
+        Ok(())
+    }
+
+    /// Whether the broker granted `method` in CONNACK (re-authentication in place possible).
+    pub fn auth_granted(&self, method: &str) -> bool {
+        self.connected && self.auth_method.as_deref() == Some(method)
+    }
+
+    /// Whether an AUTH 0x19 waits for its answer.
+    pub fn is_reauthenticating(&self) -> bool {
+        self.reauthenticating
     }
 
     /// UNSUBSCRIBE from `filters` once, on the next connection (after the SUBSCRIBE): what a
@@ -307,6 +369,8 @@ impl SessionState {
             });
         }
         self.connected = true;
+        self.auth_method = info.auth_method.clone();
+        self.reauthenticating = false;
         self.quota = info
             .receive_max
             .unwrap_or(u16::MAX)
@@ -371,6 +435,8 @@ impl SessionState {
     /// no announced limit, its size becomes the learned Maximum Packet Size).
     pub fn on_disconnect(&mut self, right_after_send: bool) {
         self.connected = false;
+        self.auth_method = None;
+        self.reauthenticating = false;
         self.epoch += 1;
         self.incoming.clear();
         self.awaiting_rel.clear();
@@ -681,6 +747,33 @@ impl SessionState {
                 }
             }
             Incoming::Disconnect(code) => return Err(StateError::Disconnected(code)),
+            Incoming::Auth { reason, method } => {
+                if !self.reauthenticating {
+                    return Err(StateError::Protocol(format!(
+                        "AUTH (reason {reason:#04x}) without a re-authentication in progress"
+                    )));
+                }
+                if method.is_some() && method != self.auth_method {
+                    return Err(StateError::Protocol(format!(
+                        "AUTH names method {:?}, not the connection's {:?}",
+                        method.unwrap_or_default(),
+                        self.auth_method.clone().unwrap_or_default()
+                    )));
+                }
+                match reason {
+                    0x00 => {
+                        self.reauthenticating = false;
+                        self.events.push(StateEvent::Reauthenticated);
+                    }
+                    // A token method has no further step: the broker wants something else.
+                    _ => {
+                        return Err(StateError::Protocol(format!(
+                            "the broker asked for a further authentication step (AUTH reason {reason:#04x}), which {} does not have",
+                            self.auth_method.clone().unwrap_or_default()
+                        )));
+                    }
+                }
+            }
             Incoming::ConnAck(_) => {
                 return Err(StateError::Protocol("unexpected second CONNACK".into()));
             }
@@ -734,6 +827,15 @@ mod tests {
         // Client packets decoded with rumqttc's server-side reader.
         while !buf.is_empty() {
             use rumqttc::v5::mqttbytes::v5::Packet;
+            // AUTH: rumqttc does not read it; ours does (same layout both ways).
+            if buf[0] == 0xF0 {
+                packets.push(
+                    codec::decode(Version::V5, &mut buf, 1 << 20)
+                        .unwrap()
+                        .unwrap(),
+                );
+                continue;
+            }
             let p = Packet::read(&mut buf, None).unwrap();
             packets.push(match p {
                 Packet::Publish(p) => Incoming::Publish {
@@ -1180,6 +1282,101 @@ mod tests {
         assert_eq!(
             StateError::Disconnected(0x00).to_string(),
             "broker sent DISCONNECT with reason code 0x00"
+        );
+    }
+
+    fn granted(method: &str) -> ConnAckInfo {
+        ConnAckInfo {
+            auth_method: Some(method.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn re_authentication_sends_auth_0x19_and_keeps_the_inflight_publishes_on_the_connection() {
+        let mut s = SessionState::new(vec![], 10);
+        s.on_connack(&granted("OAUTH2-JWT")).unwrap();
+        s.publish(msg(QoS::AtLeastOnce), 1);
+        sent(&mut s);
+        s.reauthenticate("OAUTH2-JWT", crate::secret::Secret::new("fresh"))
+            .unwrap();
+        assert_eq!(
+            s.reauthenticate("OAUTH2-JWT", crate::secret::Secret::new("again")),
+            Err(ReauthError::InProgress)
+        );
+        let out = sent(&mut s);
+        assert_eq!(
+            out,
+            vec![Incoming::Auth {
+                reason: 0x19,
+                method: Some("OAUTH2-JWT".into())
+            }]
+        );
+        s.on_incoming(Incoming::Auth {
+            reason: 0,
+            method: Some("OAUTH2-JWT".into()),
+        })
+        .unwrap();
+        assert!(s.take_events().contains(&StateEvent::Reauthenticated));
+        assert!(!s.is_reauthenticating());
+        // The publish sent before is still waiting for its PUBACK on the same connection.
+        s.on_incoming(Incoming::PubAck { pkid: 1, code: 0 })
+            .unwrap();
+        assert!(s.take_events().contains(&StateEvent::Delivered(1)));
+    }
+
+    #[test]
+    fn re_authentication_needs_the_method_granted_in_connack() {
+        let mut s = SessionState::new(vec![], 10);
+        let token = || crate::secret::Secret::new("t");
+        assert_eq!(
+            s.reauthenticate("OAUTH2-JWT", token()),
+            Err(ReauthError::NotConnected)
+        );
+        s.on_connack(&connack(false)).unwrap();
+        assert!(matches!(
+            s.reauthenticate("OAUTH2-JWT", token()),
+            Err(ReauthError::NotGranted(_))
+        ));
+        s.on_disconnect(false);
+        s.on_connack(&granted("K8S-SAT")).unwrap();
+        assert!(s.reauthenticate("OAUTH2-JWT", token()).is_err());
+        assert!(s.reauthenticate("K8S-SAT", token()).is_ok());
+        // The connection ends before the answer: the next one starts afresh.
+        s.on_disconnect(false);
+        s.on_connack(&granted("K8S-SAT")).unwrap();
+        assert!(!s.is_reauthenticating());
+        assert!(s.reauthenticate("K8S-SAT", token()).is_ok());
+    }
+
+    #[test]
+    fn an_auth_the_client_did_not_ask_for_or_a_further_step_ends_the_connection() {
+        let mut s = SessionState::new(vec![], 10);
+        s.on_connack(&granted("OAUTH2-JWT")).unwrap();
+        let e = s
+            .on_incoming(Incoming::Auth {
+                reason: 0,
+                method: None,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("without a re-authentication"), "{e}");
+        s.reauthenticate("OAUTH2-JWT", crate::secret::Secret::new("t"))
+            .unwrap();
+        let e = s
+            .on_incoming(Incoming::Auth {
+                reason: 0x18,
+                method: None,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("further authentication step"), "{e}");
+        // A refusal is a DISCONNECT (§4.12.1): the connection ends, named.
+        let mut s = SessionState::new(vec![], 10);
+        s.on_connack(&granted("OAUTH2-JWT")).unwrap();
+        s.reauthenticate("OAUTH2-JWT", crate::secret::Secret::new("t"))
+            .unwrap();
+        assert_eq!(
+            s.on_incoming(Incoming::Disconnect(0x87)),
+            Err(StateError::Disconnected(0x87))
         );
     }
 }

@@ -108,11 +108,117 @@ async fn managed_identity_tokens_are_refreshed_under_traffic_without_loss() {
         seen.len() - accepted.len()
     );
     assert!(tokens.len() >= 3, "at least two refreshes: {seen:?}");
+    // This broker grants no authentication method: each refresh is a reconnect, counted.
+    let target = b.stats.clients()[0].target.clone();
+    assert!(
+        target
+            .reauth_reconnect
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    assert_eq!(
+        target.link_info().last_refresh.map(|(_, how)| how),
+        Some("reconnect")
+    );
     assert!(
         seen.iter().all(|c| c.verdict.is_ok()),
         "every CONNECT had a valid token: {seen:?}"
     );
     assert!(identity.issued() >= 3);
+    b.shutdown().await;
+}
+
+/// MQTT 5 re-authentication in place: against a broker that grants `OAUTH2-JWT` in CONNACK
+/// and answers AUTH (the test harness's broker side, §4.12.1), three token refreshes under
+/// QoS 1 traffic happen on the open connection: one CONNECT, no reconnect, no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_identity_tokens_are_refreshed_in_place_without_reconnecting() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions::default());
+    let identity = IdentityServer::start(IdentityMode::Imds, 4 * SECOND).await;
+    let peer = AuthProxy::start_reauth(remote.port, Check::Jwt(AUDIENCE.into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &connector(
+            &local.endpoint(),
+            "",
+            &format!("127.0.0.1:{}", peer.port),
+            "    authentication:\n      systemAssignedManagedIdentity:\n        audience: https://eventgrid.azure.net\n",
+            "    - {direction: local-to-remote, name: up, source: \"ra/#\"}\n",
+        ),
+    );
+    let b = bridge::start(&cfg, &opts(&identity, dir.path()))
+        .await
+        .unwrap();
+    assert!(b.wait_ready(10 * SECOND).await);
+    let at_remote = Collector::start(remote.port, "ra-sub", "ra/#", false).await;
+    let lp = Publisher::connect(local.port, "ra-pub").await;
+    let target = || {
+        b.stats
+            .clients()
+            .into_iter()
+            .find(|c| c.route == "up")
+            .map(|c| c.target.clone())
+            .unwrap()
+    };
+    // QoS 1 traffic until three refreshes happened in place (each ~3.2 s), at most 30 s.
+    let started = std::time::Instant::now();
+    let mut total = 0;
+    while target()
+        .reauth_in_place
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 3
+        && started.elapsed() < 30 * SECOND
+    {
+        for _ in 0..10 {
+            lp.publish("ra/t", 1, false, &total.to_string()).await;
+            total += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        eventually(20 * SECOND, || at_remote.distinct_and_duplicates().0.len()
+            == total)
+        .await,
+        "{} of {total}",
+        at_remote.distinct_and_duplicates().0.len()
+    );
+    let (distinct, duplicates) = at_remote.distinct_and_duplicates();
+    let t = target();
+    let in_place = t.reauth_in_place.load(std::sync::atomic::Ordering::Relaxed);
+    let auths = peer.auths();
+    println!(
+        "re-authentication: {total} messages, {} distinct received, {duplicates} duplicates; {} CONNECTs, {} AUTHs ({} accepted), {in_place} in place, {} reconnects",
+        distinct.len(),
+        peer.seen().len(),
+        auths.len(),
+        auths.iter().filter(|a| a.verdict.is_ok()).count(),
+        t.reconnects()
+    );
+    assert!(in_place >= 3, "three refreshes in place: {auths:?}");
+    assert_eq!(duplicates, 0, "no message sent twice");
+    assert_eq!(peer.seen().len(), 1, "one CONNECT: {:?}", peer.seen());
+    assert_eq!(t.reconnects(), 0);
+    assert_eq!(
+        t.reauth_reconnect
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(
+        auths.len() >= 3 && auths.iter().all(|a| a.verdict.is_ok()),
+        "{auths:?}"
+    );
+    let mut tokens: Vec<&str> = auths.iter().map(|a| a.token.as_str()).collect();
+    tokens.dedup();
+    assert_eq!(
+        tokens.len(),
+        auths.len(),
+        "every AUTH carried a fresh token"
+    );
+    let link = t.link_info();
+    assert_eq!(link.last_refresh.map(|(_, how)| how), Some("in-place"));
     b.shutdown().await;
 }
 
