@@ -247,6 +247,7 @@ mod tests {
             transport: crate::config::Transport::Mqtt,
             tls: None,
             auth: crate::config::Auth::Anonymous,
+            reach: Default::default(),
         };
         Connector {
             name: "b".into(),

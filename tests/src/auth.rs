@@ -656,8 +656,7 @@ async fn relay_reauth(
                                 .ok_or_else(|| "not the current service-account token".into())
                         }
                     }
-                    .map(|_| token.clone())
-                    .map_err(|e| format!("{e}")),
+                    .map(|_| token.clone()),
                     Some((reason, m, _)) => Err(format!("AUTH reason {reason:#04x} method {m}")),
                 };
                 r.auths.lock().unwrap().push(SeenAuth {

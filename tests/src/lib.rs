@@ -21,6 +21,19 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
+/// The bridge binary, built if it is not there (the workspace's tests build it).
+pub fn bridge_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "-q", "-p", "edgebridge", "--bin", "edgebridge"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "cargo build -p edgebridge failed");
+    dir.join("edgebridge")
+}
+
 /// Logs of the bridge under test go to the test output when `RUST_LOG` is set.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -598,6 +611,7 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 pub mod auth;
 pub mod faults;
+pub mod proxy;
 pub mod spool;
 
 /// Source-document fixtures shipped in `tests/fixtures/`.

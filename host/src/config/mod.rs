@@ -282,6 +282,198 @@ pub struct BrokerConnection {
     pub tls: Option<Tls>,
     /// `authentication`.
     pub auth: Auth,
+    /// How the broker is reached: failover addresses and an HTTP proxy (extensions).
+    pub reach: Reach,
+}
+
+/// The extensions of a broker connection for reaching it: addresses tried after `endpoint`,
+/// and an HTTP CONNECT proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reach {
+    /// `failoverEndpoints`: tried in order after `endpoint` when it cannot be reached.
+    pub failover: Vec<Endpoint>,
+    /// `failoverMode: round-robin`: stay on whichever address works; `priority` (default):
+    /// go back to `endpoint` as soon as it is reachable again (as Mosquitto's
+    /// `round_robin false`).
+    pub round_robin: bool,
+    /// `primaryCheckInterval`: in priority mode, how often a connection to a failover
+    /// address checks whether `endpoint` is reachable again.
+    pub primary_check: std::time::Duration,
+    /// `proxy`.
+    pub proxy: ProxySetting,
+}
+
+impl Default for Reach {
+    fn default() -> Reach {
+        Reach {
+            failover: Vec::new(),
+            round_robin: false,
+            primary_check: std::time::Duration::from_secs(30),
+            proxy: ProxySetting::None,
+        }
+    }
+}
+
+/// Whether and which HTTP CONNECT proxy the connection goes through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxySetting {
+    /// Direct.
+    None,
+    /// From `HTTPS_PROXY` (TLS connections) or `HTTP_PROXY` (others), unless `NO_PROXY`
+    /// names the host or the host is loopback: what a remote connection without `proxy`
+    /// does.
+    Environment,
+    /// `proxy: {url, secretName}`.
+    Http(HttpProxy),
+}
+
+/// An HTTP CONNECT proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpProxy {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Basic authentication: a Secret folder with `username` and `password` (read at every
+    /// connect), or the user and password of the proxy URL.
+    pub credentials: Option<ProxyCredentials>,
+}
+
+/// Where the proxy's basic-authentication credentials come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyCredentials {
+    /// Files `username` and `password` in this Secret folder.
+    Secret(PathBuf),
+    /// From the proxy URL (`http://user:password@host:port`).
+    Inline {
+        /// User.
+        user: String,
+        /// Password (never printed).
+        password: crate::secret::Secret,
+    },
+}
+
+impl HttpProxy {
+    /// Parses `http://[user:password@]host:port[/]`.
+    pub fn parse(url: &str) -> Result<HttpProxy, String> {
+        let rest = url.trim().strip_prefix("http://").ok_or_else(|| {
+            "the proxy URL must start with http:// (the tunnel itself is HTTP CONNECT; TLS to the broker runs inside it)".to_string()
+        })?;
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') {
+            return Err("the proxy URL has a path; write http://host:port".into());
+        }
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let endpoint = parse::parse_endpoint(hostport)?;
+        let credentials = userinfo.map(|u| {
+            let (user, password) = u.split_once(':').unwrap_or((u, ""));
+            ProxyCredentials::Inline {
+                user: percent_decode(user),
+                password: crate::secret::Secret::new(percent_decode(password)),
+            }
+        });
+        Ok(HttpProxy {
+            host: endpoint.host,
+            port: endpoint.port,
+            credentials,
+        })
+    }
+
+    /// `host:port`, for logs and status.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl ProxySetting {
+    /// The proxy a connection to `host` uses, over TLS or not: the configured one, or the
+    /// environment's (`HTTPS_PROXY` / `https_proxy` for TLS, `HTTP_PROXY` / `http_proxy`
+    /// otherwise; none when `NO_PROXY` / `no_proxy` names the host, a parent domain of it, or
+    /// `*`). An unusable environment URL is an error naming the variable.
+    pub fn resolve(&self, host: &str, tls: bool) -> Result<Option<HttpProxy>, String> {
+        match self {
+            ProxySetting::None => Ok(None),
+            ProxySetting::Http(p) => Ok(Some(p.clone())),
+            ProxySetting::Environment => {
+                let var = |names: &[&str]| {
+                    names.iter().find_map(|n| {
+                        std::env::var(n)
+                            .ok()
+                            .filter(|v| !v.trim().is_empty())
+                            .map(|v| (n.to_string(), v))
+                    })
+                };
+                let names: &[&str] = if tls {
+                    &["HTTPS_PROXY", "https_proxy"]
+                } else {
+                    &["HTTP_PROXY", "http_proxy"]
+                };
+                let Some((name, url)) = var(names) else {
+                    return Ok(None);
+                };
+                // As Go's net/http: the environment's proxy is never used for loopback.
+                let loopback = host.eq_ignore_ascii_case("localhost")
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                if loopback {
+                    return Ok(None);
+                }
+                if let Some((_, no)) = var(&["NO_PROXY", "no_proxy"])
+                    && no_proxy_matches(&no, host)
+                {
+                    return Ok(None);
+                }
+                HttpProxy::parse(&url)
+                    .map(Some)
+                    .map_err(|e| format!("{name}: {e}"))
+            }
+        }
+    }
+}
+
+/// Whether a `NO_PROXY` list names `host`: `*`, the host itself, or a domain it is in
+/// (`example.com` and `.example.com` both match `broker.example.com`).
+pub fn no_proxy_matches(list: &str, host: &str) -> bool {
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    list.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .any(|e| {
+            let e = e.to_ascii_lowercase();
+            let e = e.split(':').next().unwrap_or("").trim_start_matches('.');
+            e == "*" || host == e || host.ends_with(&format!(".{e}"))
+        })
 }
 
 /// A broker address.

@@ -525,6 +525,7 @@ fn default_local() -> BrokerConnection {
         auth: Auth::Kubernetes {
             token_path: PathBuf::from(DEFAULT_SAT_PATH),
         },
+        reach: Reach::default(),
     }
 }
 
@@ -614,9 +615,19 @@ fn read_broker(
         Some((p, n)) => read_auth(cx, n, &p, opts),
         None => Some(Auth::Anonymous),
     };
+    let reach = read_reach(cx, &mut b, opts, remote);
     b.finish(cx);
     let endpoint = endpoint?;
     let tls = tls?;
+    let reach = reach?;
+    if endpoint.embedded && (!reach.failover.is_empty() || reach.proxy != ProxySetting::None) {
+        cx.err(
+            node.line,
+            path,
+            "an embedded broker is reached in process: failoverEndpoints and proxy do not apply",
+        );
+        return None;
+    }
     if endpoint.embedded && tls.is_some() {
         cx.err(
             node.line,
@@ -630,7 +641,106 @@ fn read_broker(
         transport: transport?,
         tls,
         auth: auth?,
+        reach,
     })
+}
+
+/// The extensions `failoverEndpoints`, `failoverMode`, `primaryCheckInterval` and `proxy` of
+/// a broker connection. A remote connection without `proxy` uses the environment's
+/// (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`); a local one goes direct.
+fn read_reach(cx: &mut Cx, b: &mut Fields, opts: &LoadOptions, remote: bool) -> Option<Reach> {
+    let mut reach = Reach {
+        proxy: if remote {
+            ProxySetting::Environment
+        } else {
+            ProxySetting::None
+        },
+        ..Reach::default()
+    };
+    let mut ok = true;
+    if let Some((p, n)) = b.get(cx, &["failoverEndpoints"]) {
+        match &n.kind {
+            NodeKind::Seq(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let ip = format!("{p}[{i}]");
+                    let parsed = string(cx, (ip.clone(), item)).and_then(|t| {
+                        parse_endpoint(&t)
+                            .and_then(|e| {
+                                if e.embedded {
+                                    Err("a failover address cannot be embedded://".into())
+                                } else {
+                                    Ok(e)
+                                }
+                            })
+                            .map_err(|m| cx.err(item.line, &ip, m))
+                            .ok()
+                    });
+                    match parsed {
+                        Some(e) => reach.failover.push(e),
+                        None => ok = false,
+                    }
+                }
+            }
+            _ => {
+                cx.err(
+                    n.line,
+                    &p,
+                    format!(
+                        "expected a list of host:port addresses, found {}",
+                        n.type_name()
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    if let Some(f) = b.get(cx, &["failoverMode"]) {
+        match one_of(cx, f, &[("priority", false), ("round-robin", true)]) {
+            Some(v) => reach.round_robin = v,
+            None => ok = false,
+        }
+    }
+    if let Some(f) = b.get(cx, &["primaryCheckInterval"]) {
+        // `duration` refuses 0.
+        match duration(cx, f) {
+            Some(d) => reach.primary_check = d,
+            None => ok = false,
+        }
+    }
+    if let Some((p, n)) = b.get(cx, &["proxy"]) {
+        let proxy = Fields::of(cx, n, &p).and_then(|mut f| {
+            let url = f.required(cx, &["url"]);
+            let secret = f.get(cx, &["secretName"]);
+            f.finish(cx);
+            let (up, un) = url?;
+            let text = string(cx, (up.clone(), un))?;
+            let mut proxy = HttpProxy::parse(&text)
+                .map_err(|m| cx.err(un.line, &up, m))
+                .ok()?;
+            if let Some((sp, sn)) = secret {
+                let name = string(cx, (sp.clone(), sn))?;
+                let dir = opts.secrets_dir.join(&name);
+                if !dir.join("username").is_file() {
+                    cx.err(
+                        sn.line,
+                        &sp,
+                        format!(
+                            "Secret \"{name}\": missing file {} (files `username` and `password`)",
+                            dir.join("username").display()
+                        ),
+                    );
+                    return None;
+                }
+                proxy.credentials = Some(ProxyCredentials::Secret(dir));
+            }
+            Some(proxy)
+        });
+        match proxy {
+            Some(p) => reach.proxy = ProxySetting::Http(p),
+            None => ok = false,
+        }
+    }
+    ok.then_some(reach)
 }
 
 fn read_tls(cx: &mut Cx, node: &Node, path: &str, opts: &LoadOptions) -> Option<Option<Tls>> {

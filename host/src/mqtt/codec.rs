@@ -613,7 +613,7 @@ fn encode_auth(
 /// skipped. `Ok(None)` until the whole packet is there.
 fn decode_auth(buf: &mut BytesMut, max_incoming: usize) -> Result<Option<Incoming>, CodecError> {
     let bad = |what: &str| CodecError::Malformed(format!("AUTH: {what}"));
-    let Some((len, head)) = read_varint(&buf[1..]).map_err(|e| bad(e))? else {
+    let Some((len, head)) = read_varint(&buf[1..]).map_err(bad)? else {
         return Ok(None);
     };
     if 1 + head + len > max_incoming {
@@ -636,7 +636,7 @@ fn decode_auth(buf: &mut BytesMut, max_incoming: usize) -> Result<Option<Incomin
     }
     let mut method = None;
     if body.len() > 1 {
-        let Some((plen, phead)) = read_varint(&body[1..]).map_err(|e| bad(e))? else {
+        let Some((plen, phead)) = read_varint(&body[1..]).map_err(bad)? else {
             return Err(bad("truncated property length"));
         };
         let props = body

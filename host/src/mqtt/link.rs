@@ -123,6 +123,7 @@ impl LinkOptions {
                 transport: crate::config::Transport::Mqtt,
                 tls: None,
                 auth: auth.clone(),
+                reach: Default::default(),
             }),
             credentials: Arc::new(Provider::new(
                 auth,
@@ -180,6 +181,10 @@ pub enum LinkError {
     /// A planned reconnect to present a fresh token.
     #[error("renewing the connection to present a fresh token")]
     Renew,
+    /// In priority failover, the primary address is reachable again: a planned reconnect to
+    /// it.
+    #[error("going back to the primary address {0}, reachable again")]
+    Failback(String),
     /// The broker did not answer an AUTH (re-authentication) in time.
     #[error("no answer to re-authentication (AUTH) within {0:?}")]
     ReauthTimeout(Duration),
@@ -244,6 +249,10 @@ struct Up {
     refreshing: Option<Refreshing>,
     /// An AUTH 0x19 is out: the broker must answer by then (deadline, limit).
     reauth_deadline: Option<(Instant, Duration)>,
+    /// Priority failover on a secondary address: when to check the primary next, and the
+    /// check under way.
+    primary_check_at: Option<Instant>,
+    primary_check: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
 }
 
 /// One MQTT connection's I/O (see the module docs).
@@ -263,6 +272,8 @@ pub struct Link {
     renewing: bool,
     /// "This broker cannot re-authenticate in place" was logged.
     said_no_reauth: bool,
+    /// Which address is in use: 0 is `endpoint`, then the failover addresses in order.
+    addr: usize,
 }
 
 /// A renewal time moved later by up to 1/20 of the time left (at most 30 s), so that the
@@ -293,7 +304,22 @@ impl Link {
             counters,
             renewing: false,
             said_no_reauth: false,
+            addr: 0,
         }
+    }
+
+    /// The address of attempt `i`: `endpoint`, then the failover addresses.
+    fn endpoint(&self, i: usize) -> crate::config::Endpoint {
+        let c = &self.opts.conn;
+        match i {
+            0 => c.endpoint.clone(),
+            i => c.reach.failover[i - 1].clone(),
+        }
+    }
+
+    /// How many addresses the broker has.
+    fn addresses(&self) -> usize {
+        1 + self.opts.conn.reach.failover.len()
     }
 
     /// The options it was made with.
@@ -348,7 +374,13 @@ impl Link {
                     }
                     Err(LinkError::Renew) => {
                         activity = true;
-                        self.renew(cx, state, None);
+                        self.renew(cx, state);
+                    }
+                    Err(LinkError::Failback(primary)) => {
+                        activity = true;
+                        info!(session = %self.opts.label, client_id = %self.opts.client_id, "The primary address {primary} is reachable again: reconnecting to it");
+                        self.addr = 0;
+                        self.replan(cx, state);
                     }
                     Err(e) => {
                         activity = true;
@@ -367,9 +399,16 @@ impl Link {
     fn start_connecting(&mut self) {
         self.counters.set_state(LinkState::Connecting);
         let opts = self.opts.clone();
+        let endpoint = self.endpoint(self.addr);
+        let proxy = transport::proxy_for(&opts.conn, &endpoint)
+            .ok()
+            .flatten()
+            .map(|p| p.address());
+        self.counters
+            .set_address(endpoint.to_string().replace("embedded://", ""), proxy);
         self.phase = Phase::Connecting(Box::pin(async move {
             let limit = opts.connect_timeout;
-            tokio::time::timeout(limit, connect(&opts))
+            tokio::time::timeout(limit, connect(&opts, &endpoint))
                 .await
                 .map_err(|_| LinkError::ConnectTimeout(limit))?
         }));
@@ -403,13 +442,18 @@ impl Link {
             renew_at: c.renew_at.map(jittered),
             refreshing: None,
             reauth_deadline: None,
+            primary_check_at: (self.addr != 0 && !o.conn.reach.round_robin)
+                .then(|| now + o.conn.reach.primary_check),
+            primary_check: None,
         }));
         if std::mem::take(&mut self.renewing) {
             self.counters.token_refreshed("reconnect");
         }
         self.counters.set_state(LinkState::Up);
         self.counters.connects.fetch_add(1, Ordering::Relaxed);
-        info!(session = %o.label, endpoint = %o.conn.endpoint, client_id = %o.client_id, session_present = c.connack.session_present, "Connected");
+        let endpoint = self.endpoint(self.addr);
+        let o = &self.opts;
+        info!(session = %o.label, endpoint = %endpoint, client_id = %o.client_id, session_present = c.connack.session_present, "Connected");
         if !o.clean_start && !first && !c.connack.session_present {
             self.counters.source_lost.fetch_add(1, Ordering::Relaxed);
             error!(session = %o.label, client_id = %o.client_id, "The broker did not resume the bridge's persistent session (session present = 0): messages it held for this client may be lost; subscribing again");
@@ -436,6 +480,11 @@ impl Link {
             // fresh token.
             self.renewing = true;
         }
+        let failed_at = self.endpoint(self.addr);
+        // The next attempt goes to the next address (failover; round-robin stays there).
+        if self.addresses() > 1 {
+            self.addr = (self.addr + 1) % self.addresses();
+        }
         state.on_disconnect(right_after_send);
         if stable {
             self.backoff.reset();
@@ -445,7 +494,8 @@ impl Link {
         self.counters.set_error(text.clone());
         self.counters.set_state(LinkState::BackingOff);
         let o = &self.opts;
-        warn!(session = %o.label, endpoint = %o.conn.endpoint, client_id = %o.client_id, "Connection failed: {text}; retrying in {delay:?}");
+        let next = self.endpoint(self.addr);
+        warn!(session = %o.label, endpoint = %failed_at, client_id = %o.client_id, "Connection failed: {text}; retrying in {delay:?} at {next}");
         self.phase = Phase::BackingOff;
         self.rbuf.clear();
         self.wbuf.clear();
@@ -455,13 +505,13 @@ impl Link {
 
     /// A token is due for renewal. When the broker granted the token's authentication method
     /// in CONNACK, a fresh token is fetched and presented with AUTH on the open connection
-    /// (MQTT 5 re-authentication: nothing in flight is resent). Otherwise, or when
-    /// `fallback` says why re-authentication failed, a planned reconnect: DISCONNECT (best
-    /// effort, without waiting), then connect at once with a fresh token.
-    fn renew(&mut self, cx: &mut Context<'_>, state: &mut SessionState, fallback: Option<String>) {
+    /// (MQTT 5 re-authentication: nothing in flight is resent). Otherwise a planned
+    /// reconnect: DISCONNECT (best effort, without waiting), then connect at once with a
+    /// fresh token.
+    fn renew(&mut self, cx: &mut Context<'_>, state: &mut SessionState) {
         let o = self.opts.clone();
         let method = o.credentials.method();
-        if let (Phase::Up(up), Some(m), None) = (&mut self.phase, method, &fallback)
+        if let (Phase::Up(up), Some(m)) = (&mut self.phase, method)
             && state.auth_granted(m)
         {
             up.renew_at = None;
@@ -477,19 +527,23 @@ impl Link {
             cx.waker().wake_by_ref();
             return;
         }
-        let why = fallback
-            .unwrap_or_else(|| ReauthError::NotGranted(method.map(str::to_string)).to_string());
+        let why = ReauthError::NotGranted(method.map(str::to_string));
         if !std::mem::replace(&mut self.said_no_reauth, true) {
             warn!(session = %o.label, endpoint = %o.conn.endpoint, client_id = %o.client_id, "Cannot re-authenticate in place ({why}): reconnecting to present each fresh token (messages in flight are sent again)");
         }
         self.renewing = true;
+        self.replan(cx, state);
+    }
+
+    /// A planned reconnect: DISCONNECT (best effort, without waiting), then connect at once.
+    fn replan(&mut self, cx: &mut Context<'_>, state: &mut SessionState) {
         if let Phase::Up(up) = &mut self.phase {
             let _ = encode_disconnect(state, self.opts.version, &mut self.wbuf, up, &mut self.qos0);
             let _ = Pin::new(&mut up.stream).poll_write(cx, &self.wbuf);
             let _ = Pin::new(&mut up.stream).poll_flush(cx);
         }
         state.on_disconnect(false);
-        info!(session = %self.opts.label, client_id = %self.opts.client_id, "Reconnecting to present a fresh token");
+        debug!(session = %self.opts.label, client_id = %self.opts.client_id, "Reconnecting (planned)");
         self.rbuf.clear();
         self.wbuf.clear();
         self.qos0.clear();
@@ -550,6 +604,30 @@ impl Link {
                 }
             }
         }
+        // Priority failover: is the primary address back?
+        if up.primary_check.is_none()
+            && let Some(at) = up.primary_check_at
+            && now >= at
+        {
+            let conn = opts.conn.clone();
+            let limit = opts.connect_timeout;
+            up.primary_check = Some(Box::pin(async move {
+                let primary = conn.endpoint.clone();
+                matches!(
+                    tokio::time::timeout(limit, transport::open_tcp(&conn, &primary)).await,
+                    Ok(Ok(_))
+                )
+            }));
+        }
+        if let Some(check) = up.primary_check.as_mut()
+            && let Poll::Ready(reachable) = check.as_mut().poll(cx)
+        {
+            up.primary_check = None;
+            if reachable {
+                return Err(LinkError::Failback(opts.conn.endpoint.to_string()));
+            }
+            up.primary_check_at = Some(now + opts.conn.reach.primary_check);
+        }
         // The broker answered the AUTH.
         if up.reauth_deadline.is_some() && !state.is_reauthenticating() {
             up.reauth_deadline = None;
@@ -557,7 +635,12 @@ impl Link {
             info!(session = %opts.label, client_id = %opts.client_id, "Re-authenticated in place with a fresh token");
         }
         // Keep-alive, stalls and token renewal.
-        let next = check_timers(up, state, now, read)?;
+        let mut next = check_timers(up, state, now, read)?;
+        if up.primary_check.is_none()
+            && let Some(at) = up.primary_check_at
+        {
+            next = next.min(at);
+        }
         if next != *timer_at {
             *timer_at = next;
             timer.as_mut().reset(next);
@@ -746,8 +829,11 @@ fn check_timers(
     Ok(next)
 }
 
-/// Opens the transport, sends CONNECT and waits for CONNACK.
-async fn connect(o: &LinkOptions) -> Result<Connected, LinkError> {
+/// Opens the transport to `endpoint`, sends CONNECT and waits for CONNACK.
+async fn connect(
+    o: &LinkOptions,
+    endpoint: &crate::config::Endpoint,
+) -> Result<Connected, LinkError> {
     let creds = o.credentials.connect().await?;
     let spec = ConnectSpec {
         client_id: o.client_id.clone(),
@@ -763,7 +849,7 @@ async fn connect(o: &LinkOptions) -> Result<Connected, LinkError> {
     };
     // Credentials print redacted.
     trace!(session = %o.label, "Sending {spec:?}");
-    let mut stream = transport::open(&o.conn).await?;
+    let mut stream = transport::open(&o.conn, endpoint).await?;
     let mut buf = BytesMut::with_capacity(256);
     codec::encode(
         o.version,
@@ -862,6 +948,8 @@ mod tests {
             renew_at: None,
             refreshing: None,
             reauth_deadline: None,
+            primary_check_at: None,
+            primary_check: None,
         }
     }
 

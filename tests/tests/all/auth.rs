@@ -518,11 +518,12 @@ async fn tls_failures_are_clear() {
             key: key.to_path_buf(),
             intermediates: None,
         },
+        reach: Default::default(),
     };
     let cert = dir.path().join("client/client_cert.pem");
     let key = dir.path().join("client/client_key.pem");
     let err = |c: BrokerConnection| async move {
-        match transport::open(&c).await {
+        match transport::open(&c, &c.endpoint).await {
             Ok(_) => "connected".to_string(),
             Err(e) => edgebridge::error::chain(&e),
         }
@@ -580,6 +581,7 @@ async fn tls_failures_are_clear() {
                 key: sub.join("client/client_key.pem"),
                 intermediates: Some(sub.join("client/client_intermediate_certs.pem")),
             },
+            reach: Default::default(),
         };
         let e = err(c).await;
         assert!(e.contains(expect), "{e}");

@@ -400,6 +400,111 @@ fn an_endpoint_without_port_is_reported() {
     assert_one(&errors_of(&yaml), &[":8:", "endpoint", "no port"]);
 }
 
+/// The connectivity extensions load, and each mistake in them is named with its line.
+#[test]
+fn failover_addresses_and_the_proxy_load_and_their_mistakes_are_named() {
+    use edgebridge::config::{HttpProxy, ProxyCredentials, ProxySetting, no_proxy_matches};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secrets/proxy-login");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("username"), "u").unwrap();
+    let extended = CONNECTOR.replace(
+        "    tls:\n      tlsEnabled: false\n",
+        "    tls:\n      tlsEnabled: false\n    failoverEndpoints: [\"remote-b:8883\", \"[::1]:8883\"]\n    failoverMode: round-robin\n    primaryCheckInterval: 10s\n    proxy:\n      url: http://proxy.corp:3128\n      secretName: proxy-login\n",
+    );
+    let path = write_file(
+        dir.path(),
+        "bridge.yaml",
+        &with_routes("    - {direction: local-to-remote, name: r, source: a}\n")
+            .replace(CONNECTOR, &extended),
+    );
+    let cfg = load(
+        &[path],
+        &LoadOptions {
+            secrets_dir: dir.path().join("secrets"),
+            configmaps_dir: dir.path().join("configmaps"),
+        },
+    );
+    let reach = &cfg.connectors[0].remote.reach;
+    assert_eq!(reach.failover.len(), 2);
+    assert_eq!(reach.failover[1].host, "::1");
+    assert!(reach.round_robin);
+    assert_eq!(reach.primary_check, std::time::Duration::from_secs(10));
+    match &reach.proxy {
+        ProxySetting::Http(p) => {
+            assert_eq!(p.address(), "proxy.corp:3128");
+            assert!(matches!(p.credentials, Some(ProxyCredentials::Secret(_))));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Without `proxy`, the remote uses the environment's; the local never does.
+    let plain = load_one(&with_routes(
+        "    - {direction: local-to-remote, name: r, source: a}\n",
+    ));
+    assert_eq!(
+        plain.connectors[0].remote.reach.proxy,
+        ProxySetting::Environment
+    );
+    assert_eq!(plain.connectors[0].local.reach.proxy, ProxySetting::None);
+    // Mistakes, each named.
+    for (field, value, expect) in [
+        ("failoverEndpoints", "remote-b", "expected a list"),
+        ("failoverEndpoints", "[\"remote-b\"]", "no port"),
+        ("failoverMode", "sometimes", "failoverMode"),
+        ("primaryCheckInterval", "0s", "expected a duration"),
+        ("proxy", "{url: https://p:1}", "must start with http://"),
+        (
+            "proxy",
+            "{url: http://p:1, secretName: nope}",
+            "Secret \"nope\"",
+        ),
+    ] {
+        let yaml = CONNECTOR.replace(
+            "    tls:\n      tlsEnabled: false\n",
+            &format!("    tls:\n      tlsEnabled: false\n    {field}: {value}\n"),
+        );
+        let errors = errors_of(&yaml);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains(":11:") && e.contains(field) && e.contains(expect)),
+            "{field}: {value}: {errors:#?}"
+        );
+    }
+    // Proxy URLs with credentials, and NO_PROXY lists.
+    let p = HttpProxy::parse("http://user:p%40ss@10.0.0.1:8080/").unwrap();
+    assert_eq!(p.address(), "10.0.0.1:8080");
+    match p.credentials {
+        Some(ProxyCredentials::Inline { user, password }) => {
+            assert_eq!(user, "user");
+            assert_eq!(password.expose(), "p@ss");
+            assert!(!format!("{password:?}").contains("p@ss"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(HttpProxy::parse("http://p:1/path").is_err());
+    assert!(no_proxy_matches(
+        "localhost, .example.com",
+        "broker.example.com"
+    ));
+    assert!(no_proxy_matches("example.com", "example.com"));
+    assert!(no_proxy_matches("*", "anything"));
+    assert!(!no_proxy_matches("example.com", "notexample.com"));
+    assert!(!no_proxy_matches("", "broker"));
+}
+
+fn load_one(yaml: &str) -> config::Config {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "bridge.yaml", yaml);
+    load(
+        &[path],
+        &LoadOptions {
+            secrets_dir: dir.path().join("secrets"),
+            configmaps_dir: dir.path().join("configmaps"),
+        },
+    )
+}
+
 /// Hostile or absurd configuration files are refused with a named error, quickly and with
 /// bounded memory: an alias bomb (even under an unknown key), deep nesting, a file over the
 /// size limit, bytes that are not UTF-8, tabs, absurd numbers, a 70,000-byte topic.

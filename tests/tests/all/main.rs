@@ -2,6 +2,7 @@
 
 mod auth;
 mod config;
+mod connectivity;
 mod e2e;
 mod faults;
 mod operate;

@@ -106,19 +106,6 @@ async fn a_limited_drain_keeps_to_its_rate() {
     );
 }
 
-/// The bridge binary, built if it is not there (the workspace's tests build it).
-fn binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "-q", "-p", "edgebridge", "--bin", "edgebridge"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "cargo build -p edgebridge failed");
-    dir.join("edgebridge")
-}
-
 fn run_bridge(bin: &std::path::Path, config: &std::path::Path, spool: &std::path::Path) -> Child {
     Command::new(bin)
         .arg("run")
@@ -138,7 +125,7 @@ fn run_bridge(bin: &std::path::Path, config: &std::path::Path, spool: &std::path
 /// while the backlog drains: no message the local broker acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_an_outage_and_during_the_drain_loses_no_acknowledged_message() {
-    let bin = binary();
+    let bin = edgebridge_tests::bridge_binary();
     let (local, mut remote) = edgebridge_tests::spool::brokers();
     let spool = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
