@@ -219,6 +219,24 @@ async fn managed_identity_tokens_are_refreshed_in_place_without_reconnecting() {
     );
     let link = t.link_info();
     assert_eq!(link.last_refresh.map(|(_, how)| how), Some("in-place"));
+    // What an operator sees: /metrics and /status.
+    let observed = std::sync::Arc::new(edgebridge::status::Observed {
+        stats: b.stats.clone(),
+        plugins: b.plugins.clone(),
+        stall_timeout: 60 * SECOND,
+        started: std::time::SystemTime::now(),
+    });
+    let metrics = edgebridge::metrics::render(observed.clone()).unwrap();
+    let line = format!(
+        "edgebridge_session_token_refreshes_total{{route=\"up\",side=\"remote\",client_id=\"edge-up\",how=\"in-place\"}} {in_place}"
+    );
+    assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    let status = edgebridge::status::status_json(&observed).to_string();
+    assert!(
+        status.contains("\"how\":\"in-place\"")
+            && status.contains(&format!("\"address\":\"127.0.0.1:{}\"", peer.port)),
+        "{status}"
+    );
     b.shutdown().await;
 }
 
@@ -412,6 +430,72 @@ async fn a_rotated_service_account_token_is_used_at_the_next_connect() {
         "{:?}",
         peer.seen()
     );
+    b.shutdown().await;
+}
+
+/// A projected service-account token (a JWT with `exp`) is read again at 80 % of its
+/// lifetime and presented with AUTH on the open connection when the broker granted `K8S-SAT`:
+/// the rotated tokens reach the broker without a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_service_account_token_is_presented_in_place() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sat_dir = dir.path().join("sat");
+    std::fs::create_dir_all(&sat_dir).unwrap();
+    let token = write_file(&sat_dir, "sat-token", &edgebridge_tests::auth::jwt("sat", 3 * SECOND, 0));
+    let peer = AuthProxy::start_reauth(local.port, Check::SatFile(token.clone())).await;
+    let cfg = load(
+        dir.path(),
+        &connector(
+            &format!("127.0.0.1:{}", peer.port),
+            &format!(
+                "    authentication:\n      kubernetes:\n        secretPath: {}\n        serviceAccountTokenName: sat-token\n",
+                sat_dir.display()
+            ),
+            &remote.endpoint(),
+            "",
+            "    - {direction: local-to-remote, name: up, source: \"sat/#\"}\n",
+        ),
+    );
+    let b = bridge::start(
+        &cfg,
+        &opts(
+            &IdentityServer::start(IdentityMode::Imds, SECOND).await,
+            dir.path(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(b.wait_ready(10 * SECOND).await);
+    // Kubelet: a new token every second (each valid 3 s).
+    let rotate = {
+        let token = token.clone();
+        tokio::spawn(async move {
+            for serial in 1.. {
+                tokio::time::sleep(SECOND).await;
+                let tmp = token.with_extension("tmp");
+                std::fs::write(&tmp, edgebridge_tests::auth::jwt("sat", 3 * SECOND, serial)).unwrap();
+                std::fs::rename(&tmp, &token).unwrap();
+            }
+        })
+    };
+    let source = b.stats.clients()[0].source.clone();
+    assert!(
+        eventually(15 * SECOND, || source
+            .reauth_in_place
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2)
+        .await,
+        "{:?}",
+        peer.auths()
+    );
+    rotate.abort();
+    let auths = peer.auths();
+    assert!(auths.iter().all(|a| a.verdict.is_ok()), "{auths:?}");
+    assert_eq!(peer.seen().len(), 1, "one CONNECT: {:?}", peer.seen());
+    assert_eq!(source.reconnects(), 0);
     b.shutdown().await;
 }
 
