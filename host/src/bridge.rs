@@ -27,7 +27,7 @@ use crate::policy::Policies;
 use crate::route_client::{self, RouteClientSetup};
 use crate::routing::{self, LoopGuard, RouteClient, Side};
 use crate::status::Observed;
-use crate::{http, reload};
+use crate::{http, plan, reload};
 
 /// Default plugins folder.
 pub const DEFAULT_PLUGINS_DIR: &str = "/etc/edgebridge/plugins";
@@ -316,8 +316,27 @@ impl RunningBridge {
         }
         start_embedded(&config).await?;
         let plugins = self.prepare_plugins(&config).await?;
+        let wanted: Vec<(&Connector, Vec<RouteClient>)> =
+            config.connectors.iter().zip(plans).collect();
+        let running: Vec<(&Connector, Vec<&RouteClient>)> = self
+            .connectors
+            .values()
+            .map(|c| {
+                (
+                    &c.shared.connector,
+                    c.clients.iter().map(|r| &r.plan).collect(),
+                )
+            })
+            .collect();
+        let decided = plan::plan(&running, &wanted);
+        let (started, restarted, stopped, kept) = decided.summary();
+        let summary = ReloadSummary {
+            started,
+            restarted,
+            stopped,
+            kept,
+        };
         // Apply.
-        let mut summary = ReloadSummary::default();
         let mut old = std::mem::take(&mut self.connectors);
         if let Some((host, uses, policies)) = plugins {
             let _ = host.config.send((policies, uses));
@@ -336,15 +355,12 @@ impl RunningBridge {
                 self.plugin_host = Some(host);
             }
         }
-        for (connector, planned) in config.connectors.iter().zip(plans) {
+        for ((connector, _), decision) in wanted.iter().zip(decided.connectors) {
             let previous = old.remove(&connector.name);
-            let same_connection = previous
-                .as_ref()
-                .is_some_and(|p| same_connection(&p.shared.connector, connector));
             let shared = match &previous {
-                Some(p) if same_connection => {
+                Some(p) if decision.same_connection => {
                     let mut s = (*p.shared).clone();
-                    s.connector = connector.clone();
+                    s.connector = (*connector).clone();
                     s.plugins = self.plugin_runtime();
                     Arc::new(s)
                 }
@@ -362,37 +378,26 @@ impl RunningBridge {
                 warn!(connector = %connector.name, "No MqttBridgeTopicMap references this connector; nothing to bridge");
             }
             let mut clients = Vec::new();
-            for plan in planned {
-                match running.remove(&plan.client_id) {
-                    Some(r) if same_connection && same_route_client(&r.plan, &plan) => {
-                        summary.kept += 1;
-                        clients.push(r);
-                    }
-                    Some(r) => {
-                        summary.restarted.push(plan.client_id.clone());
-                        // Its persistent source session keeps the old subscription unless
-                        // told otherwise.
-                        let unsubscribe = (r.plan.subscription != plan.subscription
-                            && r.plan.source == plan.source)
-                            .then(|| r.plan.subscription.clone())
-                            .into_iter()
-                            .collect();
+            for (client, action) in decision.clients {
+                let now = running.remove(&client.client_id);
+                match (action, now) {
+                    (plan::Action::Keep, Some(r)) => clients.push(r),
+                    (plan::Action::Restart { unsubscribe }, Some(r)) => {
                         let predecessor = self.retire(r);
                         clients.push(shared.spawn(
-                            plan,
+                            client,
                             &self.stats,
                             Some(predecessor),
                             unsubscribe,
                         ));
                     }
-                    None => {
-                        summary.started.push(plan.client_id.clone());
-                        clients.push(shared.spawn(plan, &self.stats, None, Vec::new()));
+                    (_, now) => {
+                        let predecessor = now.map(|r| self.retire(r));
+                        clients.push(shared.spawn(client, &self.stats, predecessor, Vec::new()));
                     }
                 }
             }
-            for (id, r) in running {
-                summary.stopped.push(id);
+            for (_, r) in running {
                 let t = self.retire(r);
                 self.retiring.push(t);
             }
@@ -401,7 +406,6 @@ impl RunningBridge {
         }
         for (_, gone) in old {
             for r in gone.clients {
-                summary.stopped.push(r.plan.client_id.clone());
                 let t = self.retire(r);
                 self.retiring.push(t);
             }
@@ -492,34 +496,6 @@ impl RunningBridge {
         };
         Ok(Some((host, uses, policies)))
     }
-}
-
-/// Whether two connectors connect the same way (a difference restarts all their routes).
-fn same_connection(a: &Connector, b: &Connector) -> bool {
-    a.protocol == b.protocol
-        && a.client_id_prefix == b.client_id_prefix
-        && a.bridge_instances == b.bridge_instances
-        && a.local == b.local
-        && a.remote == b.remote
-        && a.spool == b.spool
-}
-
-/// Whether a route client would run the same way (its place in the files aside).
-fn same_route_client(a: &RouteClient, b: &RouteClient) -> bool {
-    let (ra, rb) = (&a.route, &b.route);
-    a.subscription == b.subscription
-        && a.source == b.source
-        && a.target == b.target
-        && a.share_index == b.share_index
-        && ra.name == rb.name
-        && ra.direction == rb.direction
-        && ra.qos == rb.qos
-        && ra.source == rb.source
-        && ra.target == rb.target
-        && ra.shared == rb.shared
-        && ra.plugins == rb.plugins
-        && ra.on_plugin_error == rb.on_plugin_error
-        && ra.spool == rb.spool
 }
 
 /// Which routes use which plugin, with which config.

@@ -20,8 +20,10 @@
 //!   owner. Knows nothing about routes.
 //! - [`route_client`]: the one task of a route client: two links, the pipeline and the
 //!   ledger in one loop.
-//! - [`bridge`]: the only module that wires sessions to routes to plugins; starts, reloads
-//!   (as a difference) and stops route clients.
+//! - [`plan`]: the control plane's decision, pure: which route clients start, restart, stop
+//!   or keep running when the configuration changes.
+//! - [`bridge`]: the only module that wires sessions to routes to plugins; the supervisor that
+//!   applies a [`plan`], and stops route clients.
 //! - [`counters`]: the live counters (relaxed atomics); [`metrics`] (Prometheus),
 //!   [`status`] (health, readiness, `/status`) and [`http`] (the endpoint, and a small
 //!   client) read them; [`reload`] says when to reload the configuration.
@@ -62,6 +64,7 @@ pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod pipeline;
+pub mod plan;
 pub mod plugin;
 pub mod policy;
 pub mod reload;

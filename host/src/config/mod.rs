@@ -52,7 +52,7 @@ pub const DEFAULT_SAT_PATH: &str = "/var/run/serviceaccount/localbroker/sat-toke
 pub const DEFAULT_LOCAL_ENDPOINT: &str = "aio-mq-dmqtt-frontend:1883";
 
 /// Every connector found in the loaded files, each with the routes of its topic maps.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     /// Connectors, in file order.
     pub connectors: Vec<Connector>,
@@ -100,7 +100,7 @@ fn readable_by_others(_: &Path) -> bool {
 }
 
 /// A position in the configuration files.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Origin {
     /// File the document came from.
     pub file: PathBuf,
@@ -152,7 +152,7 @@ impl LogLevel {
 }
 
 /// One `MqttBridgeConnector` with the routes of every topic map that references it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connector {
     /// `metadata.name`.
     pub name: String,

@@ -444,7 +444,11 @@ async fn a_rotated_service_account_token_is_presented_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let sat_dir = dir.path().join("sat");
     std::fs::create_dir_all(&sat_dir).unwrap();
-    let token = write_file(&sat_dir, "sat-token", &edgebridge_tests::auth::jwt("sat", 3 * SECOND, 0));
+    let token = write_file(
+        &sat_dir,
+        "sat-token",
+        &edgebridge_tests::auth::jwt("sat", 3 * SECOND, 0),
+    );
     let peer = AuthProxy::start_reauth(local.port, Check::SatFile(token.clone())).await;
     let cfg = load(
         dir.path(),
@@ -476,7 +480,8 @@ async fn a_rotated_service_account_token_is_presented_in_place() {
             for serial in 1.. {
                 tokio::time::sleep(SECOND).await;
                 let tmp = token.with_extension("tmp");
-                std::fs::write(&tmp, edgebridge_tests::auth::jwt("sat", 3 * SECOND, serial)).unwrap();
+                std::fs::write(&tmp, edgebridge_tests::auth::jwt("sat", 3 * SECOND, serial))
+                    .unwrap();
                 std::fs::rename(&tmp, &token).unwrap();
             }
         })
