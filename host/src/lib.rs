@@ -30,6 +30,7 @@
 //! - [`plugin`]: the WebAssembly runtime; [`policy`]: what each plugin may do (pure).
 //! - [`credentials`]: user/password, Kubernetes SAT and managed-identity tokens for CONNECT.
 //! - [`embedded`]: an in-process broker for `embedded://` endpoints.
+//! - [`kubernetes`]: the Kubernetes API as a configuration source, and the resources' status.
 //! - [`spool`]: store and forward, a durable bounded log per route client.
 //! - [`logging`]: log lines through a bounded queue; dropped, never blocking forwarding.
 //! - [`secret`]: values that never print; [`error`]: printing an error with its causes.
@@ -59,6 +60,7 @@ pub mod delivery;
 pub mod embedded;
 pub mod error;
 pub mod http;
+pub mod kubernetes;
 pub mod logging;
 pub mod metrics;
 pub mod model;

@@ -25,7 +25,7 @@ enum Command {
     /// Run the bridge.
     Run {
         #[command(flatten)]
-        files: Files,
+        files: RunSource,
         /// This process's instance index among `bridgeInstances` (default: the ordinal at the
         /// end of the host name, as in a StatefulSet, or 0 when bridgeInstances is 1).
         #[arg(long)]
@@ -298,6 +298,39 @@ struct Files {
     /// Folder holding one folder per Kubernetes ConfigMap named in the YAML.
     #[arg(long, default_value = config::DEFAULT_CONFIGMAPS_DIR, env = "EDGEBRIDGE_CONFIGMAPS_DIR")]
     configmaps_dir: PathBuf,
+}
+
+/// Where `run` takes its configuration from: files and folders, or the Kubernetes API.
+#[derive(Args)]
+struct RunSource {
+    /// YAML files or folders (every *.yaml / *.yml inside); may repeat.
+    #[arg(short = 'f', long = "file", required_unless_present = "kubernetes", conflicts_with = "kubernetes", num_args = 1..)]
+    files: Vec<PathBuf>,
+    /// Run the MqttBridgeConnector and MqttBridgeTopicMap resources of the namespace, watched
+    /// through the Kubernetes API (in a pod: its service account; elsewhere KUBECONFIG or
+    /// ~/.kube/config), and write their status back; instead of -f.
+    #[arg(long)]
+    kubernetes: bool,
+    /// The namespace to watch with --kubernetes (default: the pod's, or the kubeconfig
+    /// context's, or `default`).
+    #[arg(long, requires = "kubernetes", env = "EDGEBRIDGE_NAMESPACE")]
+    namespace: Option<String>,
+    /// Folder holding one folder per Kubernetes Secret named in the YAML.
+    #[arg(long, default_value = config::DEFAULT_SECRETS_DIR, env = "EDGEBRIDGE_SECRETS_DIR")]
+    secrets_dir: PathBuf,
+    /// Folder holding one folder per Kubernetes ConfigMap named in the YAML.
+    #[arg(long, default_value = config::DEFAULT_CONFIGMAPS_DIR, env = "EDGEBRIDGE_CONFIGMAPS_DIR")]
+    configmaps_dir: PathBuf,
+}
+
+impl RunSource {
+    fn files(&self) -> Files {
+        Files {
+            files: self.files.clone(),
+            secrets_dir: self.secrets_dir.clone(),
+            configmaps_dir: self.configmaps_dir.clone(),
+        }
+    }
 }
 
 impl Files {
@@ -650,7 +683,18 @@ fn main() -> ExitCode {
             logs,
             plugin_dirs,
         } => {
-            let cfg = match files.load() {
+            let kubernetes = files.kubernetes.then(|| files.namespace.clone());
+            let load = LoadOptions {
+                secrets_dir: files.secrets_dir.clone(),
+                configmaps_dir: files.configmaps_dir.clone(),
+            };
+            let files = files.files();
+            let loaded = if kubernetes.is_some() {
+                Ok(config::Config::default())
+            } else {
+                files.load()
+            };
+            let cfg = match loaded {
                 Ok(cfg) => cfg,
                 Err(report) => {
                     eprintln!("{report}");
@@ -696,9 +740,31 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let source = files.source();
-            let result =
-                runtime.block_on(bridge::run(&cfg, Some(&source), &opts, shutdown_signal()));
+            let result = match kubernetes {
+                Some(namespace) => runtime.block_on(async {
+                    let (client, ns) = match edgebridge::kubernetes::client(namespace).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::error!("{}; nothing started", edgebridge::error::chain(&e));
+                            return Ok(false);
+                        }
+                    };
+                    bridge::run_kubernetes(client, &ns, &load, &opts, shutdown_signal())
+                        .await
+                        .map(|()| true)
+                }),
+                None => {
+                    let source = files.source();
+                    runtime
+                        .block_on(bridge::run(&cfg, Some(&source), &opts, shutdown_signal()))
+                        .map(|()| true)
+                }
+            };
+            let result = match result {
+                Ok(false) => return ExitCode::FAILURE,
+                Ok(true) => Ok(()),
+                Err(e) => Err(e),
+            };
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
