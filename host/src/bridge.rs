@@ -676,6 +676,10 @@ pub async fn run_kubernetes(
         tokio::select! {
             () = &mut shutdown => break,
             Some(resources) = snapshots.recv() => {
+                // Our own status writes come back as changes: nothing to apply.
+                if resources == seen.0 && !seen.0.is_empty() {
+                    continue;
+                }
                 let (config, mut verdicts) = kubernetes::assemble(&resources, load, &mut last_good);
                 for v in verdicts.iter().filter(|v| !v.errors.is_empty()) {
                     for e in &v.errors {

@@ -611,6 +611,7 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 pub mod auth;
 pub mod faults;
+pub mod kube;
 pub mod proxy;
 pub mod spool;
 

@@ -5,6 +5,7 @@ mod config;
 mod connectivity;
 mod e2e;
 mod faults;
+mod kubernetes;
 mod operate;
 mod plugins;
 mod spool;
