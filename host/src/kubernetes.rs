@@ -37,7 +37,7 @@ use crate::config::{Config, Connector, LoadOptions, parse};
 use crate::counters::Stats;
 use crate::routing;
 
-/// The groups and versions the CRDs serve (`deploy/kubernetes/crds.yaml`).
+/// The groups and versions the CRDs serve (`deploy/kubernetes/base/crds.yaml`).
 pub const GROUP_VERSIONS: [(&str, &str); 3] = [
     ("mq.iotoperations.azure.com", "v1beta1"),
     ("az-edge.com", "v1alpha4"),
