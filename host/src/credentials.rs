@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use crate::config::Auth;
-use crate::http::HttpError;
+use crate::http_client::HttpError;
 use crate::secret::Secret;
 
 /// Default IMDS token endpoint.
@@ -367,15 +367,15 @@ fn parse_token(body: &[u8]) -> Result<Token, String> {
     })
 }
 
-/// One GET to the identity endpoint (see [`crate::http::get`]), its failures named for the
+/// One GET to the identity endpoint (see [`crate::http_client::get`]), its failures named for the
 /// endpoint.
 async fn http_get(
     url: &str,
     headers: &[(&str, String)],
     timeout: Duration,
-) -> Result<crate::http::Response, CredentialError> {
+) -> Result<crate::http_client::Response, CredentialError> {
     let endpoint = url.split('?').next().unwrap_or(url).to_string();
-    crate::http::get(url, headers, timeout, MAX_RESPONSE)
+    crate::http_client::get(url, headers, timeout, MAX_RESPONSE)
         .await
         .map_err(|source| match source {
             HttpError::TooLarge(limit) => CredentialError::TooLarge { endpoint, limit },

@@ -25,8 +25,9 @@
 //! - [`bridge`]: the only module that wires sessions to routes to plugins; the supervisor that
 //!   applies a [`plan`], and stops route clients.
 //! - [`counters`]: the live counters (relaxed atomics); [`metrics`] (Prometheus),
-//!   [`status`] (health, readiness, `/status`) and [`http`] (the endpoint, and a small
-//!   client) read them; [`reload`] says when to reload the configuration.
+//!   [`status`] (health, readiness, `/status`) and [`http`] (the endpoint) read them;
+//!   [`http_client`] is a small GET client (identity tokens, `edgebridge status`);
+//!   [`reload`] says when to reload the configuration.
 //! - [`plugin`]: the WebAssembly runtime; [`policy`]: what each plugin may do (pure).
 //! - [`credentials`]: user/password, Kubernetes SAT and managed-identity tokens for CONNECT.
 //! - [`embedded`]: an in-process broker for `embedded://` endpoints.
@@ -60,6 +61,7 @@ pub mod delivery;
 pub mod embedded;
 pub mod error;
 pub mod http;
+pub mod http_client;
 pub mod kubernetes;
 pub mod logging;
 pub mod metrics;

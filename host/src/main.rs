@@ -649,7 +649,7 @@ fn main() -> ExitCode {
         Command::Status { http, json } => run_tool(async move {
             let url = format!("http://{http}/status");
             let fetch = || async {
-                let r = edgebridge::http::get(&url, &[], Duration::from_secs(5), 16 << 20)
+                let r = edgebridge::http_client::get(&url, &[], Duration::from_secs(5), 16 << 20)
                     .await
                     .map_err(|e| format!("{url}: {}", edgebridge::error::chain(&e)))?;
                 serde_json::from_slice::<serde_json::Value>(&r.body)
@@ -665,7 +665,7 @@ fn main() -> ExitCode {
             let second = fetch().await?;
             print!(
                 "{}",
-                edgebridge::status::render_table(&second, Some(&first), interval)
+                edgebridge::tools::status_table::render(&second, Some(&first), interval)
             );
             Ok(())
         }),

@@ -451,7 +451,7 @@ fn scraper(port: u16) -> tokio::task::JoinHandle<()> {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             for path in ["/metrics", "/status"] {
-                let _ = edgebridge::http::get(
+                let _ = edgebridge::http_client::get(
                     &format!("http://127.0.0.1:{port}{path}"),
                     &[],
                     Duration::from_secs(5),
@@ -783,7 +783,8 @@ async fn scale(n: u64) {
         let url = format!("http://127.0.0.1:{port}/readyz");
         let mut ready = None;
         while t0.elapsed() < Duration::from_secs(60) {
-            if let Ok(r) = edgebridge::http::get(&url, &[], Duration::from_secs(1), 1 << 20).await
+            if let Ok(r) =
+                edgebridge::http_client::get(&url, &[], Duration::from_secs(1), 1 << 20).await
                 && r.status == 200
             {
                 ready = Some(t0.elapsed());

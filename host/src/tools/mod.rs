@@ -5,6 +5,7 @@
 
 pub mod plugin_test;
 pub mod scaffold;
+pub mod status_table;
 
 use std::time::Duration;
 

@@ -15,7 +15,7 @@ const API: &str = "mq.iotoperations.azure.com/v1beta1";
 const NS: &str = "factory";
 
 async fn status(port: u16) -> Option<Value> {
-    let r = edgebridge::http::get(
+    let r = edgebridge::http_client::get(
         &format!("http://127.0.0.1:{port}/status"),
         &[],
         5 * SECOND,

@@ -14,7 +14,7 @@ use edgebridge_tests::{
 const SECOND: Duration = Duration::from_secs(1);
 
 async fn get(port: u16, path: &str) -> (u16, String) {
-    let r = edgebridge::http::get(
+    let r = edgebridge::http_client::get(
         &format!("http://127.0.0.1:{port}{path}"),
         &[],
         5 * SECOND,
