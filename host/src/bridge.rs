@@ -448,41 +448,19 @@ impl RunningBridge {
             Some(h) => h.runtime.clone(),
             None => Runtime::new().map_err(BridgeError::Runtime)?,
         };
-        let old = plugin_uses(&self.config);
-        let errors: Vec<PluginError> = self
+        let missing = self
             .plugins
-            .scan(&runtime, &self.opts.plugins_dir, &policies, &uses)
+            .prepare(
+                &runtime,
+                &self.opts.plugins_dir,
+                &policies,
+                &uses,
+                &plugin_uses(&self.config),
+            )
             .await
-            .into_iter()
-            .filter(|e| uses.contains_key(&e.plugin()))
-            .collect();
-        if !errors.is_empty() {
-            return Err(BridgeError::Plugins(errors));
-        }
-        let mut errors = Vec::new();
-        for (plugin, list) in &uses {
-            let Some(loaded) = self.plugins.current(plugin) else {
-                warn!(
-                    "{}",
-                    PluginError::Missing {
-                        route: list[0].0.clone(),
-                        plugin: plugin.clone(),
-                        dir: self.opts.plugins_dir.display().to_string(),
-                    }
-                );
-                continue;
-            };
-            for (route, cfg) in list {
-                let known = old
-                    .get(plugin)
-                    .is_some_and(|l| l.iter().any(|(r, c)| r == route && c == cfg));
-                if !known && let Err(e) = runtime.instantiate(&loaded, route, cfg).await {
-                    errors.push(e);
-                }
-            }
-        }
-        if !errors.is_empty() {
-            return Err(BridgeError::Plugins(errors));
+            .map_err(BridgeError::Plugins)?;
+        for m in missing {
+            warn!("{m}");
         }
         let host = match &self.plugin_host {
             Some(h) => PluginHost {
@@ -583,27 +561,10 @@ pub async fn load_plugins(
     let policies = Policies::load_dir(policies_dir).map_err(BridgeError::Policies)?;
     let runtime = Runtime::new().map_err(BridgeError::Runtime)?;
     let registry = Arc::new(Registry::default());
-    // Files in the folder that no route uses do not stop the bridge.
-    let errors: Vec<PluginError> = registry
-        .scan(&runtime, plugins_dir, &policies, &uses)
+    let missing = registry
+        .prepare(&runtime, plugins_dir, &policies, &uses, &Uses::new())
         .await
-        .into_iter()
-        .filter(|e| uses.contains_key(&e.plugin()))
-        .collect();
-    if !errors.is_empty() {
-        return Err(BridgeError::Plugins(errors));
-    }
-    let mut names: Vec<&String> = uses.keys().collect();
-    names.sort();
-    let missing = names
-        .into_iter()
-        .filter(|plugin| registry.current(plugin).is_none())
-        .map(|plugin| PluginError::Missing {
-            route: uses[plugin][0].0.clone(),
-            plugin: plugin.clone(),
-            dir: plugins_dir.display().to_string(),
-        })
-        .collect();
+        .map_err(BridgeError::Plugins)?;
     Ok(Some(LoadedPlugins { registry, missing }))
 }
 

@@ -726,6 +726,58 @@ impl Registry {
         v
     }
 
+    /// The one preparation of the plugins a configuration uses, for start, reload and
+    /// `check` alike: scans `dir` (new or changed files canary-tested with every route
+    /// configuration that uses them), then canary-tests each running plugin with every (route,
+    /// config) of `uses` not in `known` (what already runs). Errors of files no route uses do
+    /// not count. `Ok` holds the plugins a route names that are not in the folder
+    /// ([`PluginError::Missing`]: their routes wait for them); `Err` every refusal.
+    pub async fn prepare(
+        &self,
+        runtime: &Arc<Runtime>,
+        dir: &Path,
+        policies: &Policies,
+        uses: &Uses,
+        known: &Uses,
+    ) -> Result<Vec<PluginError>, Vec<PluginError>> {
+        let errors: Vec<PluginError> = self
+            .scan(runtime, dir, policies, uses)
+            .await
+            .into_iter()
+            .filter(|e| uses.contains_key(&e.plugin()))
+            .collect();
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut names: Vec<&String> = uses.keys().collect();
+        names.sort();
+        let (mut missing, mut errors) = (Vec::new(), Vec::new());
+        for plugin in names {
+            let list = &uses[plugin];
+            let Some(loaded) = self.current(plugin) else {
+                missing.push(PluginError::Missing {
+                    route: list[0].0.clone(),
+                    plugin: plugin.clone(),
+                    dir: dir.display().to_string(),
+                });
+                continue;
+            };
+            for (route, cfg) in list {
+                let runs = known
+                    .get(plugin)
+                    .is_some_and(|l| l.iter().any(|(r, c)| r == route && c == cfg));
+                if !runs && let Err(e) = runtime.instantiate(&loaded, route, cfg).await {
+                    errors.push(e);
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(missing)
+        } else {
+            Err(errors)
+        }
+    }
+
     /// Scans `dir` once: loads new or changed `*.wasm` files (after a canary `init` with every
     /// route configuration that uses them) and unloads removed ones. A file that fails keeps
     /// the previous version running. Returns the errors, each naming its file.
