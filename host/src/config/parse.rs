@@ -619,7 +619,11 @@ fn read_broker(
     b.finish(cx);
     let endpoint = endpoint?;
     let tls = tls?;
-    let reach = reach?;
+    let mut reach = reach?;
+    if endpoint.embedded && reach.proxy == ProxySetting::Environment {
+        // The environment's proxy is for the cloud; an embedded broker is in process.
+        reach.proxy = ProxySetting::None;
+    }
     if endpoint.embedded && (!reach.failover.is_empty() || reach.proxy != ProxySetting::None) {
         cx.err(
             node.line,

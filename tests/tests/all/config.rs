@@ -446,6 +446,21 @@ fn failover_addresses_and_the_proxy_load_and_their_mistakes_are_named() {
         ProxySetting::Environment
     );
     assert_eq!(plain.connectors[0].local.reach.proxy, ProxySetting::None);
+    // An embedded remote is in process: no proxy; an explicit one is an error.
+    let embedded = with_routes("    - {direction: local-to-remote, name: r, source: a}\n")
+        .replace("remote:8883", "embedded://127.0.0.1:0");
+    assert_eq!(
+        load_one(&embedded).connectors[0].remote.reach.proxy,
+        ProxySetting::None
+    );
+    let errors = errors_of(&embedded.replace(
+        "      tlsEnabled: false\n",
+        "      tlsEnabled: false\n    proxy: {url: \"http://p:1\"}\n",
+    ));
+    assert!(
+        errors.iter().any(|e| e.contains("proxy do not apply")),
+        "{errors:#?}"
+    );
     // Mistakes, each named.
     for (field, value, expect) in [
         ("failoverEndpoints", "remote-b", "expected a list"),
