@@ -1,33 +1,33 @@
 //! The one place that wires sessions to routes to plugins: for every route client this
 //! instance runs, its source and target connection settings, its pipeline (with the plugin
 //! stages) and its counters, handed to one [`route_client`] task; plus the embedded brokers,
-//! the plugin runtime and its folder watcher, configuration reloads (applied as a
-//! difference: only what changed restarts), and shutdown.
+//! the plugin runtime and its folder watcher; the supervisor that applies a [`crate::plan`]
+//! (only what changed restarts); and shutdown. Where configurations come from is
+//! [`crate::sources`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use std::sync::atomic::Ordering;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use crate::config::{self, BrokerConnection, Config, Connector, LoadOptions, Protocol};
-use crate::counters::{ReloadOutcome, RouteCounters, Stats};
+use crate::config::{self, BrokerConnection, Config, Connector, Protocol};
+use crate::counters::{RouteCounters, Stats};
 use crate::credentials::Provider;
 use crate::embedded;
 use crate::mqtt::Version;
 use crate::mqtt::link::LinkOptions;
 use crate::pipeline::Pipeline;
+use crate::plan;
 use crate::plugin::stage::{RouteInfo, Stage};
 use crate::plugin::{PluginError, Registry, Runtime, Uses};
 use crate::policy::Policies;
 use crate::route_client::{self, RouteClientSetup};
 use crate::routing::{self, LoopGuard, RouteClient, Side};
-use crate::status::Observed;
-use crate::{http, kubernetes, plan, reload};
+pub use crate::sources::{ConfigSource, reload_from, run, run_kubernetes};
 
 /// Default plugins folder.
 pub const DEFAULT_PLUGINS_DIR: &str = "/etc/edgebridge/plugins";
@@ -202,13 +202,13 @@ impl std::fmt::Display for ReloadSummary {
 
 /// A started bridge.
 pub struct RunningBridge {
-    opts: RunOptions,
-    config: Config,
+    pub(crate) opts: RunOptions,
+    pub(crate) config: Config,
     connectors: HashMap<String, ConnectorRun>,
     plugin_host: Option<PluginHost>,
-    stop: watch::Sender<bool>,
+    pub(crate) stop: watch::Sender<bool>,
     /// Internal tasks (the plugin folder watcher), by name, for health.
-    background: Vec<(String, JoinHandle<()>)>,
+    pub(crate) background: Vec<(String, JoinHandle<()>)>,
     /// Route clients being stopped (removed or replaced), until they finished.
     retiring: Vec<JoinHandle<()>>,
     /// Live counters.
@@ -566,242 +566,6 @@ pub async fn load_plugins(
         .await
         .map_err(BridgeError::Plugins)?;
     Ok(Some(LoadedPlugins { registry, missing }))
-}
-
-/// Where the configuration comes from, so that it can be read again.
-#[derive(Debug, Clone)]
-pub struct ConfigSource {
-    /// The `-f` files and folders.
-    pub files: Vec<PathBuf>,
-    /// Where secrets and ConfigMaps are.
-    pub load: LoadOptions,
-}
-
-/// Runs `config` until `shutdown` completes, then drains and stops. With a `source`, the
-/// configuration is reloaded when its files change or on SIGHUP; with `opts.http`, the
-/// endpoints are served.
-pub async fn run(
-    config: &Config,
-    source: Option<&ConfigSource>,
-    opts: &RunOptions,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), BridgeError> {
-    let mut bridge = start_serving(config, opts).await?;
-    let mut triggers = source.map(|s| reload::Triggers::start(&s.files));
-    tokio::pin!(shutdown);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            Some(()) = async {
-                match &mut triggers {
-                    Some(t) => t.next().await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if let Some(source) = source {
-                    reload_from(&mut bridge, source).await;
-                }
-            }
-            _ = tick.tick() => bridge.check_tasks(),
-        }
-    }
-    info!("Shutting down: finishing in-flight messages");
-    bridge.shutdown().await;
-    Ok(())
-}
-
-/// Runs what the Kubernetes API server has (`edgebridge run --kubernetes`): the
-/// `MqttBridgeConnector` and `MqttBridgeTopicMap` resources of the namespace, applied as a
-/// difference whenever they change, each resource's status written back (by instance 0),
-/// until `shutdown` completes.
-pub async fn run_kubernetes(
-    client: kube::Client,
-    namespace: &str,
-    load: &LoadOptions,
-    opts: &RunOptions,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), BridgeError> {
-    let mut bridge = start_serving(&Config::default(), opts).await?;
-    info!(
-        namespace,
-        "Watching MqttBridgeConnector and MqttBridgeTopicMap resources"
-    );
-    let mut snapshots = kubernetes::watch(client.clone(), namespace);
-    let mut writer = kubernetes::StatusWriter::new(client);
-    let mut last_good = std::collections::BTreeMap::new();
-    let mut seen: (Vec<kubernetes::Resource>, Vec<kubernetes::Verdict>) = Default::default();
-    tokio::pin!(shutdown);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            Some(resources) = snapshots.recv() => {
-                // Our own status writes come back as changes: nothing to apply.
-                if resources == seen.0 && !seen.0.is_empty() {
-                    continue;
-                }
-                let (config, mut verdicts) = kubernetes::assemble(&resources, load, &mut last_good);
-                for v in verdicts.iter().filter(|v| !v.errors.is_empty()) {
-                    for e in &v.errors {
-                        error!(resource = %v.label, "Not run as written: {e}");
-                    }
-                }
-                match bridge.reload(config).await {
-                    Ok(summary) => {
-                        bridge.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                        info!("Configuration applied: {summary}");
-                        *bridge.stats.last_reload.lock().expect("stats lock") = Some(ReloadOutcome {
-                            at: std::time::SystemTime::now(),
-                            errors: verdicts.iter().flat_map(|v| v.errors.iter().map(|e| format!("{}: {e}", v.label))).collect(),
-                            summary: summary.to_string(),
-                        });
-                    }
-                    Err(e) => {
-                        // Nothing changed; every resource says why.
-                        let text = crate::error::chain(&e);
-                        error!("Configuration not applied: {text}");
-                        bridge.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                        for v in &mut verdicts {
-                            v.errors.push(format!("not applied: {}", text.replace('\n', "; ")));
-                        }
-                        *bridge.stats.last_reload.lock().expect("stats lock") = Some(ReloadOutcome {
-                            at: std::time::SystemTime::now(),
-                            errors: text.lines().map(str::to_string).collect(),
-                            summary: "refused; the running configuration is unchanged".into(),
-                        });
-                    }
-                }
-                seen = (resources, verdicts);
-                write_statuses(&mut writer, &bridge, &seen).await;
-            }
-            _ = tick.tick() => {
-                bridge.check_tasks();
-                write_statuses(&mut writer, &bridge, &seen).await;
-            }
-        }
-    }
-    info!("Shutting down: finishing in-flight messages");
-    bridge.shutdown().await;
-    Ok(())
-}
-
-/// Writes the resources' status (instance 0 of each connector only; see
-/// [`kubernetes::StatusWriter`]).
-async fn write_statuses(
-    writer: &mut kubernetes::StatusWriter,
-    bridge: &RunningBridge,
-    (resources, verdicts): &(Vec<kubernetes::Resource>, Vec<kubernetes::Verdict>),
-) {
-    let statuses = writer.statuses(
-        resources,
-        verdicts,
-        &bridge.config,
-        &bridge.stats,
-        bridge.opts.instance,
-    );
-    // A connector's status is written by the instance that runs its index 0; a topic map's by
-    // instance 0 of its connector, or by anyone when it has none.
-    let mine: Vec<(usize, serde_json::Value)> = statuses
-        .into_iter()
-        .filter(|(i, _)| {
-            let r = &resources[*i];
-            let name = if r.kind == kubernetes::KINDS[0].0 {
-                Some(r.name.clone())
-            } else {
-                r.spec
-                    .get("mqttBridgeConnectorRef")
-                    .and_then(|v| v.as_str())
-                    .map(str::to_string)
-            };
-            match name.and_then(|n| bridge.config.connectors.iter().find(|c| c.name == n)) {
-                Some(c) => resolve_instance(c, bridge.opts.instance).unwrap_or(0) == 0,
-                None => bridge.opts.instance.unwrap_or(0) == 0,
-            }
-        })
-        .collect();
-    writer.write(resources, mine).await;
-}
-
-/// Starts `config` and, with `opts.http`, the HTTP endpoint.
-async fn start_serving(config: &Config, opts: &RunOptions) -> Result<RunningBridge, BridgeError> {
-    let listener = match opts.http {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| BridgeError::Http { addr, source })?,
-        ),
-        None => None,
-    };
-    let started = std::time::SystemTime::now();
-    let mut bridge = start(config, opts).await?;
-    if let Some(listener) = listener {
-        let observed = Arc::new(Observed {
-            stats: bridge.stats.clone(),
-            plugins: bridge.plugins.clone(),
-            stall_timeout: opts.stall_timeout,
-            started,
-        });
-        if let Ok(addr) = listener.local_addr() {
-            info!(address = %addr, "Serving /metrics, /healthz, /readyz and /status");
-        }
-        let stop = bridge.stop.subscribe();
-        bridge.background.push((
-            "HTTP endpoint".into(),
-            tokio::spawn(http::serve(listener, http::router(observed), stop)),
-        ));
-    }
-    Ok(bridge)
-}
-
-/// Reads the configuration again and applies it; a configuration with problems changes
-/// nothing (every problem is logged as `check` prints it and counted).
-pub async fn reload_from(bridge: &mut RunningBridge, source: &ConfigSource) {
-    let outcome = match config::load(&source.files, &source.load) {
-        Err(report) => {
-            for e in &report.errors {
-                error!("Configuration not reloaded: {e}");
-            }
-            Err(report.errors.iter().map(ToString::to_string).collect())
-        }
-        Ok(new) => {
-            for w in new.warnings() {
-                warn!("{w}");
-            }
-            match bridge.reload(new).await {
-                Ok(summary) => {
-                    info!("Configuration reloaded: {summary}");
-                    Ok(summary)
-                }
-                Err(e) => {
-                    let text = crate::error::chain(&e);
-                    for line in text.lines() {
-                        error!("Configuration not reloaded: {line}");
-                    }
-                    Err(text.lines().map(str::to_string).collect())
-                }
-            }
-        }
-    };
-    let stats = &bridge.stats;
-    let (errors, summary) = match outcome {
-        Ok(summary) => {
-            stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
-            (Vec::new(), summary.to_string())
-        }
-        Err(errors) => {
-            stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
-            (
-                errors,
-                "refused; the running configuration is unchanged".into(),
-            )
-        }
-    };
-    *stats.last_reload.lock().expect("stats lock") = Some(ReloadOutcome {
-        at: std::time::SystemTime::now(),
-        errors,
-        summary,
-    });
 }
 
 /// What the route clients of one connector share: connection settings, credentials (one

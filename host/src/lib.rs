@@ -20,6 +20,8 @@
 //!   owner. Knows nothing about routes.
 //! - [`route_client`]: the one task of a route client: two links, the pipeline and the
 //!   ledger in one loop.
+//! - [`sources`]: where the configuration comes from (files, the Kubernetes API), each
+//!   feeding the supervisor.
 //! - [`plan`]: the control plane's decision, pure: which route clients start, restart, stop
 //!   or keep running when the configuration changes.
 //! - [`bridge`]: the only module that wires sessions to routes to plugins; the supervisor that
@@ -75,6 +77,7 @@ pub mod reload;
 pub mod route_client;
 pub mod routing;
 pub mod secret;
+pub mod sources;
 pub mod spool;
 pub mod status;
 pub mod tools;
