@@ -233,13 +233,13 @@ pub fn watch(client: kube::Client, namespace: &str) -> mpsc::Receiver<Vec<Resour
                 }
                 Err(e) => {
                     // The watcher recovers by itself (relist on 410, reconnect with backoff).
-                    // A group the cluster does not serve is 404 for ever: counted as synced
-                    // and empty, said once.
+                    // A stream that fails before its first listing (a group the cluster does
+                    // not serve is 404 for ever; a Role without it, 403) does not hold back
+                    // the others: it counts as listed, with what it had (nothing at the
+                    // start; its last objects later, so an API outage stops nothing).
                     let text = crate::error::chain(&e);
                     let missing = text.contains("404") || text.contains("NotFound");
-                    if missing {
-                        synced.insert(stream_key.clone());
-                    }
+                    synced.insert(stream_key.clone());
                     if said.get(&stream_key) != Some(&text) {
                         if missing {
                             debug!(
