@@ -243,12 +243,10 @@ fn jwt_lifetime(token: &str) -> Option<Duration> {
 }
 
 fn read_secret(path: &Path) -> Result<String, CredentialError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-        .map_err(|source| CredentialError::File {
-            path: path.to_path_buf(),
-            source,
-        })
+    crate::secret::read_file(path).map_err(|source| CredentialError::File {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn url_encode(s: &str) -> String {

@@ -23,7 +23,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
@@ -376,6 +375,11 @@ pub fn assemble(
     (Config { connectors }, verdicts)
 }
 
+/// A resource's key in [`StatusWriter`]'s record of what it wrote.
+fn written_key(r: &Resource) -> String {
+    format!("{}/{}/{}", r.group, r.kind, r.name)
+}
+
 /// Writes `status` back to the resources.
 pub struct StatusWriter {
     client: kube::Client,
@@ -423,8 +427,7 @@ impl StatusWriter {
         let mut out = Vec::new();
         for (i, (r, v)) in resources.iter().zip(verdicts).enumerate() {
             let mut routes = Vec::new();
-            let mut ready_routes = 0;
-            let mut total_routes = 0;
+            let (mut ready_routes, mut mine_routes, mut total_routes) = (0, 0, 0);
             let mut last_error: Option<String> = v.errors.first().cloned();
             let mut unreachable = None;
             let connector = match r.kind.as_str() {
@@ -438,6 +441,7 @@ impl StatusWriter {
                     for rc in routing::plan(c, index, count) {
                         total_routes += 1;
                         let state = if index == mine {
+                            mine_routes += 1;
                             match clients.iter().find(|k| k.client_id == rc.client_id) {
                                 Some(k) if k.ready() => {
                                     ready_routes += 1;
@@ -449,7 +453,6 @@ impl StatusWriter {
                                             && !s.connected()
                                         {
                                             unreachable = Some(format!("{} broker: {e}", s.side));
-                                            last_error = Some(format!("{} broker: {e}", s.side));
                                         }
                                     }
                                     "connecting".to_string()
@@ -468,6 +471,9 @@ impl StatusWriter {
                     }
                 }
             }
+            if unreachable.is_some() {
+                last_error = unreachable.clone();
+            }
             let (ready, reason, message) = if !v.errors.is_empty() {
                 let what = if v.running_previous {
                     "; the last valid version keeps running"
@@ -481,13 +487,7 @@ impl StatusWriter {
                 )
             } else if let Some(u) = &unreachable {
                 (false, "BrokerUnreachable", u.clone())
-            } else if connector.is_some()
-                && ready_routes
-                    < routes
-                        .iter()
-                        .filter(|x| x["state"] != "unknown (another instance)")
-                        .count()
-            {
+            } else if ready_routes < mine_routes {
                 (
                     false,
                     "Connecting",
@@ -499,7 +499,7 @@ impl StatusWriter {
                     "Running",
                     match connector {
                         Some(_) => format!(
-                            "{ready_routes} of {total_routes} route clients forwarding on this instance"
+                            "{ready_routes} of {mine_routes} route clients forwarding on this instance"
                         ),
                         None => "running with its connector".to_string(),
                     },
@@ -542,7 +542,7 @@ impl StatusWriter {
         let now = tokio::time::Instant::now();
         for (i, status) in statuses {
             let r = &resources[i];
-            let key = format!("{}/{}/{}", r.group, r.kind, r.name);
+            let key = written_key(r);
             if let Some((last, at)) = self.written.get(&key)
                 && (*last == status || now.duration_since(*at) < STATUS_INTERVAL)
             {
@@ -570,16 +570,10 @@ impl StatusWriter {
                 }
             }
         }
-        let live: std::collections::HashSet<String> = resources
-            .iter()
-            .map(|r| format!("{}/{}/{}", r.group, r.kind, r.name))
-            .collect();
+        let live: std::collections::HashSet<String> = resources.iter().map(written_key).collect();
         self.written.retain(|k, _| live.contains(k));
     }
 }
-
-/// Shared handle for what the source last assembled (for the status writer).
-pub type Assembled = Arc<std::sync::Mutex<(Vec<Resource>, Vec<Verdict>)>>;
 
 #[cfg(test)]
 mod tests {

@@ -19,6 +19,12 @@ impl Secret {
     }
 }
 
+/// Reads a secret file as Kubernetes mounts it (a Secret key, a token file): its text without
+/// the trailing line break editors and `kubectl create secret --from-file` leave.
+pub fn read_file(path: &std::path::Path) -> std::io::Result<String> {
+    std::fs::read_to_string(path).map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("**REDACTED**")

@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::bridge::{BridgeError, RunOptions, RunningBridge, resolve_instance, start};
 use crate::config::{self, Config, LoadOptions};
-use crate::counters::ReloadOutcome;
+use crate::counters::{ReloadOutcome, Stats};
 use crate::status::Observed;
 use crate::{http, kubernetes, reload};
 
@@ -97,27 +97,19 @@ pub async fn run_kubernetes(
                 }
                 match bridge.reload(config).await {
                     Ok(summary) => {
-                        bridge.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
                         info!("Configuration applied: {summary}");
-                        *bridge.stats.last_reload.lock().expect("stats lock") = Some(ReloadOutcome {
-                            at: std::time::SystemTime::now(),
-                            errors: verdicts.iter().flat_map(|v| v.errors.iter().map(|e| format!("{}: {e}", v.label))).collect(),
-                            summary: summary.to_string(),
-                        });
+                        let errors = verdicts.iter().flat_map(|v| v.errors.iter().map(|e| format!("{}: {e}", v.label))).collect();
+                        record_reload(&bridge.stats, true, errors, summary.to_string());
                     }
                     Err(e) => {
                         // Nothing changed; every resource says why.
                         let text = crate::error::chain(&e);
                         error!("Configuration not applied: {text}");
-                        bridge.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
                         for v in &mut verdicts {
                             v.errors.push(format!("not applied: {}", text.replace('\n', "; ")));
                         }
-                        *bridge.stats.last_reload.lock().expect("stats lock") = Some(ReloadOutcome {
-                            at: std::time::SystemTime::now(),
-                            errors: text.lines().map(str::to_string).collect(),
-                            summary: "refused; the running configuration is unchanged".into(),
-                        });
+                        let errors = text.lines().map(str::to_string).collect();
+                        record_reload(&bridge.stats, false, errors, String::new());
                     }
                 }
                 seen = (resources, verdicts);
@@ -232,19 +224,24 @@ pub async fn reload_from(bridge: &mut RunningBridge, source: &ConfigSource) {
         }
     };
     let stats = &bridge.stats;
-    let (errors, summary) = match outcome {
-        Ok(summary) => {
-            stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
-            (Vec::new(), summary.to_string())
-        }
-        Err(errors) => {
-            stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
-            (
-                errors,
-                "refused; the running configuration is unchanged".into(),
-            )
-        }
+    match outcome {
+        Ok(summary) => record_reload(stats, true, Vec::new(), summary.to_string()),
+        Err(errors) => record_reload(stats, false, errors, String::new()),
+    }
+}
+
+/// Counts a reload, applied or refused, and keeps its outcome for `/status`: the problems
+/// found, and what changed (`summary`) or that nothing did.
+fn record_reload(stats: &Stats, applied: bool, errors: Vec<String>, summary: String) {
+    let (counter, summary) = if applied {
+        (&stats.reloads_ok, summary)
+    } else {
+        (
+            &stats.reloads_failed,
+            "refused; the running configuration is unchanged".to_string(),
+        )
     };
+    counter.fetch_add(1, Ordering::Relaxed);
     *stats.last_reload.lock().expect("stats lock") = Some(ReloadOutcome {
         at: std::time::SystemTime::now(),
         errors,

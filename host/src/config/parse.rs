@@ -721,20 +721,8 @@ fn read_reach(cx: &mut Cx, b: &mut Fields, opts: &LoadOptions, remote: bool) -> 
             let mut proxy = HttpProxy::parse(&text)
                 .map_err(|m| cx.err(un.line, &up, m))
                 .ok()?;
-            if let Some((sp, sn)) = secret {
-                let name = string(cx, (sp.clone(), sn))?;
-                let dir = opts.secrets_dir.join(&name);
-                if !dir.join("username").is_file() {
-                    cx.err(
-                        sn.line,
-                        &sp,
-                        format!(
-                            "Secret \"{name}\": missing file {} (files `username` and `password`)",
-                            dir.join("username").display()
-                        ),
-                    );
-                    return None;
-                }
+            if let Some(secret) = secret {
+                let dir = login_secret(cx, secret, opts)?;
                 proxy.credentials = Some(ProxyCredentials::Secret(dir));
             }
             Some(proxy)
@@ -805,6 +793,25 @@ pub fn ca_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// The folder of a Secret with files `username` and `password` (`usernamePassword`, a
+/// proxy's `secretName`), named by the field `secretName`; an error when it has no `username`.
+fn login_secret(cx: &mut Cx, (sp, sn): (String, &Node), opts: &LoadOptions) -> Option<PathBuf> {
+    let name = string(cx, (sp.clone(), sn))?;
+    let dir = opts.secrets_dir.join(&name);
+    if !dir.join("username").is_file() {
+        cx.err(
+            sn.line,
+            &sp,
+            format!(
+                "Secret \"{name}\": missing file {} (files `username` and `password`)",
+                dir.join("username").display()
+            ),
+        );
+        return None;
+    }
+    Some(dir)
 }
 
 fn read_auth(cx: &mut Cx, node: &Node, path: &str, opts: &LoadOptions) -> Option<Auth> {
@@ -878,20 +885,7 @@ fn read_auth(cx: &mut Cx, node: &Node, path: &str, opts: &LoadOptions) -> Option
         let auth = Fields::of(cx, n, &p).and_then(|mut m| {
             let secret = m.required(cx, &["secretName"]);
             m.finish(cx);
-            let (sp, sn) = secret?;
-            let name = string(cx, (sp.clone(), sn))?;
-            let dir = opts.secrets_dir.join(&name);
-            if !dir.join("username").is_file() {
-                cx.err(
-                    sn.line,
-                    &sp,
-                    format!(
-                        "Secret \"{name}\": missing file {} (files `username` and `password`)",
-                        dir.join("username").display()
-                    ),
-                );
-                return None;
-            }
+            let dir = login_secret(cx, secret?, opts)?;
             Some(Auth::UsernamePassword { dir })
         });
         found.push((p, auth));

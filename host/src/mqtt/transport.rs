@@ -257,8 +257,7 @@ async fn tunnel(
                 ProxyCredentials::Secret(dir) => {
                     let read = |name: &str| {
                         let path = dir.join(name);
-                        std::fs::read_to_string(&path)
-                            .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                        crate::secret::read_file(&path)
                             .map_err(|source| TransportError::ProxyCredentials { path, source })
                     };
                     (read("username")?, read("password").unwrap_or_default())
