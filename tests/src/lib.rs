@@ -34,6 +34,20 @@ pub fn bridge_binary() -> PathBuf {
     dir.join("edgebridge")
 }
 
+/// Loads `yaml` as the bridge would from `dir/bridge.yaml`, with the Secret and ConfigMap
+/// folders `dir/secrets` and `dir/configmaps`; a problem fails the test, printing the YAML.
+pub fn load_config(dir: &Path, yaml: &str) -> edgebridge::config::Config {
+    let path = write_file(dir, "bridge.yaml", yaml);
+    edgebridge::config::load(
+        &[path],
+        &edgebridge::config::LoadOptions {
+            secrets_dir: dir.join("secrets"),
+            configmaps_dir: dir.join("configmaps"),
+        },
+    )
+    .unwrap_or_else(|r| panic!("invalid test configuration:\n{r}\n{yaml}"))
+}
+
 /// Logs of the bridge under test go to the test output when `RUST_LOG` is set.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -58,6 +72,15 @@ pub struct Pki {
 }
 
 impl Pki {
+    /// The CA, server certificate and key files, as [`MosquittoOptions::tls`] takes them.
+    pub fn server_files(&self) -> (PathBuf, PathBuf, PathBuf) {
+        (
+            self.ca.clone(),
+            self.server_cert.clone(),
+            self.server_key.clone(),
+        )
+    }
+
     /// Makes a CA and a server certificate (for localhost and 127.0.0.1) in `dir`.
     pub fn new(dir: &Path) -> Pki {
         Pki::with_server(dir, &["localhost", "127.0.0.1"], false)

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use edgebridge::bridge::{self, RunOptions};
-use edgebridge::config::{self, Auth, LoadOptions};
+use edgebridge::config::{self, Auth};
 use edgebridge::credentials::{CredentialError, IdentityOptions, Provider};
 use edgebridge_tests::auth::{Answer, AuthProxy, Check, IdentityMode, IdentityServer, verify};
 use edgebridge_tests::{
@@ -32,15 +32,7 @@ fn opts(identity: &IdentityServer, key_dir: &Path) -> RunOptions {
 }
 
 fn load(dir: &Path, yaml: &str) -> config::Config {
-    let path = write_file(dir, "bridge.yaml", yaml);
-    config::load(
-        &[path],
-        &LoadOptions {
-            secrets_dir: dir.join("secrets"),
-            configmaps_dir: dir.join("configmaps"),
-        },
-    )
-    .unwrap_or_else(|r| panic!("{r}"))
+    edgebridge_tests::load_config(dir, yaml)
 }
 
 fn connector(
@@ -512,11 +504,7 @@ async fn a_rotated_client_certificate_is_used_at_the_next_connect() {
     let pki = Pki::new(&dir.path().join("pki"));
     let local = Mosquitto::start(MosquittoOptions::default());
     let remote = Mosquitto::start(MosquittoOptions {
-        tls: Some((
-            pki.ca.clone(),
-            pki.server_cert.clone(),
-            pki.server_key.clone(),
-        )),
+        tls: Some(pki.server_files()),
         ..Default::default()
     });
     std::fs::create_dir_all(dir.path().join("configmaps/ca")).unwrap();
@@ -579,11 +567,7 @@ async fn tls_failures_are_clear() {
     let pki = Pki::new(&dir.path().join("pki"));
     let other = Pki::new(&dir.path().join("other"));
     let remote = Mosquitto::start(MosquittoOptions {
-        tls: Some((
-            pki.ca.clone(),
-            pki.server_cert.clone(),
-            pki.server_key.clone(),
-        )),
+        tls: Some(pki.server_files()),
         ..Default::default()
     });
     let ca_dir = |p: &Pki, name: &str| {
@@ -650,11 +634,7 @@ async fn tls_failures_are_clear() {
         let sub = dir.path().join(format!("pki-{expired}"));
         let bad = Pki::with_server(&sub, names, expired);
         let broker = Mosquitto::start(MosquittoOptions {
-            tls: Some((
-                bad.ca.clone(),
-                bad.server_cert.clone(),
-                bad.server_key.clone(),
-            )),
+            tls: Some(bad.server_files()),
             ..Default::default()
         });
         let ca = ca_dir(&bad, &format!("ca-{expired}"));
@@ -882,11 +862,7 @@ fn no_secret_appears_in_any_output_at_trace_level() {
         let local2 = Mosquitto::start(MosquittoOptions::default());
         let sat_peer = AuthProxy::start(local2.port, Check::SatFile(sat.clone())).await;
         let remote2 = Mosquitto::start(MosquittoOptions {
-            tls: Some((
-                pki.ca.clone(),
-                pki.server_cert.clone(),
-                pki.server_key.clone(),
-            )),
+            tls: Some(pki.server_files()),
             ..Default::default()
         });
         pki.client_secret(&dir.path().join("secrets/cert"), "mqttbridge");

@@ -509,15 +509,7 @@ fn failover_addresses_and_the_proxy_load_and_their_mistakes_are_named() {
 }
 
 fn load_one(yaml: &str) -> config::Config {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_file(dir.path(), "bridge.yaml", yaml);
-    load(
-        &[path],
-        &LoadOptions {
-            secrets_dir: dir.path().join("secrets"),
-            configmaps_dir: dir.path().join("configmaps"),
-        },
-    )
+    edgebridge_tests::load_config(tempfile::tempdir().unwrap().path(), yaml)
 }
 
 /// Hostile or absurd configuration files are refused with a named error, quickly and with

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use edgebridge::bridge::{self, RunOptions, RunningBridge};
-use edgebridge::config::{self, Config, LoadOptions};
+use edgebridge::config::Config;
 use edgebridge::counters::SessionCounters;
 use edgebridge_tests::proxy::{ProxyOptions, Tinyproxy};
 use edgebridge_tests::{
@@ -27,15 +27,7 @@ fn opts() -> RunOptions {
 }
 
 fn load(dir: &Path, yaml: &str) -> Config {
-    let path = write_file(dir, "bridge.yaml", yaml);
-    config::load(
-        &[path],
-        &LoadOptions {
-            secrets_dir: dir.join("secrets"),
-            configmaps_dir: dir.join("configmaps"),
-        },
-    )
-    .unwrap_or_else(|r| panic!("invalid test configuration:\n{r}\n{yaml}"))
+    edgebridge_tests::load_config(dir, yaml)
 }
 
 /// The remote session of the route client of route `route`.
@@ -65,11 +57,7 @@ async fn tls_to_the_remote_goes_through_an_http_proxy_with_basic_authentication(
     let pki = Pki::with_server(&dir.path().join("pki"), &["localhost"], false);
     let local = Mosquitto::start(MosquittoOptions::default());
     let remote = Mosquitto::start(MosquittoOptions {
-        tls: Some((
-            pki.ca.clone(),
-            pki.server_cert.clone(),
-            pki.server_key.clone(),
-        )),
+        tls: Some(pki.server_files()),
         ..Default::default()
     });
     let tls_port = remote.tls_port.unwrap();
@@ -348,10 +336,10 @@ async fn failover(mode: &str) {
     primary.stop();
     let moved = Instant::now();
     publish(100).await;
+    let connected_to =
+        |address: String| session.connected() && session.link_info().address == address;
     assert!(
-        eventually(10 * SECOND, || session.connected()
-            && session.link_info().address == secondary.endpoint())
-        .await,
+        eventually(10 * SECOND, || connected_to(secondary.endpoint())).await,
         "moved to the second address: {:?}",
         session.link_info()
     );
@@ -365,9 +353,7 @@ async fn failover(mode: &str) {
     publish(100).await;
     if mode == "priority" {
         assert!(
-            eventually(10 * SECOND, || session.connected()
-                && session.link_info().address == primary.endpoint())
-            .await,
+            eventually(10 * SECOND, || connected_to(primary.endpoint())).await,
             "back on the primary: {:?}",
             session.link_info()
         );

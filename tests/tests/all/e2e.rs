@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edgebridge::bridge::{self, RunOptions, RunningBridge};
-use edgebridge::config::{self, Config, LoadOptions};
+use edgebridge::config::{self, Config};
 use edgebridge::counters::DropReason;
 use edgebridge_tests::{
     Collector, Mosquitto, MosquittoOptions, Pki, Publisher, bridge_yaml, eventually, free_port,
@@ -26,15 +26,7 @@ fn opts() -> RunOptions {
 }
 
 fn load(dir: &Path, yaml: &str) -> Config {
-    let path = write_file(dir, "bridge.yaml", yaml);
-    config::load(
-        &[path],
-        &LoadOptions {
-            secrets_dir: dir.join("secrets"),
-            configmaps_dir: dir.join("configmaps"),
-        },
-    )
-    .unwrap_or_else(|r| panic!("invalid test configuration:\n{r}\n{yaml}"))
+    edgebridge_tests::load_config(dir, yaml)
 }
 
 /// A connector plus a topic map whose `routes:` block is `routes` (already indented by 4).
@@ -498,11 +490,7 @@ async fn tls_with_a_client_certificate_and_intermediate_chain() {
     let pki = Pki::new(&dir.path().join("pki"));
     let local = Mosquitto::start(MosquittoOptions::default());
     let remote = Mosquitto::start(MosquittoOptions {
-        tls: Some((
-            pki.ca.clone(),
-            pki.server_cert.clone(),
-            pki.server_key.clone(),
-        )),
+        tls: Some(pki.server_files()),
         ..Default::default()
     });
     std::fs::create_dir_all(dir.path().join("configmaps/remote-ca")).unwrap();
@@ -541,11 +529,7 @@ async fn websocket_and_secure_websocket_transports() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
     let local = Mosquitto::start(MosquittoOptions {
-        tls: Some((
-            pki.ca.clone(),
-            pki.server_cert.clone(),
-            pki.server_key.clone(),
-        )),
+        tls: Some(pki.server_files()),
         websockets: true,
         ..Default::default()
     });

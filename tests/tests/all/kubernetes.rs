@@ -179,26 +179,33 @@ async fn applied_resources_run_report_their_status_and_follow_every_change() {
     assert_eq!(edge["status"]["routes"][0]["instance"], 0);
     let map = api.get(API, "MqttBridgeTopicMap", NS, "edge-map").unwrap();
     assert_eq!(condition(&map, "Ready")["status"], "True", "{map}");
+    // After the `n`th edit of route b's source: the bridge applied it as a restart of route
+    // b alone (within `limit`), every route forwards again, and a message on `topic` is the
+    // `total`th to arrive.
+    let route_b_moved = async |n: usize, limit: Duration, topic: &str, total: usize| {
+        assert!(
+            until(limit, || async {
+                let log = read_log();
+                log.contains(
+                    "Configuration applied: started none; restarted edge-b; stopped none; 1 unchanged",
+                ) && log.matches("restarted edge-b").count() >= n
+            })
+            .await,
+            "{}",
+            read_log()
+        );
+        assert!(
+            until(10 * SECOND, || async {
+                clients(http).await.iter().all(|x| x.2)
+            })
+            .await
+        );
+        lp.publish(topic, 1, false, "moved").await;
+        assert_eq!(at_remote.wait_for(total, 10 * SECOND).await, total);
+    };
     // Edit route b: it restarts on its new source, route a is untouched.
     api.apply(topic_map("edge-map", "edge", routes("kc/#")));
-    assert!(
-        until(10 * SECOND, || async {
-            read_log().contains(
-                "Configuration applied: started none; restarted edge-b; stopped none; 1 unchanged",
-            )
-        })
-        .await,
-        "{}",
-        read_log()
-    );
-    assert!(
-        until(10 * SECOND, || async {
-            clients(http).await.iter().all(|x| x.2)
-        })
-        .await
-    );
-    lp.publish("kc/1", 1, false, "c1").await;
-    assert_eq!(at_remote.wait_for(3, 10 * SECOND).await, 3);
+    route_b_moved(1, 10 * SECOND, "kc/1", 3).await;
     let a = clients(http)
         .await
         .into_iter()
@@ -228,44 +235,13 @@ async fn applied_resources_run_report_their_status_and_follow_every_change() {
     api.expire_watches();
     tokio::time::sleep(SECOND).await;
     api.apply(topic_map("edge-map", "edge", routes("kd/#")));
-    assert!(
-        until(15 * SECOND, || async {
-            read_log().contains("restarted edge-b; stopped none; 1 unchanged")
-                && read_log().matches("restarted edge-b").count() >= 2
-        })
-        .await,
-        "{}",
-        read_log()
-    );
-    assert!(
-        until(10 * SECOND, || async {
-            clients(http).await.iter().all(|x| x.2)
-        })
-        .await
-    );
-    lp.publish("kd/1", 1, false, "d1").await;
-    assert_eq!(at_remote.wait_for(5, 10 * SECOND).await, 5);
+    route_b_moved(2, 15 * SECOND, "kd/1", 5).await;
     // The API server restarts: the watch resumes.
     api.stop();
     tokio::time::sleep(2 * SECOND).await;
     api.restart().await;
     api.apply(topic_map("edge-map", "edge", routes("ke/#")));
-    assert!(
-        until(30 * SECOND, || async {
-            read_log().matches("restarted edge-b").count() >= 3
-        })
-        .await,
-        "{}",
-        read_log()
-    );
-    assert!(
-        until(10 * SECOND, || async {
-            clients(http).await.iter().all(|x| x.2)
-        })
-        .await
-    );
-    lp.publish("ke/1", 1, false, "e1").await;
-    assert_eq!(at_remote.wait_for(6, 10 * SECOND).await, 6);
+    route_b_moved(3, 30 * SECOND, "ke/1", 6).await;
     // kubectl delete: the routes stop.
     api.delete(API, "MqttBridgeTopicMap", NS, "edge-map");
     assert!(
