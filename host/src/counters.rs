@@ -330,6 +330,8 @@ pub struct RouteCounters {
     pub in_flight: AtomicU64,
     /// Their payload and topic bytes (gauge).
     pub in_flight_bytes: AtomicU64,
+    /// Source messages an aggregator holds in windows (gauge).
+    pub held: AtomicU64,
     /// Source receipt to target acknowledgement of each message.
     pub latency: Histogram,
     /// The session subscribed on the source broker.
@@ -368,6 +370,7 @@ impl RouteCounters {
             plugin_errors: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             in_flight_bytes: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             latency: Histogram::new(&LATENCY_BUCKETS),
             source: Arc::new(SessionCounters::new(source)),
             target: Arc::new(SessionCounters::new(target)),
@@ -475,13 +478,15 @@ pub enum CallOutcome {
     Refused,
     /// Not called: the circuit breaker is open.
     BreakerOpen,
+    /// An aggregator held the message in a window.
+    Hold,
     /// Its instance could not be started.
     StartFailed,
 }
 
 impl CallOutcome {
     /// Every outcome, in label order.
-    pub const ALL: [CallOutcome; 8] = [
+    pub const ALL: [CallOutcome; 9] = [
         CallOutcome::Pass,
         CallOutcome::Drop,
         CallOutcome::Emit,
@@ -490,6 +495,7 @@ impl CallOutcome {
         CallOutcome::Refused,
         CallOutcome::BreakerOpen,
         CallOutcome::StartFailed,
+        CallOutcome::Hold,
     ];
 
     /// The metric label.
@@ -503,9 +509,13 @@ impl CallOutcome {
             CallOutcome::Refused => "refused",
             CallOutcome::BreakerOpen => "breaker_open",
             CallOutcome::StartFailed => "start_failed",
+            CallOutcome::Hold => "hold",
         }
     }
 }
+
+/// Bounds of the timer lateness histogram, seconds.
+pub const LATENESS_BUCKETS: [f64; 9] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0];
 
 /// Counters of one plugin on one route (shared by the route's clients).
 #[derive(Debug)]
@@ -521,6 +531,18 @@ pub struct PluginCounters {
     pub breaker_open: AtomicU64,
     /// Log lines the plugin wrote beyond its policy's rate, dropped.
     pub log_dropped: AtomicU64,
+    /// The metrics the plugin declared itself (WIT 0.2 `metrics`).
+    pub own: Arc<std::sync::Mutex<crate::plugin::own_metrics::OwnMetrics>>,
+    /// Timers that fired (WIT 0.2 `timers`).
+    pub timers_fired: AtomicU64,
+    /// How late each timer fired.
+    pub timer_lateness: Histogram,
+    /// Timers set now (gauge).
+    pub timers_set: AtomicU64,
+    /// Messages held in windows now (gauge).
+    pub held: AtomicU64,
+    /// Flushes by reason: stop, upgrade, pressure.
+    pub flushes: [AtomicU64; 3],
 }
 
 impl PluginCounters {
@@ -533,6 +555,12 @@ impl PluginCounters {
             duration: Histogram::new(&CALL_BUCKETS),
             breaker_open: AtomicU64::new(0),
             log_dropped: AtomicU64::new(0),
+            own: Default::default(),
+            timers_fired: AtomicU64::new(0),
+            timer_lateness: Histogram::new(&LATENESS_BUCKETS),
+            timers_set: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            flushes: Default::default(),
         }
     }
 

@@ -15,7 +15,7 @@ use std::time::Instant;
 use crate::mqtt::{AckToken, Token};
 
 /// What settling a copy completed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settled {
     /// Not a copy this ledger waits for (already settled, or never forwarded).
     Unknown,
@@ -26,6 +26,15 @@ pub enum Settled {
         /// The source acknowledgement, if the message had one.
         ack: Option<AckToken>,
         /// When the source message was received.
+        since: Instant,
+    },
+    /// The last copy of messages published for held source messages (a window's result, or
+    /// a message an aggregator also held): each of these [`Held`] inputs has one obligation
+    /// fewer.
+    Inputs {
+        /// The inputs.
+        ids: Vec<u64>,
+        /// When the messages were published.
         since: Instant,
     },
 }
@@ -43,6 +52,8 @@ struct Group {
     left: usize,
     ack: Option<AckToken>,
     since: Instant,
+    /// [`Held`] inputs the group stands for (then `ack` is `None`).
+    inputs: Vec<u64>,
 }
 
 /// The ledger (see the module docs).
@@ -96,11 +107,41 @@ impl Ledger {
                     left: copies,
                     ack,
                     since,
+                    inputs: Vec::new(),
                 },
             );
             for (t, size) in (first..=self.next_token).zip(sizes) {
                 self.waiting.insert(t, Waiting::Copy(group, *size));
             }
+        }
+        first..self.next_token + 1
+    }
+
+    /// Records messages published for the [`Held`] inputs `ids` (at least one message);
+    /// settling the last one returns [`Settled::Inputs`]. The tokens to publish them with.
+    pub fn forward_for_inputs(
+        &mut self,
+        sizes: &[usize],
+        ids: Vec<u64>,
+        since: Instant,
+    ) -> Range<Token> {
+        debug_assert!(!sizes.is_empty());
+        let first = self.next_token + 1;
+        self.next_token += sizes.len() as Token;
+        self.bytes += sizes.iter().sum::<usize>();
+        self.next_group += 1;
+        let group = self.next_group;
+        self.groups.insert(
+            group,
+            Group {
+                left: sizes.len(),
+                ack: None,
+                since,
+                inputs: ids,
+            },
+        );
+        for (t, size) in (first..=self.next_token).zip(sizes) {
+            self.waiting.insert(t, Waiting::Copy(group, *size));
         }
         first..self.next_token + 1
     }
@@ -121,6 +162,12 @@ impl Ledger {
                     return Settled::Copy;
                 }
                 let g = self.groups.remove(&group).expect("just found");
+                if !g.inputs.is_empty() {
+                    return Settled::Inputs {
+                        ids: g.inputs,
+                        since: g.since,
+                    };
+                }
                 Settled::Message {
                     ack: g.ack,
                     since: g.since,
@@ -142,6 +189,98 @@ impl Ledger {
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
         self.waiting.is_empty()
+    }
+}
+
+/// Source messages an aggregator holds in windows, each with the obligations left before it
+/// may be acknowledged: one per window holding it, one per group of messages published for
+/// it. A window's release turns its hold into the obligations of what the release published
+/// (or none). Sans-I/O, like the ledger.
+#[derive(Debug, Default)]
+pub struct Held {
+    inputs: HashMap<u64, HeldInput>,
+    windows: HashMap<(usize, String), Vec<u64>>,
+    next: u64,
+    /// Inputs with an acknowledgement (QoS 1/2) not yet done.
+    acked: usize,
+}
+
+#[derive(Debug)]
+struct HeldInput {
+    ack: Option<AckToken>,
+    left: usize,
+}
+
+impl Held {
+    /// A source message with `obligations` (≥ 1) to meet; its id.
+    pub fn input(&mut self, ack: Option<AckToken>, obligations: usize) -> u64 {
+        self.next += 1;
+        if ack.is_some() {
+            self.acked += 1;
+        }
+        self.inputs.insert(
+            self.next,
+            HeldInput {
+                ack,
+                left: obligations.max(1),
+            },
+        );
+        self.next
+    }
+
+    /// `id` is held in window `key`.
+    pub fn park(&mut self, id: u64, key: (usize, String)) {
+        self.windows.entry(key).or_default().push(id);
+    }
+
+    /// The inputs window `key` held, taken (the window is empty again).
+    pub fn release(&mut self, key: &(usize, String)) -> Vec<u64> {
+        self.windows.remove(key).unwrap_or_default()
+    }
+
+    /// Adds `n` obligations to `id`.
+    pub fn add(&mut self, id: u64, n: usize) {
+        if let Some(i) = self.inputs.get_mut(&id) {
+            i.left += n;
+        }
+    }
+
+    /// One obligation of `id` is met; its acknowledgement when that was the last (`Some(None)`
+    /// for a QoS 0 message), `None` while some are left or for an unknown id.
+    pub fn done(&mut self, id: u64) -> Option<Option<AckToken>> {
+        let i = self.inputs.get_mut(&id)?;
+        i.left -= 1;
+        if i.left > 0 {
+            return None;
+        }
+        let i = self.inputs.remove(&id).expect("just seen");
+        if i.ack.is_some() {
+            self.acked -= 1;
+        }
+        Some(i.ack)
+    }
+
+    /// QoS 1/2 messages held (they hold back their source's later acknowledgements).
+    pub fn holding(&self) -> usize {
+        self.acked
+    }
+
+    /// Messages held in windows.
+    pub fn len(&self) -> usize {
+        self.inputs.len()
+    }
+
+    /// Nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.inputs.is_empty()
+    }
+
+    /// Forgets everything (the source reconnects: what was held comes again).
+    pub fn clear(&mut self) {
+        *self = Held {
+            next: self.next,
+            ..Held::default()
+        };
     }
 }
 
@@ -334,5 +473,37 @@ mod tests {
             l.settle(t.start),
             Settled::Message { ack: None, .. }
         ));
+    }
+
+    #[test]
+    fn a_held_message_is_done_when_its_window_release_is_acknowledged() {
+        let (_, acks) = source_with(2);
+        let mut held = Held::default();
+        let mut ledger = Ledger::default();
+        let now = Instant::now();
+        let a = held.input(Some(acks[0]), 1);
+        let b = held.input(Some(acks[1]), 1);
+        held.park(a, (0, "w".into()));
+        held.park(b, (0, "w".into()));
+        assert_eq!(held.holding(), 2);
+        // The window closes with one message: its hold becomes that message's obligation.
+        let ids = held.release(&(0, "w".into()));
+        for id in &ids {
+            held.add(*id, 1);
+            assert_eq!(held.done(*id), None, "the published result is not acknowledged yet");
+        }
+        let tokens = ledger.forward_for_inputs(&[10], ids, now);
+        let Settled::Inputs { ids, .. } = ledger.settle(tokens.start) else {
+            panic!("a release settles as its inputs")
+        };
+        let acked: Vec<_> = ids.into_iter().filter_map(|id| held.done(id)).collect();
+        assert_eq!(acked, vec![Some(acks[0]), Some(acks[1])]);
+        assert_eq!((held.holding(), held.len(), ledger.len()), (0, 0, 0));
+        // A window released with nothing to publish: done at once.
+        let c = held.input(None, 1);
+        held.park(c, (1, "x".into()));
+        let ids = held.release(&(1, "x".into()));
+        assert_eq!(held.done(ids[0]), Some(None));
+        assert!(held.release(&(1, "x".into())).is_empty());
     }
 }

@@ -199,8 +199,8 @@ enum PluginCommand {
         #[arg(short, long)]
         retain: bool,
         /// Messages as JSON lines instead of the sample message (`{"topic": …, "payload":
-        /// …, "qos": …, "retain": …, "userProperties": {…}, "contentType": …}`); `-` reads
-        /// stdin.
+        /// …, "qos": …, "retain": …, "userProperties": {…}, "contentType": …, "at": MS}`),
+        /// `at` placing each on a timeline whose timers fire in between; `-` reads stdin.
         #[arg(long, conflicts_with_all = ["message", "properties"])]
         messages: Option<PathBuf>,
         /// The route's source filter.
@@ -212,6 +212,10 @@ enum PluginCommand {
         /// Also time this many further calls per message and print the median.
         #[arg(long, default_value_t = 0)]
         repeat: u32,
+        /// Go on this many milliseconds past the last message's `at`, firing the timers an
+        /// aggregator set (then it is flushed as at a route's stop).
+        #[arg(long)]
+        until: Option<u64>,
         /// Folder of plugin policies.
         #[arg(long, default_value = edgebridge::bridge::DEFAULT_POLICIES_DIR, env = "EDGEBRIDGE_POLICIES_DIR")]
         policies_dir: PathBuf,
@@ -492,6 +496,7 @@ fn plugin_command(command: PluginCommand) -> ExitCode {
             source,
             target,
             repeat,
+            until,
             policies_dir,
         } => {
             let qos =
@@ -514,7 +519,7 @@ fn plugin_command(command: PluginCommand) -> ExitCode {
                     plugin_test::messages_from_json_lines(&text, &origin, &topic)
                 }
                 None => plugin_test::message_from_args(&topic, &message, &properties, qos, retain)
-                    .map(|m| vec![m]),
+                    .map(|m| vec![(0, m)]),
             };
             let messages = match messages {
                 Ok(m) => m,
@@ -529,6 +534,7 @@ fn plugin_command(command: PluginCommand) -> ExitCode {
                 target,
                 repeat,
                 messages,
+                until,
             };
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             match rt.block_on(plugin_test::run(&t)) {

@@ -81,6 +81,72 @@ fn histograms(
     Ok(())
 }
 
+/// The metrics plugins declared themselves: `edgebridge_plugin_<plugin>_<name>` with the
+/// labels `plugin`, `route` and the plugin's own; one family per name, over the routes.
+fn own_metrics(
+    encoder: &mut DescriptorEncoder,
+    plugins: &[std::sync::Arc<crate::counters::PluginCounters>],
+) -> Result<(), std::fmt::Error> {
+    use crate::plugin::own_metrics::{Kind, Value};
+    type Row = (Vec<(String, String)>, Value);
+    let mut families: BTreeMap<String, (String, Kind, Vec<f64>, Vec<Row>)> = BTreeMap::new();
+    for p in plugins {
+        let own = p.own.lock().expect("metrics lock");
+        let prefix: String = p
+            .plugin
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .collect();
+        for d in &own.declared {
+            let name = format!("edgebridge_plugin_{prefix}_{}", d.name);
+            let entry = families
+                .entry(name)
+                .or_insert_with(|| (d.help.clone(), d.kind, d.buckets.clone(), Vec::new()));
+            // Another version declared it otherwise: only the first is exported.
+            if entry.1 != d.kind || entry.2 != d.buckets {
+                continue;
+            }
+            for (values, v) in &d.series {
+                let mut labels = vec![
+                    ("plugin".to_string(), p.plugin.clone()),
+                    ("route".to_string(), p.route.clone()),
+                ];
+                labels.extend(d.labels.iter().cloned().zip(values.iter().cloned()));
+                entry.3.push((labels, v.clone()));
+            }
+        }
+    }
+    for (name, (help, kind, buckets, rows)) in families {
+        let ty = match kind {
+            Kind::Counter => MetricType::Counter,
+            Kind::Gauge => MetricType::Gauge,
+            Kind::Histogram => MetricType::Histogram,
+        };
+        let mut m = encoder.encode_descriptor(&name, &help, None, ty)?;
+        for (labels, v) in rows {
+            let mut e = m.encode_family(&labels)?;
+            match v {
+                Value::Number(x) if kind == Kind::Counter => {
+                    e.encode_counter::<NoLabelSet, f64, u64>(&x, None)?
+                }
+                Value::Number(x) => e.encode_gauge(&x)?,
+                Value::Histogram { counts, sum, count } => {
+                    // The encoder takes the count of each bucket alone (it accumulates).
+                    let mut below = 0;
+                    let mut b: Vec<(f64, u64)> = Vec::with_capacity(buckets.len() + 1);
+                    for (bound, cumulative) in buckets.iter().zip(counts) {
+                        b.push((*bound, cumulative - below));
+                        below = cumulative;
+                    }
+                    b.push((f64::MAX, count - below));
+                    e.encode_histogram::<NoLabelSet>(sum, count, &b, None)?
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The `edgebridge_spool_*` families, one series per spooled route client.
 fn spool_families(
     encoder: &mut DescriptorEncoder,
@@ -260,6 +326,13 @@ impl Collector for Scrape {
         )?;
         family(
             &mut encoder,
+            "edgebridge_messages_held",
+            "Source messages an aggregator plugin holds in windows (acknowledged when the window's result is).",
+            MetricType::Gauge,
+            &sum(&|c| c.held.load(Ordering::Relaxed)),
+        )?;
+        family(
+            &mut encoder,
             "edgebridge_messages_in_flight_bytes",
             "Payload and topic bytes of the messages in flight (bounded by --max-inflight-mib).",
             MetricType::Gauge,
@@ -403,6 +476,56 @@ impl Collector for Scrape {
             MetricType::Gauge,
             &breaker,
         )?;
+        let each = |f: &dyn Fn(&crate::counters::PluginCounters) -> u64| -> Vec<(Labels, u64)> {
+            plugins.iter().map(|p| (plugin_labels(p), f(p))).collect()
+        };
+        family(
+            &mut encoder,
+            "edgebridge_plugin_timers",
+            "Timers an aggregator has set.",
+            MetricType::Gauge,
+            &each(&|p| p.timers_set.load(Ordering::Relaxed)),
+        )?;
+        family(
+            &mut encoder,
+            "edgebridge_plugin_timers_fired",
+            "Timers that fired.",
+            MetricType::Counter,
+            &each(&|p| p.timers_fired.load(Ordering::Relaxed)),
+        )?;
+        let lateness: Vec<(Labels, Vec<&Histogram>)> = plugins
+            .iter()
+            .map(|p| (plugin_labels(p), vec![&p.timer_lateness]))
+            .collect();
+        histograms(
+            &mut encoder,
+            "edgebridge_plugin_timer_lateness_seconds",
+            "How long after its due time each timer fired.",
+            &lateness,
+        )?;
+        let mut flushes = Vec::new();
+        for p in &plugins {
+            for (i, reason) in ["stop", "upgrade", "pressure"].iter().enumerate() {
+                let mut labels = plugin_labels(p);
+                labels.push(("reason", reason.to_string()));
+                flushes.push((labels, p.flushes[i].load(Ordering::Relaxed)));
+            }
+        }
+        family(
+            &mut encoder,
+            "edgebridge_plugin_flushes",
+            "Flushes an aggregator was asked for, by reason.",
+            MetricType::Counter,
+            &flushes,
+        )?;
+        family(
+            &mut encoder,
+            "edgebridge_plugin_metric_series_refused",
+            "Updates of a plugin's own metrics refused: a new series beyond its policy's metrics.maxSeries.",
+            MetricType::Counter,
+            &each(&|p| p.own.lock().expect("metrics lock").refused),
+        )?;
+        own_metrics(&mut encoder, &plugins)?;
         let mut info = encoder.encode_descriptor(
             "edgebridge_plugin",
             "The running version of each plugin.",

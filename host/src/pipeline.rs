@@ -15,7 +15,7 @@ use tracing::{debug, error, warn};
 use crate::config::{OnPluginError, Route};
 use crate::counters::{DropReason, RouteCounters};
 use crate::model::{Message, Properties};
-use crate::plugin::stage::{Outcome, StageError};
+use crate::plugin::stage::{FlushReason, Outcome, Release, StageError};
 use crate::routing::{self, LoopGuard, LoopVerdict, Side};
 use crate::topic;
 
@@ -33,6 +33,52 @@ pub trait Stage: Send {
         msg: &Message,
         target: &str,
     ) -> impl Future<Output = Result<Outcome, StageError>> + Send;
+
+    /// Window results of the last call (aggregators only).
+    fn take_releases(&mut self) -> Vec<Release> {
+        Vec::new()
+    }
+
+    /// Whether an aggregator instance and its windows were discarded since last asked.
+    fn take_lost(&mut self) -> bool {
+        false
+    }
+
+    /// When its soonest timer is due (timer time, µs).
+    fn next_timer(&mut self) -> Option<u64> {
+        None
+    }
+
+    /// The policy's `maxHeld`, for an aggregator.
+    fn max_held(&self) -> Option<usize> {
+        None
+    }
+
+    /// Runs the timers due at `now`; results in [`Stage::take_releases`].
+    fn fire_timers(&mut self, _now: u64) -> impl Future<Output = Result<(), StageError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Asks an aggregator to emit what it holds; results in [`Stage::take_releases`].
+    fn flush(&mut self, _reason: FlushReason) -> impl Future<Output = Result<(), StageError>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// A window of one stage of the chain: (stage index, window name).
+pub type WindowKey = (usize, String);
+
+/// A window's result, through the rest of the chain: publish `messages`; the source messages
+/// held in `key` are done when every one of them is acknowledged and every window of
+/// `holds` (a later aggregator that held them again) is released in turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Released {
+    /// The window released.
+    pub key: WindowKey,
+    /// The messages to publish, with their target topics.
+    pub messages: Vec<Message>,
+    /// Windows of later stages that hold its messages.
+    pub holds: Vec<WindowKey>,
 }
 
 /// What [`Pipeline::process`] did with a message.
@@ -61,6 +107,10 @@ pub struct Pipeline<S> {
     /// MQTT 3.1.1 loop prevention, shared by the route clients of a connector.
     guard: Arc<Mutex<LoopGuard>>,
     stages: Vec<S>,
+    /// Windows the last processed message was held in.
+    holds: Vec<WindowKey>,
+    /// Window results not yet taken by the route client.
+    released: Vec<Released>,
 }
 
 impl<S: Stage> Pipeline<S> {
@@ -81,6 +131,178 @@ impl<S: Stage> Pipeline<S> {
             bridge_id,
             guard,
             stages,
+            holds: Vec::new(),
+            released: Vec::new(),
+        }
+    }
+
+    /// The windows the last processed message is held in (none: it was decided).
+    pub fn take_holds(&mut self) -> Vec<WindowKey> {
+        std::mem::take(&mut self.holds)
+    }
+
+    /// The window results produced since last asked, in order.
+    pub fn take_released(&mut self) -> Vec<Released> {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Whether an aggregator lost what its windows held (its instance was discarded).
+    pub fn take_lost(&mut self) -> bool {
+        self.stages
+            .iter_mut()
+            .fold(false, |lost, s| s.take_lost() || lost)
+    }
+
+    /// When the soonest timer of the chain is due (timer time, µs).
+    pub fn next_timer(&mut self) -> Option<u64> {
+        self.stages.iter_mut().filter_map(|s| s.next_timer()).min()
+    }
+
+    /// The smallest `maxHeld` of the chain's aggregators (none: no aggregator runs).
+    pub fn max_held(&self) -> Option<usize> {
+        self.stages.iter().filter_map(|s| s.max_held()).min()
+    }
+
+    /// Fires the timers due at `now`; their results are in [`Pipeline::take_released`].
+    pub async fn fire_timers(&mut self, now: u64, counters: &RouteCounters) {
+        for i in 0..self.stages.len() {
+            if self.stages[i].next_timer().is_none_or(|t| t > now) {
+                continue;
+            }
+            if let Err(e) = self.stages[i].fire_timers(now).await {
+                RouteCounters::add(&counters.plugin_errors);
+                error!(route = %self.route.name, "{}; what the plugin holds stays held", crate::error::chain(&e));
+            }
+            let pending = self.stages[i]
+                .take_releases()
+                .into_iter()
+                .map(|r| (i, r))
+                .collect();
+            self.settle_releases(pending, counters).await;
+        }
+    }
+
+    /// Asks every aggregator of the chain, in order, to emit what it holds; the results are in
+    /// [`Pipeline::take_released`].
+    pub async fn flush(&mut self, reason: FlushReason, counters: &RouteCounters) {
+        for i in 0..self.stages.len() {
+            if let Err(e) = self.stages[i].flush(reason).await {
+                RouteCounters::add(&counters.plugin_errors);
+                error!(route = %self.route.name, reason = reason.as_str(), "{}; what the plugin holds stays held", crate::error::chain(&e));
+            }
+            let pending = self.stages[i]
+                .take_releases()
+                .into_iter()
+                .map(|r| (i, r))
+                .collect();
+            self.settle_releases(pending, counters).await;
+        }
+    }
+
+    /// Runs window results through the stages after the one that released them.
+    async fn settle_releases(&mut self, pending: Vec<(usize, Release)>, counters: &RouteCounters) {
+        let mut queue: std::collections::VecDeque<(usize, Release)> = pending.into();
+        while let Some((i, r)) = queue.pop_front() {
+            let items: Vec<(Message, String)> = r
+                .messages
+                .into_iter()
+                .map(|e| {
+                    let target = e.topic.into_string();
+                    (
+                        Message {
+                            topic: target.clone(),
+                            payload: e.payload,
+                            qos: e.qos,
+                            retain: e.retain,
+                            properties: e.properties,
+                        },
+                        target,
+                    )
+                })
+                .collect();
+            let mut holds = Vec::new();
+            let mut more = Vec::new();
+            let mut out = match run_chain(
+                &mut self.stages,
+                i + 1,
+                items.clone(),
+                counters,
+                &mut holds,
+                &mut more,
+            )
+            .await
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    holds.clear();
+                    items
+                        .into_iter()
+                        .filter_map(|(m, target)| self.on_error(&e, m, target, counters))
+                        .collect()
+                }
+            };
+            queue.extend(more);
+            self.mark(&mut out);
+            self.released.push(Released {
+                key: (i, r.window),
+                messages: out,
+                holds,
+            });
+        }
+    }
+
+    /// The route's `onPluginError` for a message the chain failed on: what to publish instead.
+    fn on_error(
+        &self,
+        e: &StageError,
+        msg: Message,
+        target: String,
+        counters: &RouteCounters,
+    ) -> Option<Message> {
+        let route = &self.route;
+        RouteCounters::add(&counters.plugin_errors);
+        let e = crate::error::chain(e);
+        match &route.on_plugin_error {
+            OnPluginError::Drop => {
+                counters.count_drop(DropReason::PluginError);
+                error!(route = %route.name, topic = %msg.topic, "{e}; message dropped (onPluginError: drop)");
+                None
+            }
+            OnPluginError::Pass => {
+                warn!(route = %route.name, topic = %msg.topic, "{e}; forwarding the original (onPluginError: pass)");
+                Some(Message {
+                    topic: target,
+                    ..msg
+                })
+            }
+            OnPluginError::DeadLetter(dlq) => {
+                counters.count_drop(DropReason::DeadLettered);
+                warn!(route = %route.name, topic = %msg.topic, dead_letter = %dlq, "{e}; message dead-lettered");
+                let mut m = Message {
+                    topic: dlq.clone(),
+                    ..msg
+                };
+                if self.v5 {
+                    m.properties
+                        .user_properties
+                        .push((ERROR_PROPERTY.to_string(), e));
+                }
+                Some(m)
+            }
+        }
+    }
+
+    /// MQTT 3.1.1 loop prevention: remembers what is published (MQTT 5: the target session
+    /// stamps the loop mark as it encodes).
+    fn mark(&self, out: &mut [Message]) {
+        if self.v5 || out.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut guard = self.guard.lock().expect("loop guard lock");
+        for m in out {
+            m.properties = Properties::default();
+            guard.mark(self.target, m, now);
         }
     }
 
@@ -132,78 +354,63 @@ impl<S: Stage> Pipeline<S> {
             out.push(Message { topic, ..msg });
         } else {
             let target = routing::target_topic(route, &msg.topic).to_string();
-            match run_chain(&mut self.stages, &msg, target.clone(), counters).await {
-                Ok(list) => out.extend(list),
+            let mut holds = Vec::new();
+            let mut pending = Vec::new();
+            let result = run_chain(
+                &mut self.stages,
+                0,
+                vec![(msg.clone(), target.clone())],
+                counters,
+                &mut holds,
+                &mut pending,
+            )
+            .await;
+            // Windows an aggregator released while deciding go out whatever the decision.
+            self.settle_releases(pending, counters).await;
+            match result {
+                Ok(list) => {
+                    out.extend(list);
+                    self.holds = holds;
+                }
                 Err(StageError::Missing(plugin)) => {
                     return Processed::Hold {
                         msg: Box::new(msg),
                         plugin,
                     };
                 }
-                Err(e) => {
-                    RouteCounters::add(&counters.plugin_errors);
-                    let e = crate::error::chain(&e);
-                    match &route.on_plugin_error {
-                        OnPluginError::Drop => {
-                            counters.count_drop(DropReason::PluginError);
-                            error!(route = %route.name, topic = %msg.topic, "{e}; message dropped (onPluginError: drop)");
-                        }
-                        OnPluginError::Pass => {
-                            warn!(route = %route.name, topic = %msg.topic, "{e}; forwarding the original (onPluginError: pass)");
-                            out.push(Message {
-                                topic: target,
-                                ..msg
-                            });
-                        }
-                        OnPluginError::DeadLetter(dlq) => {
-                            counters.count_drop(DropReason::DeadLettered);
-                            warn!(route = %route.name, topic = %msg.topic, dead_letter = %dlq, "{e}; message dead-lettered");
-                            let mut m = Message {
-                                topic: dlq.clone(),
-                                ..msg
-                            };
-                            if self.v5 {
-                                m.properties
-                                    .user_properties
-                                    .push((ERROR_PROPERTY.to_string(), e));
-                            }
-                            out.push(m);
-                        }
-                    }
-                }
+                Err(e) => out.extend(self.on_error(&e, msg, target, counters)),
             }
         }
-        // MQTT 5: the target session stamps the loop mark as it encodes.
-        if !self.v5 && out.len() > first {
-            let now = Instant::now();
-            let mut guard = self.guard.lock().expect("loop guard lock");
-            for m in &mut out[first..] {
-                m.properties = Properties::default();
-                guard.mark(self.target, m, now);
-            }
-        }
+        self.mark(&mut out[first..]);
         Processed::Done
     }
 }
 
-/// Runs the message through every stage. The message handed to each stage keeps the source
-/// topic; what it is going to is the `target` beside it.
+/// Runs messages through the stages from `from` on. The message handed to each stage keeps
+/// its source topic; what it is going to is the `target` beside it. Windows that hold a
+/// message are added to `holds`; window results the stages return, with the index of the
+/// stage, to `releases`.
 async fn run_chain<S: Stage>(
     stages: &mut [S],
-    msg: &Message,
-    target: String,
+    from: usize,
+    items: Vec<(Message, String)>,
     counters: &RouteCounters,
+    holds: &mut Vec<WindowKey>,
+    releases: &mut Vec<(usize, Release)>,
 ) -> Result<Vec<Message>, StageError> {
-    let mut current = vec![(msg.clone(), target)];
-    for stage in stages.iter_mut() {
+    let mut current = items;
+    for (i, stage) in stages.iter_mut().enumerate().skip(from) {
         let mut next = Vec::with_capacity(current.len());
         for (m, target) in current {
-            match stage.run(&m, &target).await? {
+            let outcome = stage.run(&m, &target).await;
+            releases.extend(stage.take_releases().into_iter().map(|r| (i, r)));
+            match outcome? {
                 Outcome::Pass => next.push((m, target)),
                 Outcome::Drop(reason) => {
                     counters.count_drop(DropReason::Filtered);
                     debug!(plugin = %stage.name(), topic = %m.topic, %reason, "Dropped by plugin");
                 }
+                Outcome::Hold(window) => holds.push((i, window)),
                 Outcome::Emit(list) => {
                     for e in list {
                         next.push((

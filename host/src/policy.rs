@@ -19,6 +19,9 @@
 //!   mayChangeQos: false
 //!   mayChangeRetain: false
 //!   circuitBreaker: {failures: 5, pause: 1s, maxPause: 60s}
+//!   timers: {max: 16, minPeriod: 100ms}   # aggregators (WIT 0.2): timers set at once, shortest
+//!   metrics: {maxSeries: 32}    # series of the plugin's own metrics, per route
+//!   maxHeld: 1000               # QoS 1/2 messages held in windows before a `pressure` flush
 //! ```
 
 use std::collections::HashMap;
@@ -41,8 +44,12 @@ pub enum Import {
     Log,
     /// `edgebridge:plugin/clock`.
     Clock,
-    /// `edgebridge:plugin/kv`.
+    /// `edgebridge:plugin/kv` (0.1.0) and `edgebridge:plugin/state` (0.2.0): the same store.
     Kv,
+    /// `edgebridge:plugin/timers` (0.2.0).
+    Timers,
+    /// `edgebridge:plugin/metrics` (0.2.0).
+    Metrics,
     /// The real time through WASI: `wasi:clocks/wall-clock` and `monotonic-clock` read the
     /// host's clocks, and sleeping waits. Without it the wall clock reads 1970-01-01, the
     /// monotonic clock never moves, and a sleep returns at once.
@@ -54,10 +61,12 @@ pub enum Import {
 
 impl Import {
     /// Every grant, in the order the policy reference lists them.
-    pub const ALL: [Import; 5] = [
+    pub const ALL: [Import; 7] = [
         Import::Log,
         Import::Clock,
         Import::Kv,
+        Import::Timers,
+        Import::Metrics,
         Import::WasiClocks,
         Import::WasiRandom,
     ];
@@ -68,6 +77,8 @@ impl Import {
             Import::Log => "log",
             Import::Clock => "clock",
             Import::Kv => "kv",
+            Import::Timers => "timers",
+            Import::Metrics => "metrics",
             Import::WasiClocks => "wasi-clocks",
             Import::WasiRandom => "wasi-random",
         }
@@ -79,7 +90,9 @@ impl Import {
         match rest.split('@').next()? {
             "log" => Some(Import::Log),
             "clock" => Some(Import::Clock),
-            "kv" => Some(Import::Kv),
+            "kv" | "state" => Some(Import::Kv),
+            "timers" => Some(Import::Timers),
+            "metrics" => Some(Import::Metrics),
             _ => None,
         }
     }
@@ -121,6 +134,15 @@ pub struct Policy {
     pub may_change_retain: bool,
     /// When a failing plugin stops being called.
     pub breaker: Breaker,
+    /// Timers an aggregator may have set at once, per route.
+    pub timers_max: usize,
+    /// Shortest timer an aggregator may set.
+    pub timers_min_period: Duration,
+    /// Series (label combinations) of its own metrics, per route.
+    pub metrics_max_series: usize,
+    /// QoS 1/2 messages an aggregator's route may hold in windows before it is asked to
+    /// flush (`pressure`).
+    pub max_held: usize,
 }
 
 /// Circuit breaker of a plugin stage: after `failures` failed calls in a row the plugin is not
@@ -166,6 +188,10 @@ impl Policy {
             may_change_qos: false,
             may_change_retain: false,
             breaker: Breaker::default(),
+            timers_max: 16,
+            timers_min_period: Duration::from_millis(100),
+            metrics_max_series: 32,
+            max_held: 1000,
         }
     }
 
@@ -523,6 +549,39 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
             kv.finish(cx);
         } else {
             ok = false;
+        }
+    }
+    if let Some((path, n)) = s.get(cx, &["timers"]) {
+        if let Some(mut t) = Fields::of(cx, n, &path) {
+            if let Some(f) = t.get(cx, &["max"]) {
+                match integer(cx, f, 0, 1_000_000) {
+                    Some(v) => p.timers_max = v as usize,
+                    None => ok = false,
+                }
+            }
+            ok &= duration_field(cx, &mut t, "minPeriod", &mut p.timers_min_period);
+            t.finish(cx);
+        } else {
+            ok = false;
+        }
+    }
+    if let Some((path, n)) = s.get(cx, &["metrics"]) {
+        if let Some(mut m) = Fields::of(cx, n, &path) {
+            if let Some(f) = m.get(cx, &["maxSeries"]) {
+                match integer(cx, f, 0, 100_000) {
+                    Some(v) => p.metrics_max_series = v as usize,
+                    None => ok = false,
+                }
+            }
+            m.finish(cx);
+        } else {
+            ok = false;
+        }
+    }
+    if let Some(f) = s.get(cx, &["maxHeld"]) {
+        match integer(cx, f, 0, 1_000_000) {
+            Some(v) => p.max_held = v as usize,
+            None => ok = false,
         }
     }
     if let Some((path, n)) = s.get(cx, &["log"]) {

@@ -27,12 +27,14 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::counters::{DropReason, RouteCounters, uptime_ms};
-use crate::delivery::{Ledger, Settled};
+use crate::delivery::{Held, Ledger, Settled};
 use crate::model::{Message, QoS};
 use crate::mqtt::link::{Link, LinkOptions};
 use crate::mqtt::state::{SessionState, StateEvent, Undeliverable};
 use crate::mqtt::{AckToken, SubFilter, Version};
-use crate::pipeline::{Pipeline, Processed, Stage};
+use crate::pipeline::{Pipeline, Processed, Released, Stage};
+use crate::plugin::stage::FlushReason;
+use crate::plugin::timers::HostClock;
 use crate::routing::RouteClient;
 use crate::spool::{Spool, SpoolSettings, SyncDone};
 
@@ -68,14 +70,24 @@ pub struct RouteClientSetup<S> {
 const SPOOL_RETRY: Duration = Duration::from_secs(1);
 const SPOOL_RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// What a stored record completes once it is on disk.
+#[derive(Debug)]
+enum Pending {
+    /// A source message's acknowledgement.
+    Ack(AckToken),
+    /// One obligation of each of these held inputs (see [`Held`]).
+    Inputs(Vec<u64>),
+}
+
 /// A route client's spool and the source acknowledgements that wait for it.
 struct Lane {
     settings: SpoolSettings,
     counters: Arc<crate::spool::SpoolCounters>,
     /// `None` until open, and after a failure until it is open again.
     spool: Option<Spool>,
-    /// Source acknowledgements, each with the sequence number of its message's last record.
-    acks: VecDeque<(u64, AckToken)>,
+    /// Source acknowledgements (or held inputs), each with the sequence number of its
+    /// message's last record.
+    acks: VecDeque<(u64, Pending)>,
     /// When to open the spool (again).
     open_at: Option<Instant>,
     retry: Duration,
@@ -201,13 +213,16 @@ pub async fn run<S: Stage>(
         ledger: Ledger::default(),
         dst_state: SessionState::new(vec![], max_inflight),
         out: Vec::new(),
-        held: VecDeque::new(),
+        waiting: VecDeque::new(),
         retry_at: None,
         src_resumed: false,
         lane: None,
         sizes: Vec::new(),
         resubscribe_at: None,
         resubscribe_backoff: RESUBSCRIBE_FIRST,
+        held: Held::default(),
+        pressure_mark: 0,
+        reconnect_source: false,
     };
     c.lane = match (spool, c.counters.spool.clone()) {
         (Some(settings), Some(counters)) => Some(Lane::new(settings, counters)),
@@ -238,10 +253,15 @@ pub async fn run<S: Stage>(
                 // Its unacknowledged messages were not stored: the broker sends them again on
                 // a new connection.
                 lane.reconnect_source = false;
-                src.close(&mut src_state).await;
-                src = Link::new(source_opts.clone(), c.counters.source.clone());
-                src_state = SessionState::new(subscriptions.clone(), max_inflight);
+                c.reconnect_source = true;
             }
+        }
+        if c.reconnect_source {
+            c.reconnect_source = false;
+            c.held.clear();
+            src.close(&mut src_state).await;
+            src = Link::new(source_opts.clone(), c.counters.source.clone());
+            src_state = SessionState::new(subscriptions.clone(), max_inflight);
         }
         let room = c.ledger.len() < max && c.ledger.bytes() < max_inflight_bytes;
         let spooled = c.lane.is_some();
@@ -251,7 +271,7 @@ pub async fn run<S: Stage>(
             && c.ledger.bytes() < 2 * max_inflight_bytes
             && stalled_since.is_some_and(|t| t.elapsed() >= QOS0_WAIT);
         let read = !stopping
-            && c.held.is_empty()
+            && c.waiting.is_empty()
             && match &mut c.lane {
                 Some(lane) => lane.has_room(),
                 None => room || shedding,
@@ -275,6 +295,15 @@ pub async fn run<S: Stage>(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        // An aggregator's soonest timer.
+        let timer_at = c.pipeline.next_timer();
+        let want_wake = match (
+            want_wake,
+            timer_at.map(|t| Instant::from_std(HostClock::instant_of(t))),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if want_wake != wake_at {
             wake_at = want_wake;
             if let Some(at) = want_wake {
@@ -291,6 +320,10 @@ pub async fn run<S: Stage>(
                 if changed.is_err() || *stop.borrow() {
                     stopping = true;
                     drain_at = Some(Instant::now() + drain_timeout);
+                    // What the windows hold goes out now; what a plugin keeps stays
+                    // unacknowledged, and its source sends it again.
+                    c.pipeline.flush(FlushReason::Stop, &c.counters).await;
+                    c.forward_released(&mut src_state);
                 }
             }
             () = &mut wake, if wake_at.is_some() => {}
@@ -317,7 +350,15 @@ pub async fn run<S: Stage>(
             Some(lane) => lane.spool.as_ref().is_none_or(|sp| sp.in_flight() == 0),
             None => c.ledger.is_empty(),
         };
-        if !c.held.is_empty() && c.retry_at.is_none_or(|t| Instant::now() >= t) {
+        if let Some(at) = timer_at
+            && HostClock::Real.timer_now() >= at
+        {
+            c.pipeline
+                .fire_timers(HostClock::Real.timer_now(), &c.counters)
+                .await;
+            c.forward_released(&mut src_state);
+        }
+        if !c.waiting.is_empty() && c.retry_at.is_none_or(|t| Instant::now() >= t) {
             c.retry_held(&mut src_state).await;
         }
         src_state.swap_events(&mut events);
@@ -327,6 +368,7 @@ pub async fn run<S: Stage>(
                 c.on_source_event(ev, &mut src_state, shedding, now).await;
             }
         }
+        c.after_plugins(&mut src_state, max).await;
         if let Some(lane) = &mut c.lane {
             lane_turn(
                 lane,
@@ -336,6 +378,7 @@ pub async fn run<S: Stage>(
                 (max, max_inflight_bytes),
                 stopping,
                 &c.counters,
+                &mut c.held,
             );
         }
         let (in_flight, in_flight_bytes) = match &c.lane {
@@ -396,7 +439,7 @@ pub async fn run<S: Stage>(
                 Err(_) => break,
             }
         }
-        ack_stored(lane, &mut src_state);
+        ack_stored(lane, &mut src_state, &mut c.held);
     }
     // The acknowledgements of what settled, then DISCONNECT, on both sessions.
     src.close(&mut src_state).await;
@@ -417,7 +460,7 @@ struct Client<S> {
     /// Reused for the pipeline's output.
     out: Vec<Message>,
     /// Messages waiting for a plugin that is not loaded, in arrival order.
-    held: VecDeque<HeldMessage>,
+    waiting: VecDeque<HeldMessage>,
     /// When to look for the plugin again.
     retry_at: Option<Instant>,
     /// The source protocol is MQTT 3.1.1.
@@ -431,6 +474,13 @@ struct Client<S> {
     /// When to send a refused SUBSCRIBE again.
     resubscribe_at: Option<Instant>,
     resubscribe_backoff: Duration,
+    /// Source messages an aggregator holds in windows.
+    held: Held,
+    /// QoS 1/2 messages held when the chain was last asked to flush for pressure.
+    pressure_mark: usize,
+    /// The source session must reconnect: what an aggregator held was lost with its
+    /// instance, and comes again from the source.
+    reconnect_source: bool,
 }
 
 /// First wait before a refused subscription is sent again (doubling up to the max).
@@ -452,6 +502,7 @@ fn lane_turn(
     (max, max_bytes): (usize, usize),
     stopping: bool,
     counters: &RouteCounters,
+    held: &mut Held,
 ) {
     if lane.spool.as_ref().is_some_and(Spool::failed) {
         // It failed appending (a new segment could not be created): logged and counted there.
@@ -483,21 +534,29 @@ fn lane_turn(
     {
         *job = Some(tokio::task::spawn_blocking(move || j.run()));
     }
-    ack_stored(lane, src_state);
+    ack_stored(lane, src_state, held);
     if let Some(sp) = &lane.spool {
         sp.publish_gauges();
     }
 }
 
 /// Acknowledges to the source every message whose records are stored.
-fn ack_stored(lane: &mut Lane, src_state: &mut SessionState) {
+fn ack_stored(lane: &mut Lane, src_state: &mut SessionState, held: &mut Held) {
     let Some(sp) = &lane.spool else {
         return;
     };
     let stored = sp.ack_threshold();
     while lane.acks.front().is_some_and(|(last, _)| *last < stored) {
-        let (_, ack) = lane.acks.pop_front().expect("just seen");
-        src_state.ack(ack);
+        match lane.acks.pop_front().expect("just seen").1 {
+            Pending::Ack(ack) => src_state.ack(ack),
+            Pending::Inputs(ids) => {
+                for id in ids {
+                    if let Some(Some(ack)) = held.done(id) {
+                        src_state.ack(ack);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -553,9 +612,9 @@ impl<S: Stage> Client<S> {
                     if let Some(ack) = ack {
                         src_state.ack(ack);
                     }
-                } else if !self.held.is_empty() {
+                } else if !self.waiting.is_empty() {
                     // Nothing overtakes a held message.
-                    self.held.push_back((msg, ack, now));
+                    self.waiting.push_back((msg, ack, now));
                 } else {
                     self.process(msg, ack, now, src_state).await;
                 }
@@ -605,7 +664,23 @@ impl<S: Stage> Client<S> {
             .await
         {
             Processed::Done => {
-                if self.out.is_empty() {
+                // Windows an aggregator closed while deciding go first.
+                self.forward_released(src_state);
+                let holds = self.pipeline.take_holds();
+                if !holds.is_empty() {
+                    // Held in windows: acknowledged when they are released (and what it was
+                    // also forwarded as is acknowledged).
+                    let obligations = holds.len() + usize::from(!self.out.is_empty());
+                    let id = self.held.input(ack, obligations);
+                    for key in holds {
+                        self.held.park(id, key);
+                    }
+                    if !self.out.is_empty() {
+                        let out = std::mem::take(&mut self.out);
+                        self.forward_for_inputs(out, vec![id], src_state);
+                    }
+                    self.publish_held();
+                } else if self.out.is_empty() {
                     // Handled (dropped, filtered): acknowledged at once.
                     if let Some(ack) = ack {
                         src_state.ack(ack);
@@ -619,7 +694,7 @@ impl<S: Stage> Client<S> {
                             }
                             // Acknowledged once stored (see `ack_stored`).
                             if let Some(ack) = ack {
-                                lane.acks.push_back((last, ack));
+                                lane.acks.push_back((last, Pending::Ack(ack)));
                             }
                         }
                         None => {
@@ -651,17 +726,117 @@ impl<S: Stage> Client<S> {
                     warn!(route = %self.plan.route.name, client_id = %self.plan.client_id, plugin = %plugin, "The route waits for plugin \"{plugin}\", which is not loaded: it reads nothing from its source until the plugin is in the plugins folder (nothing is lost)");
                     *waiting = Some(plugin);
                 }
-                self.held.push_front((*msg, ack, since));
+                self.waiting.push_front((*msg, ack, since));
                 self.retry_at = Some(Instant::now() + HOLD_RETRY);
                 false
             }
         }
     }
 
+    /// Publishes (or stores) messages for the held inputs `ids`: each has one obligation met
+    /// when the last of them is acknowledged (or stored). None: met at once.
+    fn forward_for_inputs(
+        &mut self,
+        out: Vec<Message>,
+        ids: Vec<u64>,
+        src_state: &mut SessionState,
+    ) {
+        if out.is_empty() {
+            for id in ids {
+                if let Some(Some(ack)) = self.held.done(id) {
+                    src_state.ack(ack);
+                }
+            }
+            return;
+        }
+        if let Some(lane) = &mut self.lane {
+            match &mut lane.spool {
+                Some(sp) => {
+                    let mut last = 0;
+                    for m in &out {
+                        last = sp.append(m);
+                    }
+                    lane.acks.push_back((last, Pending::Inputs(ids)));
+                }
+                // Not stored: the inputs stay unacknowledged; the source reconnects (the
+                // spool's failure does it) and sends them again.
+                None => {}
+            }
+            return;
+        }
+        self.sizes.clear();
+        self.sizes.extend(out.iter().map(message_bytes));
+        let tokens =
+            self.ledger
+                .forward_for_inputs(&self.sizes, ids, std::time::Instant::now());
+        for (m, token) in out.into_iter().zip(tokens) {
+            self.dst_state.publish(m, token);
+        }
+    }
+
+    /// Publishes the window results the chain produced: each turns the hold of its window's
+    /// inputs into the obligation of what it publishes (and of later windows holding it).
+    fn forward_released(&mut self, src_state: &mut SessionState) {
+        for Released {
+            key,
+            messages,
+            holds,
+        } in self.pipeline.take_released()
+        {
+            let ids = self.held.release(&key);
+            let extra = holds.len() + usize::from(!messages.is_empty());
+            for id in &ids {
+                self.held.add(*id, extra);
+                for h in &holds {
+                    self.held.park(*id, h.clone());
+                }
+                if let Some(Some(ack)) = self.held.done(*id) {
+                    src_state.ack(ack);
+                }
+            }
+            if !messages.is_empty() {
+                self.forward_for_inputs(messages, ids, src_state);
+            }
+        }
+        self.publish_held();
+    }
+
+    fn publish_held(&self) {
+        self.counters
+            .held
+            .store(self.held.len() as u64, Ordering::Relaxed);
+    }
+
+    /// After the chain ran: an aggregator that lost its windows makes the source send them
+    /// again; one that holds its policy's `maxHeld` QoS 1/2 messages (or the route's
+    /// in-flight window) is asked to flush.
+    async fn after_plugins(&mut self, src_state: &mut SessionState, max_inflight: usize) {
+        if self.pipeline.take_lost() && !self.held.is_empty() {
+            warn!(route = %self.plan.route.name, client_id = %self.plan.client_id, held = self.held.len(), "A plugin's instance was discarded with messages in its windows: the source session reconnects and its broker sends them again");
+            self.reconnect_source = true;
+            return;
+        }
+        let Some(max_held) = self.pipeline.max_held() else {
+            return;
+        };
+        let bound = max_held.min(max_inflight).max(1);
+        let holding = self.held.holding();
+        if holding < self.pressure_mark {
+            self.pressure_mark = 0;
+        }
+        if holding >= bound && holding > self.pressure_mark {
+            self.pressure_mark = holding;
+            self.pipeline
+                .flush(FlushReason::Pressure, &self.counters)
+                .await;
+            self.forward_released(src_state);
+        }
+    }
+
     /// Processes the held messages in order, until one is held again.
     async fn retry_held(&mut self, src_state: &mut SessionState) {
         self.retry_at = None;
-        while let Some((msg, ack, since)) = self.held.pop_front() {
+        while let Some((msg, ack, since)) = self.waiting.pop_front() {
             if !self.process(msg, ack, since, src_state).await {
                 return;
             }
@@ -693,7 +868,7 @@ impl<S: Stage> Client<S> {
         on_target_event(
             ev,
             &self.plan,
-            &mut self.ledger,
+            (&mut self.ledger, &mut self.held),
             src_state,
             &mut self.dst_state,
             &self.counters,
@@ -732,7 +907,7 @@ fn on_spooled_target_event(
 fn on_target_event(
     ev: StateEvent,
     plan: &RouteClient,
-    ledger: &mut Ledger,
+    (ledger, held): (&mut Ledger, &mut Held),
     src_state: &mut SessionState,
     dst_state: &mut SessionState,
     counters: &RouteCounters,
@@ -748,6 +923,17 @@ fn on_target_event(
                 .observe(now.saturating_duration_since(since));
             if let Some(ack) = ack {
                 src_state.ack(ack);
+            }
+            true
+        }
+        Settled::Inputs { ids, since } => {
+            counters
+                .latency
+                .observe(now.saturating_duration_since(since));
+            for id in ids {
+                if let Some(Some(ack)) = held.done(id) {
+                    src_state.ack(ack);
+                }
             }
             true
         }

@@ -189,6 +189,9 @@ fn client_json(c: &RouteCounters, o: &Observed) -> Value {
                 "loaded_at": running.as_ref().map(|l| rfc3339(l.loaded_at)),
                 "calls": calls,
                 "breaker_open": counters.breaker_open.load(Ordering::Relaxed) == 1,
+                "world": running.as_ref().map(|l| l.world.as_str()),
+                "timers": counters.timers_set.load(Ordering::Relaxed),
+                "timers_fired": counters.timers_fired.load(Ordering::Relaxed),
             })
         })
         .collect();
@@ -203,6 +206,7 @@ fn client_json(c: &RouteCounters, o: &Observed) -> Value {
         "dropped": dropped,
         "in_flight": n.in_flight,
         "in_flight_bytes": c.in_flight_bytes.load(Ordering::Relaxed),
+        "held_in_windows": c.held.load(Ordering::Relaxed),
         "redelivered": n.redelivered,
         "plugin_errors": n.plugin_errors,
         "waiting_for_plugin": c.waiting_for_plugin.lock().expect("counters lock").clone(),

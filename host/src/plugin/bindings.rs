@@ -28,3 +28,19 @@ pub mod filter {
 }
 
 pub use mapper::edgebridge::plugin::types;
+
+/// The `aggregator` world of `edgebridge:plugin@0.2.0`: the 0.1.0 types and its `log` and
+/// `clock` reused (one host implementation serves both versions), and the new `timers`,
+/// `metrics` and `state` interfaces.
+pub mod aggregator {
+    wasmtime::component::bindgen!({
+        world: "route-aggregator",
+        path: "../wit/v0.2",
+        exports: { default: async },
+        with: {
+            "edgebridge:plugin/types@0.1.0": super::mapper::edgebridge::plugin::types,
+            "edgebridge:plugin/log@0.1.0": super::mapper::edgebridge::plugin::log,
+            "edgebridge:plugin/clock@0.1.0": super::mapper::edgebridge::plugin::clock,
+        },
+    });
+}

@@ -1,24 +1,28 @@
-//! The plugin interfaces the host implements (`log`, `clock`, `kv`), each on a narrow view of
+//! The plugin interfaces the host implements (0.1.0's `log`, `clock`, `kv`; 0.2.0's
+//! `timers`, `metrics`, `state`), each on a narrow view of
 //! the store's state that holds only what that interface needs, linked with one
 //! `add_to_linker` per interface (as wasmtime's own WASI crates do) — no state type
 //! implements every interface.
 
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::Duration;
 
 use wasmtime::component::{HasData, Linker};
 
+use super::bindings::aggregator::edgebridge::plugin0_2_0::{metrics, state, timers};
 use super::bindings::mapper::edgebridge::plugin::{clock, kv, log};
+use super::own_metrics::{Kind, Op, OwnMetrics};
+use super::timers::{HostClock, Timers};
 use super::{HostState, KvStore};
 
 /// What a plugin's key-value state may hold, from its policy.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct KvQuota {
+pub(crate) struct KvQuota {
     /// The policy grants `kv` (a component importing it without the grant is refused at
     /// load; this is the second line).
-    pub(super) granted: bool,
-    pub(super) max_keys: usize,
-    pub(super) max_bytes: usize,
+    pub(crate) granted: bool,
+    pub(crate) max_keys: usize,
+    pub(crate) max_bytes: usize,
 }
 
 /// The `tracing` target of the lines plugins write (`edgebridge plugin test` shows exactly
@@ -100,22 +104,20 @@ impl log::Host for LogView<'_> {
     }
 }
 
-/// `clock`: needs nothing.
-struct ClockView;
+/// `clock`: the host's clock (virtual in `plugin test --messages`).
+struct ClockView<'a>(&'a HostClock);
 
-impl clock::Host for ClockView {
+impl clock::Host for ClockView<'_> {
     fn now_millis(&mut self) -> u64 {
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
+        self.0.now_millis()
     }
 }
 
-/// `kv`: the (plugin, route)'s state and its quota.
+/// `kv` and `state`: the (plugin, route)'s state, its quota and the clock of its TTLs.
 struct KvView<'a> {
     store: &'a Mutex<KvStore>,
     quota: KvQuota,
+    clock: &'a HostClock,
 }
 
 impl kv::Host for KvView<'_> {
@@ -123,38 +125,136 @@ impl kv::Host for KvView<'_> {
         if !self.quota.granted {
             return None;
         }
-        self.store.lock().expect("kv lock").map.get(&key).cloned()
+        let now = self.clock.now_millis();
+        self.store.lock().expect("kv lock").get(&key, now)
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
         if !self.quota.granted {
             return Err("kv is not granted by this plugin's policy".into());
         }
-        let mut kv = self.store.lock().expect("kv lock");
-        let old = kv.map.get(&key).map(|v| key.len() + v.len()).unwrap_or(0);
-        let new_bytes = kv.bytes - old + key.len() + value.len();
-        if old == 0 && kv.map.len() >= self.quota.max_keys {
-            return Err(format!("kv quota: {} keys used", self.quota.max_keys));
-        }
-        if new_bytes > self.quota.max_bytes {
-            return Err(format!(
-                "kv quota: {} bytes would be used, {} allowed",
-                new_bytes, self.quota.max_bytes
-            ));
-        }
-        kv.bytes = new_bytes;
-        kv.map.insert(key, value);
-        Ok(())
+        let now = self.clock.now_millis();
+        self.store
+            .lock()
+            .expect("kv lock")
+            .set(key, value, None, now, self.quota)
     }
 
     fn delete(&mut self, key: String) {
         if !self.quota.granted {
             return;
         }
-        let mut kv = self.store.lock().expect("kv lock");
-        if let Some(v) = kv.map.remove(&key) {
-            kv.bytes -= key.len() + v.len();
+        self.store.lock().expect("kv lock").delete(&key);
+    }
+}
+
+impl state::Host for KvView<'_> {
+    fn get(&mut self, key: String) -> Option<Vec<u8>> {
+        kv::Host::get(self, key)
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>, ttl: Option<u64>) -> Result<(), String> {
+        if !self.quota.granted {
+            return Err("state is not granted by this plugin's policy (kv)".into());
         }
+        let now = self.clock.now_millis();
+        let expires = ttl.map(|t| now.saturating_add(t));
+        self.store
+            .lock()
+            .expect("kv lock")
+            .set(key, value, expires, now, self.quota)
+    }
+
+    fn delete(&mut self, key: String) {
+        kv::Host::delete(self, key)
+    }
+
+    fn keys(&mut self, prefix: String, limit: u32) -> Vec<String> {
+        if !self.quota.granted {
+            return Vec::new();
+        }
+        let now = self.clock.now_millis();
+        self.store
+            .lock()
+            .expect("kv lock")
+            .keys(&prefix, limit.min(10_000) as usize, now)
+    }
+}
+
+/// `timers`: the instance's timers and the clock they count on.
+struct TimersView<'a> {
+    timers: &'a mut Timers,
+    clock: &'a HostClock,
+}
+
+impl timers::Host for TimersView<'_> {
+    fn set(&mut self, name: String, after_millis: u64) -> Result<(), String> {
+        let now = self.clock.timer_now();
+        self.timers
+            .set(name, Duration::from_millis(after_millis), now)
+    }
+
+    fn cancel(&mut self, name: String) {
+        self.timers.cancel(&name)
+    }
+
+    fn count(&mut self) -> u32 {
+        self.timers.len() as u32
+    }
+}
+
+/// `metrics`: the (plugin, route)'s own metrics and the policy's bound on series.
+struct MetricsView<'a> {
+    own: &'a Mutex<OwnMetrics>,
+    max_series: usize,
+    granted: bool,
+}
+
+impl MetricsView<'_> {
+    fn update(&mut self, metric: u32, values: Vec<String>, op: Op) -> Result<(), String> {
+        if !self.granted {
+            return Err("metrics are not granted by this plugin's policy".into());
+        }
+        self.own
+            .lock()
+            .expect("metrics lock")
+            .update(metric, values, op, self.max_series)
+    }
+}
+
+impl metrics::Host for MetricsView<'_> {
+    fn declare(
+        &mut self,
+        name: String,
+        help: String,
+        kind: metrics::Kind,
+        labels: Vec<String>,
+        buckets: Vec<f64>,
+    ) -> Result<u32, String> {
+        if !self.granted {
+            return Err("metrics are not granted by this plugin's policy".into());
+        }
+        let kind = match kind {
+            metrics::Kind::Counter => Kind::Counter,
+            metrics::Kind::Gauge => Kind::Gauge,
+            metrics::Kind::Histogram => Kind::Histogram,
+        };
+        self.own
+            .lock()
+            .expect("metrics lock")
+            .declare(&name, &help, kind, labels, buckets)
+    }
+
+    fn add(&mut self, metric: u32, values: Vec<String>, value: f64) -> Result<(), String> {
+        self.update(metric, values, Op::Add(value))
+    }
+
+    fn set(&mut self, metric: u32, values: Vec<String>, value: f64) -> Result<(), String> {
+        self.update(metric, values, Op::Set(value))
+    }
+
+    fn observe(&mut self, metric: u32, values: Vec<String>, value: f64) -> Result<(), String> {
+        self.update(metric, values, Op::Observe(value))
     }
 }
 
@@ -165,7 +265,17 @@ impl HasData for Log {
 
 struct Clock;
 impl HasData for Clock {
-    type Data<'a> = ClockView;
+    type Data<'a> = ClockView<'a>;
+}
+
+struct TimersData;
+impl HasData for TimersData {
+    type Data<'a> = TimersView<'a>;
+}
+
+struct MetricsData;
+impl HasData for MetricsData {
+    type Data<'a> = MetricsView<'a>;
 }
 
 struct Kv;
@@ -173,17 +283,32 @@ impl HasData for Kv {
     type Data<'a> = KvView<'a>;
 }
 
-/// Links the three interfaces, each to its view of [`HostState`].
+/// Links the six interfaces, each to its view of [`HostState`].
 pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     log::add_to_linker::<HostState, Log>(linker, |s| LogView {
         plugin: &s.plugin,
         route: &s.route,
         limit: &mut s.log_limit,
     })?;
-    clock::add_to_linker::<HostState, Clock>(linker, |_| ClockView)?;
+    clock::add_to_linker::<HostState, Clock>(linker, |s| ClockView(&s.clock))?;
     kv::add_to_linker::<HostState, Kv>(linker, |s| KvView {
         store: &s.kv,
         quota: s.kv_quota,
+        clock: &s.clock,
+    })?;
+    state::add_to_linker::<HostState, Kv>(linker, |s| KvView {
+        store: &s.kv,
+        quota: s.kv_quota,
+        clock: &s.clock,
+    })?;
+    timers::add_to_linker::<HostState, TimersData>(linker, |s| TimersView {
+        timers: &mut s.timers,
+        clock: &s.clock,
+    })?;
+    metrics::add_to_linker::<HostState, MetricsData>(linker, |s| MetricsView {
+        own: &s.own_metrics,
+        max_series: s.metrics_max_series,
+        granted: s.metrics_granted,
     })?;
     Ok(())
 }

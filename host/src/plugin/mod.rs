@@ -13,8 +13,10 @@
 pub mod bindings;
 mod host;
 pub use host::GUEST_LOG;
+pub mod own_metrics;
 mod sandbox;
 pub mod stage;
+pub mod timers;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,7 @@ use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use self::bindings::aggregator::{RouteAggregator, RouteAggregatorPre};
 use self::bindings::filter::{MessageFilter, MessageFilterPre};
 use self::bindings::mapper::edgebridge::plugin::types;
 use self::bindings::mapper::{RouteMapper, RouteMapperPre};
@@ -36,16 +39,20 @@ use crate::policy::{Import, Policies, Policy};
 
 /// How often the epoch advances; time budgets are counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
-/// WIT package version this host implements.
+/// WIT package version of the `route-mapper` and `message-filter` worlds.
 pub const WIT_VERSION: &str = "0.1.0";
+/// WIT package version of the `route-aggregator` world (and of `timers`, `metrics`, `state`).
+pub const WIT_VERSION_2: &str = "0.2.0";
 
 /// Which world a component targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum World {
-    /// `route-mapper`.
+    /// `route-mapper` (0.1.0).
     Mapper,
-    /// `message-filter`.
+    /// `message-filter` (0.1.0).
     Filter,
+    /// `route-aggregator` (0.2.0).
+    Aggregator,
 }
 
 impl World {
@@ -54,6 +61,15 @@ impl World {
         match self {
             World::Mapper => "route-mapper",
             World::Filter => "message-filter",
+            World::Aggregator => "route-aggregator",
+        }
+    }
+
+    /// The WIT package version of the world.
+    pub fn version(self) -> &'static str {
+        match self {
+            World::Mapper | World::Filter => WIT_VERSION,
+            World::Aggregator => WIT_VERSION_2,
         }
     }
 }
@@ -79,7 +95,7 @@ pub enum PluginError {
     },
     /// Exports neither plugin world (or another version of it).
     #[error(
-        "{file}: exports neither edgebridge:plugin/mapper@{WIT_VERSION} nor edgebridge:plugin/filter@{WIT_VERSION} (it exports: {exports})"
+        "{file}: exports none of edgebridge:plugin/mapper@{WIT_VERSION}, edgebridge:plugin/filter@{WIT_VERSION} or edgebridge:plugin/aggregator@{WIT_VERSION_2} (it exports: {exports})"
     )]
     WrongWorld {
         /// File.
@@ -148,11 +164,121 @@ impl PluginError {
     }
 }
 
-/// Per-plugin, per-route key-value state with its quota accounting.
+/// Per-plugin, per-route key-value state (0.1.0 `kv`, 0.2.0 `state`) with its quota
+/// accounting and times to live.
 #[derive(Debug, Default)]
 pub struct KvStore {
-    map: HashMap<String, Vec<u8>>,
+    /// Value and expiry (Unix milliseconds) by key.
+    map: HashMap<String, (Vec<u8>, Option<u64>)>,
     bytes: usize,
+    /// The `state-format` of the aggregator version that last ran on it (`None`: a 0.1.0
+    /// plugin, or none yet).
+    pub format: Option<u32>,
+}
+
+impl KvStore {
+    /// The value of `key` unless it expired at `now` (Unix ms).
+    pub fn get(&mut self, key: &str, now: u64) -> Option<Vec<u8>> {
+        match self.map.get(key) {
+            Some((_, Some(exp))) if *exp <= now => {
+                self.delete(key);
+                None
+            }
+            Some((v, _)) => Some(v.clone()),
+            None => None,
+        }
+    }
+
+    /// Stores `value` under `key` until `expires` (Unix ms), within `quota`; expired keys
+    /// are removed first when the quota would be exceeded.
+    pub(crate) fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        expires: Option<u64>,
+        now: u64,
+        quota: host::KvQuota,
+    ) -> Result<(), String> {
+        let fits = |kv: &KvStore| {
+            let old = kv.map.get(&key).map(|(v, _)| key.len() + v.len());
+            let bytes = kv.bytes - old.unwrap_or(0) + key.len() + value.len();
+            if old.is_none() && kv.map.len() >= quota.max_keys {
+                return Err(format!("kv quota: {} keys used", quota.max_keys));
+            }
+            if bytes > quota.max_bytes {
+                return Err(format!(
+                    "kv quota: {bytes} bytes would be used, {} allowed",
+                    quota.max_bytes
+                ));
+            }
+            Ok(bytes)
+        };
+        let bytes = match fits(self) {
+            Ok(b) => b,
+            Err(_) => {
+                self.expire(now);
+                fits(self)?
+            }
+        };
+        self.bytes = bytes;
+        self.map.insert(key, (value, expires));
+        Ok(())
+    }
+
+    /// Removes `key`.
+    pub fn delete(&mut self, key: &str) {
+        if let Some((v, _)) = self.map.remove(key) {
+            self.bytes -= key.len() + v.len();
+        }
+    }
+
+    /// Removes every key expired at `now`.
+    pub fn expire(&mut self, now: u64) {
+        let gone: Vec<String> = self
+            .map
+            .iter()
+            .filter(|(_, (_, e))| e.is_some_and(|e| e <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            self.delete(&k);
+        }
+    }
+
+    /// Up to `limit` live keys starting with `prefix`, in byte order.
+    pub fn keys(&mut self, prefix: &str, limit: usize, now: u64) -> Vec<String> {
+        self.expire(now);
+        let mut keys: Vec<String> = self
+            .map
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        keys.sort_unstable();
+        keys.truncate(limit);
+        keys
+    }
+
+    /// Keys stored.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Nothing stored.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Bytes of keys and values stored.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Forgets everything (a new version that cannot read this state).
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
 }
 
 /// One (plugin, route)'s state, shared by its instances across rebuilds and reloads.
@@ -172,6 +298,14 @@ pub struct HostState {
     budget: Option<CallBudget>,
     /// The policy grants `wasi-clocks`: sleeping waits.
     clocks_granted: bool,
+    /// The time the plugin sees (`clock`, TTLs, timers).
+    clock: timers::HostClock,
+    /// An aggregator's timers.
+    pub(crate) timers: timers::Timers,
+    /// The (plugin, route)'s own metrics.
+    own_metrics: Arc<Mutex<own_metrics::OwnMetrics>>,
+    metrics_max_series: usize,
+    metrics_granted: bool,
 }
 
 /// The time budget of the call in progress. A call may run for its budget in wall time (the
@@ -254,6 +388,7 @@ impl WasiView for HostState {
 enum Pre {
     Mapper(RouteMapperPre<HostState>),
     Filter(MessageFilterPre<HostState>),
+    Aggregator(RouteAggregatorPre<HostState>),
 }
 
 /// One loaded (compiled, checked, pre-instantiated) version of a plugin.
@@ -293,6 +428,7 @@ impl std::fmt::Debug for Loaded {
 pub(crate) enum Instance {
     Mapper(RouteMapper),
     Filter(MessageFilter),
+    Aggregator(RouteAggregator),
 }
 
 /// The wasmtime engine, linkers and shared plugin state of a process.
@@ -302,6 +438,8 @@ pub struct Runtime {
     linker: Linker<HostState>,
     kv: Mutex<HashMap<(String, String), SharedKv>>,
     stop_ticker: Arc<AtomicBool>,
+    /// The time plugins see.
+    clock: timers::HostClock,
 }
 
 impl Drop for Runtime {
@@ -338,7 +476,21 @@ impl Runtime {
             linker,
             kv: Mutex::new(HashMap::new()),
             stop_ticker,
+            clock: timers::HostClock::Real,
         }))
+    }
+
+    /// A runtime whose plugins see `clock` (`plugin test --messages` moves a virtual one).
+    pub fn with_clock(clock: timers::HostClock) -> Result<Arc<Runtime>, String> {
+        let rt = Runtime::new()?;
+        let mut rt = Arc::try_unwrap(rt).map_err(|_| "runtime is shared".to_string())?;
+        rt.clock = clock;
+        Ok(Arc::new(rt))
+    }
+
+    /// The clock plugins of this runtime see.
+    pub fn clock(&self) -> &timers::HostClock {
+        &self.clock
     }
 
     /// Compiles and checks a component (blocking: run it off the async threads).
@@ -387,6 +539,11 @@ impl Runtime {
             .collect();
         let world = if exports
             .iter()
+            .any(|e| e == &format!("edgebridge:plugin/aggregator@{WIT_VERSION_2}"))
+        {
+            World::Aggregator
+        } else if exports
+            .iter()
             .any(|e| e == &format!("edgebridge:plugin/mapper@{WIT_VERSION}"))
         {
             World::Mapper
@@ -416,9 +573,16 @@ impl Runtime {
                 continue;
             }
             if let Some(i) = Import::from_interface(import) {
-                if !import.ends_with(&format!("@{WIT_VERSION}")) {
+                // log, clock and kv are 0.1.0's (an aggregator reuses log and clock);
+                // timers, metrics and state are 0.2.0's.
+                let version = match i {
+                    Import::Timers | Import::Metrics => WIT_VERSION_2,
+                    Import::Kv if import.contains("/state@") => WIT_VERSION_2,
+                    _ => WIT_VERSION,
+                };
+                if !import.ends_with(&format!("@{version}")) {
                     return Err(err(format!(
-                        "is not version {WIT_VERSION} of the plugin interface"
+                        "is not version {version} of the plugin interface"
                     )));
                 }
                 if !policy.grants(i) {
@@ -448,6 +612,10 @@ impl Runtime {
                 .linker
                 .instantiate_pre(&component)
                 .and_then(|p| MessageFilterPre::new(p).map(Pre::Filter)),
+            World::Aggregator => self
+                .linker
+                .instantiate_pre(&component)
+                .and_then(|p| RouteAggregatorPre::new(p).map(Pre::Aggregator)),
         }
         .map_err(|e| PluginError::Import {
             file: file.to_path_buf(),
@@ -521,10 +689,26 @@ impl Runtime {
                 max_keys: p.kv_max_keys,
                 max_bytes: p.kv_max_bytes,
             },
-            log_limit: host::LogLimit::new(p.log_lines_per_second, p.log_max_line, counters),
+            log_limit: host::LogLimit::new(
+                p.log_lines_per_second,
+                p.log_max_line,
+                counters.clone(),
+            ),
             stderr,
             budget: None,
             clocks_granted: p.grants(Import::WasiClocks),
+            clock: self.clock.clone(),
+            timers: timers::Timers::new(
+                p.grants(Import::Timers),
+                p.timers_max,
+                p.timers_min_period,
+            ),
+            own_metrics: counters
+                .as_ref()
+                .map(|c| c.own.clone())
+                .unwrap_or_default(),
+            metrics_max_series: p.metrics_max_series,
+            metrics_granted: p.grants(Import::Metrics),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -588,6 +772,35 @@ impl Runtime {
                         .call_init(&mut store, config)
                         .await;
                     (r, Instance::Filter(inst))
+                }
+                Pre::Aggregator(pre) => {
+                    let inst = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(|e| fail(format!("instantiation failed: {e:#}")))?;
+                    // The state is kept for a version that reads the same format.
+                    let format = inst
+                        .edgebridge_plugin0_2_0_aggregator()
+                        .call_state_format(&mut store)
+                        .await
+                        .map_err(|e| fail(format!("state-format trapped: {e:#}")))?;
+                    {
+                        let kv = store.data().kv.clone();
+                        let mut kv = kv.lock().expect("kv lock");
+                        if let Some(old) = kv.format
+                            && old != format
+                            && !kv.is_empty()
+                        {
+                            warn!(plugin = %loaded.name, route, from = old, to = format, keys = kv.len(), "The new plugin version reads another state format: its state starts empty");
+                            kv.clear();
+                        }
+                        kv.format = Some(format);
+                    }
+                    let r = inst
+                        .edgebridge_plugin0_2_0_aggregator()
+                        .call_init(&mut store, config)
+                        .await;
+                    (r, Instance::Aggregator(inst))
                 }
             };
             Ok(result)

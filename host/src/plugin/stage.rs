@@ -10,7 +10,9 @@ use wasmtime::Store;
 
 use std::sync::atomic::Ordering;
 
+use super::bindings::aggregator::exports::edgebridge::plugin0_2_0::aggregator as agg;
 use super::bindings::types as wit;
+use super::bindings::aggregator::RouteAggregator;
 use super::{
     HostState, Instance, Loaded, Registry, Runtime, arm_budget, describe_trap, wall_backstop,
 };
@@ -28,6 +30,49 @@ pub enum Outcome {
     Drop(String),
     /// Forward these instead.
     Emit(Vec<Emitted>),
+    /// An aggregator keeps the message in this window (its acknowledgement waits for the
+    /// window's release).
+    Hold(String),
+}
+
+/// A window's result from an aggregator: messages to publish, and the window whose held
+/// messages they complete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Release {
+    /// The window.
+    pub window: String,
+    /// Its messages (checked against the policy).
+    pub messages: Vec<Emitted>,
+}
+
+/// Why an aggregator is asked to flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushReason {
+    /// The route stops.
+    Stop,
+    /// A new version replaces the plugin.
+    Upgrade,
+    /// The route holds its policy's `maxHeld` messages.
+    Pressure,
+}
+
+impl FlushReason {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlushReason::Stop => "stop",
+            FlushReason::Upgrade => "upgrade",
+            FlushReason::Pressure => "pressure",
+        }
+    }
+
+    fn to_wit(self) -> agg::FlushReason {
+        match self {
+            FlushReason::Stop => agg::FlushReason::Stop,
+            FlushReason::Upgrade => agg::FlushReason::Upgrade,
+            FlushReason::Pressure => agg::FlushReason::Pressure,
+        }
+    }
 }
 
 /// A message a plugin emitted, checked against its policy. Its topic is a
@@ -125,6 +170,10 @@ pub struct Stage {
     /// Next breaker pause; `None` until the first opening (then the policy's `pause`).
     backoff: Option<Duration>,
     counters: Arc<PluginCounters>,
+    /// Window results an aggregator returned with its last answer, not yet taken.
+    releases: Vec<Release>,
+    /// An aggregator's instance (and what its windows held) was discarded since last asked.
+    lost: bool,
 }
 
 impl Stage {
@@ -159,6 +208,166 @@ impl Stage {
             open_until: None,
             backoff: None,
             counters,
+            releases: Vec::new(),
+            lost: false,
+        }
+    }
+
+    /// Discards the live instance; an aggregator's windows go with it.
+    fn discard(&mut self) {
+        if let Some(live) = self.live.take()
+            && matches!(live.instance, Instance::Aggregator(_))
+        {
+            self.lost = true;
+            self.counters.timers_set.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The window results of the last call, taken.
+    pub fn take_releases(&mut self) -> Vec<Release> {
+        std::mem::take(&mut self.releases)
+    }
+
+    /// Whether an aggregator instance was discarded (after a trap) since the last call: what
+    /// its windows held is gone, and the route must have its source send it again.
+    pub fn take_lost(&mut self) -> bool {
+        std::mem::take(&mut self.lost)
+    }
+
+    /// When the soonest timer of an aggregator is due (timer time, see
+    /// [`super::timers::HostClock::timer_now`]).
+    pub fn next_timer(&mut self) -> Option<u64> {
+        self.live
+            .as_mut()
+            .and_then(|l| l.store.data_mut().timers.next_due())
+    }
+
+    /// The policy's `maxHeld` of the running aggregator.
+    pub fn max_held(&self) -> Option<usize> {
+        self.live
+            .as_ref()
+            .filter(|l| matches!(l.instance, Instance::Aggregator(_)))
+            .map(|l| l.loaded.policy.max_held)
+    }
+
+    /// Calls `on-timer` for every timer due at `now` (at most 10,000 a turn); the window
+    /// results are in [`Stage::take_releases`].
+    pub async fn fire_timers(&mut self, now: u64) -> Result<(), StageError> {
+        let Some(live) = self.live.as_mut() else {
+            return Ok(());
+        };
+        let due = live.store.data_mut().timers.take_due(now, 10_000);
+        for d in due {
+            let late = now.saturating_sub(d.at);
+            self.counters
+                .timer_lateness
+                .observe(Duration::from_micros(late));
+            self.counters.timers_fired.fetch_add(1, Ordering::Relaxed);
+            let ctx = self.timer_ctx();
+            let name = d.name;
+            self.aggregator_call(|inst, store| {
+                Box::pin(async move {
+                    inst.edgebridge_plugin0_2_0_aggregator()
+                        .call_on_timer(store, &ctx, &name)
+                        .await
+                })
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Calls `flush(reason)`; the window results are in [`Stage::take_releases`].
+    pub async fn flush(&mut self, reason: FlushReason) -> Result<(), StageError> {
+        let is_aggregator = self
+            .live
+            .as_ref()
+            .is_some_and(|l| matches!(l.instance, Instance::Aggregator(_)));
+        if !is_aggregator {
+            return Ok(());
+        }
+        self.counters.flushes[reason as usize].fetch_add(1, Ordering::Relaxed);
+        let ctx = self.timer_ctx();
+        self.aggregator_call(|inst, store| {
+            Box::pin(async move {
+                inst.edgebridge_plugin0_2_0_aggregator()
+                    .call_flush(store, &ctx, reason.to_wit())
+                    .await
+            })
+        })
+        .await
+    }
+
+    /// The context of a call that is not about a message: the route's target namespace.
+    fn timer_ctx(&self) -> wit::Context {
+        wit::Context {
+            target: self.route.target_namespace.clone(),
+            ..self.ctx.clone()
+        }
+    }
+
+    /// Runs one `on-timer` or `flush` call on the live aggregator under the time budget, and
+    /// keeps its checked window results.
+    async fn aggregator_call<F>(&mut self, f: F) -> Result<(), StageError>
+    where
+        F: for<'a> FnOnce(
+            &'a RouteAggregator,
+            &'a mut Store<HostState>,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = wasmtime::Result<Result<Vec<agg::Release>, String>>,
+                    > + Send
+                    + 'a,
+            >,
+        >,
+    {
+        let plugin = self.plugin.clone();
+        let Some(live) = self.live.as_mut() else {
+            return Ok(());
+        };
+        let Instance::Aggregator(inst) = &live.instance else {
+            return Ok(());
+        };
+        arm_budget(&mut live.store, live.loaded.policy.time_per_message);
+        let backstop = wall_backstop(live.loaded.policy.time_per_message);
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(backstop, f(inst, &mut live.store)).await;
+        self.counters.duration.observe(started.elapsed());
+        let result = match result {
+            Err(_) => {
+                self.discard();
+                self.counters.call(CallOutcome::Trap);
+                return Err(StageError::Trap {
+                    plugin,
+                    message: format!("time budget exceeded: the call did not return within {backstop:?} (the wall-clock backstop)"),
+                });
+            }
+            Ok(Err(trap)) => {
+                let message = describe_trap(&trap, &live.store);
+                self.discard();
+                self.counters.call(CallOutcome::Trap);
+                return Err(StageError::Trap { plugin, message });
+            }
+            Ok(Ok(Err(message))) => {
+                self.counters.call(CallOutcome::Error);
+                return Err(StageError::Returned { plugin, message });
+            }
+            Ok(Ok(Ok(list))) => list,
+        };
+        let timers = live.store.data().timers.len() as u64;
+        self.counters.timers_set.store(timers, Ordering::Relaxed);
+        let policy = live.loaded.policy.clone();
+        match validate_releases(result, &self.route, &policy) {
+            Ok(list) => {
+                self.counters.call(CallOutcome::Emit);
+                self.releases.extend(list);
+                Ok(())
+            }
+            Err(message) => {
+                self.counters.call(CallOutcome::Refused);
+                Err(StageError::Invalid { plugin, message })
+            }
         }
     }
 
@@ -177,6 +386,11 @@ impl Stage {
         {
             self.checked = changes;
             return Ok(());
+        }
+        // An aggregator being replaced first emits what its windows hold: nothing it held is
+        // lost with its instance.
+        if let Err(e) = self.flush(FlushReason::Upgrade).await {
+            tracing::error!(route = %self.route.name, plugin = %self.plugin, "Flushing the replaced plugin version failed: {e}");
         }
         match self
             .runtime
@@ -233,6 +447,7 @@ impl Stage {
             Ok(Outcome::Pass) => Some(CallOutcome::Pass),
             Ok(Outcome::Drop(_)) => Some(CallOutcome::Drop),
             Ok(Outcome::Emit(_)) => Some(CallOutcome::Emit),
+            Ok(Outcome::Hold(_)) => Some(CallOutcome::Hold),
             Err(StageError::Returned { .. }) => Some(CallOutcome::Error),
             Err(StageError::Trap { .. }) => Some(CallOutcome::Trap),
             Err(StageError::Invalid { .. }) => Some(CallOutcome::Refused),
@@ -290,7 +505,7 @@ impl Stage {
                     .edgebridge_plugin_mapper()
                     .call_map_message(&mut live.store, ctx, &input)
                     .await
-                    .map(|r| r.map(Some)),
+                    .map(|r| r.map(|d| Some(Answer::Decision(d)))),
                 Instance::Filter(f) => f
                     .edgebridge_plugin_filter()
                     .call_keep(&mut live.store, ctx, &input)
@@ -298,17 +513,22 @@ impl Stage {
                     .map(|r| {
                         r.map(|keep| {
                             if keep {
-                                Some(wit::Decision::Pass)
+                                Some(Answer::Decision(wit::Decision::Pass))
                             } else {
-                                Some(wit::Decision::Drop("filtered out".into()))
+                                Some(Answer::Decision(wit::Decision::Drop("filtered out".into())))
                             }
                         })
                     }),
+                Instance::Aggregator(a) => a
+                    .edgebridge_plugin0_2_0_aggregator()
+                    .call_on_message(&mut live.store, ctx, &input)
+                    .await
+                    .map(|r| r.map(|reply| Some(Answer::Reply(reply)))),
             }
         };
         let Ok(result) = tokio::time::timeout(backstop, call).await else {
             // The abandoned call leaves its instance unusable: the next call rebuilds it.
-            self.live = None;
+            self.discard();
             return Err(StageError::Trap {
                 plugin,
                 message: format!(
@@ -320,15 +540,42 @@ impl Stage {
             Err(trap) => {
                 let message = describe_trap(&trap, &live.store);
                 // A trapped instance cannot be entered again: the next call rebuilds it.
-                self.live = None;
+                self.discard();
                 Err(StageError::Trap { plugin, message })
             }
             Ok(Err(message)) => Err(StageError::Returned { plugin, message }),
             Ok(Ok(None)) => Ok(Outcome::Pass),
-            Ok(Ok(Some(decision))) => {
+            Ok(Ok(Some(Answer::Decision(decision)))) => {
                 let policy = live.loaded.policy.clone();
                 validate(decision, msg, &self.route, &policy)
                     .map_err(|message| StageError::Invalid { plugin, message })
+            }
+            Ok(Ok(Some(Answer::Reply(reply)))) => {
+                let policy = live.loaded.policy.clone();
+                let timers = live.store.data().timers.len() as u64;
+                self.counters.timers_set.store(timers, Ordering::Relaxed);
+                let releases = validate_releases(reply.releases, &self.route, &policy)
+                    .map_err(|message| StageError::Invalid {
+                        plugin: plugin.clone(),
+                        message,
+                    })?;
+                let outcome = match reply.action {
+                    agg::Action::Pass => Outcome::Pass,
+                    agg::Action::Drop(r) => Outcome::Drop(r),
+                    agg::Action::Hold(w) if w.len() > 256 => {
+                        return Err(StageError::Invalid {
+                            plugin,
+                            message: "a window name is at most 256 bytes".into(),
+                        });
+                    }
+                    agg::Action::Hold(w) => Outcome::Hold(w),
+                    agg::Action::Emit(list) => {
+                        validate(wit::Decision::Emit(list), msg, &self.route, &policy)
+                            .map_err(|message| StageError::Invalid { plugin, message })?
+                    }
+                };
+                self.releases.extend(releases);
+                Ok(outcome)
             }
         }
     }
@@ -346,6 +593,106 @@ impl crate::pipeline::Stage for Stage {
     ) -> impl std::future::Future<Output = Result<Outcome, StageError>> + Send {
         self.decide(msg, target)
     }
+
+    fn take_releases(&mut self) -> Vec<Release> {
+        Stage::take_releases(self)
+    }
+
+    fn take_lost(&mut self) -> bool {
+        Stage::take_lost(self)
+    }
+
+    fn next_timer(&mut self) -> Option<u64> {
+        Stage::next_timer(self)
+    }
+
+    fn max_held(&self) -> Option<usize> {
+        Stage::max_held(self)
+    }
+
+    fn fire_timers(
+        &mut self,
+        now: u64,
+    ) -> impl std::future::Future<Output = Result<(), StageError>> + Send {
+        Stage::fire_timers(self, now)
+    }
+
+    fn flush(
+        &mut self,
+        reason: FlushReason,
+    ) -> impl std::future::Future<Output = Result<(), StageError>> + Send {
+        Stage::flush(self, reason)
+    }
+}
+
+/// What a plugin answered about a message, before it is checked.
+enum Answer {
+    Decision(wit::Decision),
+    Reply(agg::Reply),
+}
+
+/// Checks an aggregator's window results against the policy and the route.
+pub fn validate_releases(
+    list: Vec<agg::Release>,
+    route: &RouteInfo,
+    policy: &crate::policy::Policy,
+) -> Result<Vec<Release>, String> {
+    if list.len() > 10_000 {
+        return Err(format!("{} window results in one answer; at most 10,000", list.len()));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for r in list {
+        if r.window.len() > 256 {
+            return Err("a window name is at most 256 bytes".into());
+        }
+        if r.messages.len() > policy.max_emit {
+            return Err(format!(
+                "window {:?} released {} messages, its policy allows {} (maxEmit)",
+                r.window,
+                r.messages.len(),
+                policy.max_emit
+            ));
+        }
+        let mut messages = Vec::with_capacity(r.messages.len());
+        for e in r.messages {
+            let payload = match e.payload {
+                wit::Payload::Unchanged => {
+                    return Err(format!(
+                        "window {:?} released a message with payload `unchanged`, which has no incoming message to keep",
+                        r.window
+                    ));
+                }
+                wit::Payload::Replace(bytes) if bytes.len() > policy.max_payload => {
+                    return Err(format!(
+                        "payload of {} bytes is larger than its policy's maxPayload {}",
+                        bytes.len(),
+                        policy.max_payload
+                    ));
+                }
+                wit::Payload::Replace(bytes) => Bytes::from(bytes),
+            };
+            let retain = match e.retain {
+                Some(true) if !policy.may_change_retain => {
+                    return Err(
+                        "set the retain flag but its policy does not allow mayChangeRetain".into(),
+                    );
+                }
+                r => r.unwrap_or(false),
+            };
+            messages.push(Emitted {
+                topic: policy.confine(e.topic, &route.target_namespace)?,
+                payload,
+                qos: e.qos.map(from_wit_qos).unwrap_or(route.qos).min(route.qos),
+                retain,
+                properties: e.properties.map(from_wit_props).unwrap_or_default(),
+            });
+        }
+        out.push(Release {
+            window: r.window,
+            messages,
+        });
+    }
+    Ok(out)
 }
 
 fn to_wit_qos(q: QoS) -> wit::Qos {

@@ -30,8 +30,12 @@ pub struct PluginTest {
     pub target: Option<String>,
     /// Further calls to time per message (0: decide once).
     pub repeat: u32,
-    /// The messages, in order.
-    pub messages: Vec<Message>,
+    /// The messages, in order, each with its time on the timeline (milliseconds from its
+    /// start; the plugin's clock reads the start, plus this).
+    pub messages: Vec<(u64, Message)>,
+    /// Run the timeline on to this time (ms) after the last message, firing timers; then the
+    /// plugin is flushed as at a route's stop.
+    pub until: Option<u64>,
 }
 
 /// Reads `path` whole, refusing more than [`MAX_INPUT`] bytes.
@@ -61,9 +65,24 @@ pub struct LoadedFile {
 /// Loads `file` as plugin `name` under its policy in `policies_dir` (`plugin test` and
 /// `plugin install` both check a file this way).
 pub fn load_file(file: &Path, name: &str, policies_dir: &Path) -> Result<LoadedFile, String> {
+    load_file_with_clock(
+        file,
+        name,
+        policies_dir,
+        crate::plugin::timers::HostClock::Real,
+    )
+}
+
+/// [`load_file`] into a runtime whose plugins see `clock`.
+fn load_file_with_clock(
+    file: &Path,
+    name: &str,
+    policies_dir: &Path,
+    clock: crate::plugin::timers::HostClock,
+) -> Result<LoadedFile, String> {
     let policies = crate::policy::Policies::load_dir(policies_dir).map_err(|r| r.to_string())?;
     let bytes = read_input(file)?;
-    let runtime = crate::plugin::Runtime::new()?;
+    let runtime = crate::plugin::Runtime::with_clock(clock)?;
     let loaded = runtime
         .load(name, file, &bytes, policies.for_plugin(name))
         .map_err(|e| e.to_string())?;
@@ -107,14 +126,16 @@ pub fn message_from_args(
 /// Messages from JSON lines (`--messages FILE`), one object per line: `topic` (default
 /// `default_topic`), `payload` (a string as it is; any other JSON value as its JSON text),
 /// `qos` (0, 1 or 2; default 1), `retain`, `userProperties` (an object, or a list of
-/// `[key, value]` pairs), `contentType`. Empty lines and lines starting with `#` are skipped.
-/// Errors name `origin:line`.
+/// `[key, value]` pairs), `contentType`, `at` (milliseconds from the start of the timeline;
+/// never less than the line before; default: the line before's). Empty lines and lines
+/// starting with `#` are skipped. Errors name `origin:line`.
 pub fn messages_from_json_lines(
     text: &str,
     origin: &str,
     default_topic: &str,
-) -> Result<Vec<Message>, String> {
+) -> Result<Vec<(u64, Message)>, String> {
     let mut out = Vec::new();
+    let mut last = 0;
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -122,7 +143,23 @@ pub fn messages_from_json_lines(
         }
         let at = format!("{origin}:{}", i + 1);
         let doc: Value = serde_json::from_str(line).map_err(|e| format!("{at}: {e}"))?;
-        out.push(message_from_json(&doc, default_topic).map_err(|e| format!("{at}: {e}"))?);
+        let time = match doc.get("at") {
+            None => last,
+            Some(v) => match v.as_u64() {
+                Some(t) if t >= last => t,
+                Some(t) => {
+                    return Err(format!(
+                        "{at}: `at` {t} is before the line before's {last}: the timeline only goes forward"
+                    ));
+                }
+                None => return Err(format!("{at}: `at` must be milliseconds (a whole number ≥ 0)")),
+            },
+        };
+        last = time;
+        out.push((
+            time,
+            message_from_json(&doc, default_topic).map_err(|e| format!("{at}: {e}"))?,
+        ));
     }
     if out.is_empty() {
         return Err(format!("{origin}: no messages (one JSON object per line)"));
@@ -163,9 +200,10 @@ fn message_from_json(doc: &Value, default_topic: &str) -> Result<Message, String
                     Some(v.as_str().ok_or("`contentType` must be a string")?.into())
             }
             "userProperties" => msg.properties.user_properties = user_properties(v)?,
+            "at" => {}
             other => {
                 return Err(format!(
-                    "unknown field `{other}`; expected topic, payload, qos, retain, userProperties, contentType"
+                    "unknown field `{other}`; expected topic, payload, qos, retain, userProperties, contentType, at"
                 ));
             }
         }
@@ -238,9 +276,17 @@ pub async fn run(t: &PluginTest) -> Result<bool, String> {
         Some(n) => n.clone(),
         None => super::scaffold::name_of(&t.file).unwrap_or(stem),
     };
+    // The plugin's clock is the timeline's: it starts now and moves only with the messages'
+    // `at` and the timers that fire.
+    let start_ms = crate::plugin::timers::HostClock::Real.now_millis();
+    let virtual_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(start_ms));
+    let clock = crate::plugin::timers::HostClock::Virtual(virtual_ms.clone());
+    let set_time = |ms: u64| virtual_ms.store(start_ms + ms, std::sync::atomic::Ordering::Relaxed);
     let LoadedFile {
         runtime, loaded, ..
-    } = load_file(&t.file, &name, &t.policies_dir)?;
+    } = load_file_with_clock(&t.file, &name, &t.policies_dir, clock.clone())?;
+    let aggregator = loaded.world == crate::plugin::World::Aggregator;
+    let timeline = aggregator || t.messages.iter().any(|(at, _)| *at > 0);
     println!(
         "plugin {} ({}), {} bytes, sha256 {}, policy: {}",
         loaded.name,
@@ -274,11 +320,20 @@ pub async fn run(t: &PluginTest) -> Result<bool, String> {
     })?;
     println!("init with {}: ok ({})", t.config, micros(started.elapsed()));
     let mut ok = true;
-    for (i, msg) in t.messages.iter().enumerate() {
+    for (i, (at, msg)) in t.messages.iter().enumerate() {
+        if timeline {
+            ok &= run_timers_until(&mut stage, &set_time, start_ms, *at).await;
+            set_time(*at);
+        }
         let target = t.target.clone().unwrap_or_else(|| msg.topic.clone());
         println!(
-            "message {}: {} ({} bytes, qos {}{})",
+            "message {}{}: {} ({} bytes, qos {}{})",
             i + 1,
+            if timeline {
+                format!(" at +{at} ms")
+            } else {
+                String::new()
+            },
             msg.topic,
             msg.payload.len(),
             msg.qos.as_u8(),
@@ -287,6 +342,7 @@ pub async fn run(t: &PluginTest) -> Result<bool, String> {
         let started = std::time::Instant::now();
         let outcome = stage.decide(msg, &target).await;
         let took = micros(started.elapsed());
+        print_releases(&mut stage);
         match &outcome {
             Err(e) => {
                 println!("  error: {e}  [{took}]");
@@ -295,27 +351,10 @@ pub async fn run(t: &PluginTest) -> Result<bool, String> {
             }
             Ok(Outcome::Pass) => println!("  pass: forward unchanged to {target}  [{took}]"),
             Ok(Outcome::Drop(reason)) => println!("  drop: {reason}  [{took}]"),
+            Ok(Outcome::Hold(window)) => println!("  hold: in window {window:?}  [{took}]"),
             Ok(Outcome::Emit(list)) => {
                 println!("  emit {} message(s)  [{took}]", list.len());
-                for m in list {
-                    let payload = if m.payload.as_ptr() == msg.payload.as_ptr() {
-                        "(unchanged)".to_string()
-                    } else {
-                        format!("{:?}", String::from_utf8_lossy(&m.payload))
-                    };
-                    println!(
-                        "    {}  qos {}  retain {}  payload {payload}",
-                        m.topic.as_str(),
-                        m.qos.as_u8(),
-                        m.retain
-                    );
-                    for (k, v) in &m.properties.user_properties {
-                        println!("      user property {k}: {v}");
-                    }
-                    if let Some(ct) = &m.properties.content_type {
-                        println!("      content type: {ct}");
-                    }
-                }
+                print_emitted(list, Some(msg));
             }
         }
         if t.repeat > 0 {
@@ -329,6 +368,7 @@ pub async fn run(t: &PluginTest) -> Result<bool, String> {
                 }
                 samples.push(start.elapsed());
             }
+            stage.take_releases();
             if !samples.is_empty() {
                 samples.sort();
                 let pick = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
@@ -341,7 +381,83 @@ pub async fn run(t: &PluginTest) -> Result<bool, String> {
             }
         }
     }
+    if timeline {
+        let last = t.messages.last().map_or(0, |(at, _)| *at);
+        let end = last + t.until.unwrap_or(0);
+        ok &= run_timers_until(&mut stage, &set_time, start_ms, end).await;
+        set_time(end);
+    }
+    if aggregator {
+        println!("flush (stop) at the end of the timeline");
+        if let Err(e) = stage.flush(crate::plugin::stage::FlushReason::Stop).await {
+            println!("  error: {e}");
+            ok = false;
+        }
+        print_releases(&mut stage);
+    }
     Ok(ok)
+}
+
+/// Fires, in order, every timer due up to `end` (ms on the timeline), moving the clock to
+/// each; false when one failed.
+async fn run_timers_until(
+    stage: &mut crate::plugin::stage::Stage,
+    set_time: &impl Fn(u64),
+    start_ms: u64,
+    end: u64,
+) -> bool {
+    let mut ok = true;
+    // Each firing may set further timers; a bound keeps a plugin that sets one at every
+    // firing from running forever.
+    for _ in 0..100_000 {
+        let Some(due) = stage.next_timer() else { break };
+        let due_ms = due.div_ceil(1000).saturating_sub(start_ms);
+        if due_ms > end {
+            break;
+        }
+        set_time(due_ms);
+        println!("timer due at +{due_ms} ms");
+        if let Err(e) = stage.fire_timers(due).await {
+            println!("  error: {e}");
+            ok = false;
+        }
+        print_releases(stage);
+    }
+    ok
+}
+
+/// Prints the window results of the stage's last call.
+fn print_releases(stage: &mut crate::plugin::stage::Stage) {
+    for r in stage.take_releases() {
+        println!(
+            "  release window {:?}: {} message(s)",
+            r.window,
+            r.messages.len()
+        );
+        print_emitted(&r.messages, None);
+    }
+}
+
+fn print_emitted(list: &[crate::plugin::stage::Emitted], input: Option<&Message>) {
+    for m in list {
+        let payload = if input.is_some_and(|i| m.payload.as_ptr() == i.payload.as_ptr()) {
+            "(unchanged)".to_string()
+        } else {
+            format!("{:?}", String::from_utf8_lossy(&m.payload))
+        };
+        println!(
+            "    {}  qos {}  retain {}  payload {payload}",
+            m.topic.as_str(),
+            m.qos.as_u8(),
+            m.retain
+        );
+        for (k, v) in &m.properties.user_properties {
+            println!("      user property {k}: {v}");
+        }
+        if let Some(ct) = &m.properties.content_type {
+            println!("      content type: {ct}");
+        }
+    }
 }
 
 fn micros(d: std::time::Duration) -> String {
@@ -355,7 +471,11 @@ mod tests {
     #[test]
     fn json_lines_become_messages_and_errors_name_the_line() {
         let text = "# readings\n{\"topic\":\"a/b\",\"payload\":{\"v\":1},\"qos\":0}\n\n{\"payload\":\"x\",\"retain\":true,\"userProperties\":[[\"k\",\"v\"]]}\n";
-        let msgs = messages_from_json_lines(text, "m.jsonl", "d/t").unwrap();
+        let msgs: Vec<Message> = messages_from_json_lines(text, "m.jsonl", "d/t")
+            .unwrap()
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect();
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[0].payload.as_ref(), br#"{"v":1}"#);
         assert_eq!(msgs[0].qos, QoS::AtMostOnce);
@@ -370,6 +490,14 @@ mod tests {
         let e = messages_from_json_lines("{\"topic\":\"a/#\"}", "m.jsonl", "t").unwrap_err();
         assert!(e.starts_with("m.jsonl:1: topic \"a/#\""), "{e}");
         assert!(messages_from_json_lines("\n# none\n", "m.jsonl", "t").is_err());
+        let timed =
+            messages_from_json_lines("{\"at\":5}\n{}\n{\"at\":9}", "m.jsonl", "t").unwrap();
+        assert_eq!(
+            timed.iter().map(|(at, _)| *at).collect::<Vec<_>>(),
+            [5, 5, 9]
+        );
+        let e = messages_from_json_lines("{\"at\":5}\n{\"at\":4}", "m.jsonl", "t").unwrap_err();
+        assert!(e.starts_with("m.jsonl:2: `at` 4 is before"), "{e}");
     }
 
     #[test]
