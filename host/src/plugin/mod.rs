@@ -1157,13 +1157,29 @@ mod tests {
                 == include_str!("../../../plugins/sdk/wit/plugin.wit"),
             "plugins/sdk/wit/plugin.wit must be a copy of wit/plugin.wit (cp wit/plugin.wit plugins/sdk/wit/)"
         );
+        assert!(
+            include_str!("../../../wit/v0.2/plugin.wit")
+                == include_str!("../../../plugins/sdk/wit/v0.2/plugin.wit"),
+            "plugins/sdk/wit/v0.2/plugin.wit must be a copy of wit/v0.2/plugin.wit"
+        );
+        // 0.2.0 reuses the released 0.1.0 types: its dependency is the released file itself.
+        for dep in [
+            include_str!("../../../wit/v0.2/deps/plugin-0.1.0/plugin.wit"),
+            include_str!("../../../plugins/sdk/wit/v0.2/deps/plugin-0.1.0/plugin.wit"),
+        ] {
+            assert!(
+                dep == include_str!("../../../wit/plugin.wit"),
+                "wit/v0.2/deps/plugin-0.1.0/plugin.wit (and the SDK's) must be a copy of wit/plugin.wit"
+            );
+        }
     }
 
-    /// The SDK's version is the WIT package version it implements (0.1.x for
-    /// `edgebridge:plugin@0.1.0`), so a plugin's dependency says which contract it speaks.
+    /// The SDK's version is the newest WIT package version it implements (0.2.x for
+    /// `edgebridge:plugin@0.2.0`, with 0.1.0's worlds too), so a plugin's dependency says
+    /// which contract it speaks.
     #[test]
     fn the_sdk_version_is_the_wit_package_version() {
-        let wit = include_str!("../../../wit/plugin.wit");
+        let wit = include_str!("../../../wit/v0.2/plugin.wit");
         let package = wit
             .lines()
             .find_map(|l| l.trim().strip_prefix("package edgebridge:plugin@"))

@@ -77,6 +77,23 @@ pub mod bindings {
             },
         });
     }
+    /// The `route-aggregator` world of `edgebridge:plugin@0.2.0`: the 0.1.0 types, `log` and
+    /// `clock` reused, and `timers`, `metrics`, `state` and the aggregator export.
+    pub mod aggregator {
+        wit_bindgen::generate!({
+            world: "route-aggregator",
+            path: "wit/v0.2",
+            pub_export_macro: true,
+            export_macro_name: "export",
+            default_bindings_module: "edgebridge_plugin_sdk::bindings::aggregator",
+            additional_derives: [PartialEq],
+            with: {
+                "edgebridge:plugin/types@0.1.0": edgebridge_plugin_sdk::bindings::mapper::edgebridge::plugin::types,
+                "edgebridge:plugin/log@0.1.0": edgebridge_plugin_sdk::bindings::mapper::edgebridge::plugin::log,
+                "edgebridge:plugin/clock@0.1.0": edgebridge_plugin_sdk::bindings::mapper::edgebridge::plugin::clock,
+            },
+        });
+    }
 }
 
 mod builders;
@@ -86,8 +103,90 @@ pub mod testing;
 pub use bindings::mapper::edgebridge::plugin::types::{
     Context, Decision, Direction, Emitted, InitError, Message, Payload, Properties, Qos,
 };
+pub use bindings::aggregator::exports::edgebridge::plugin0_2_0::aggregator::{
+    Action, FlushReason, Release, Reply,
+};
 pub use serde;
 pub use serde_json;
+
+/// A plugin of the `route-aggregator` world (WIT 0.2.0). Export it with
+/// [`export_aggregator!`]. It is called per message and on the timers it sets with
+/// [`timers::set`]; it holds messages in windows ([`Action::Hold`]) and emits a window's
+/// result as a [`Release`], which also acknowledges what the window held.
+pub trait Aggregator: Sized + 'static {
+    /// The route's `config:`; `serde_json::Value` takes anything, [`NoConfig`] nothing.
+    type Config: serde::de::DeserializeOwned;
+
+    /// The format of what this version keeps in [`state`]: a new version keeps the previous
+    /// one's state only when both say the same number.
+    const STATE_FORMAT: u32 = 1;
+
+    /// As [`Mapper::new`].
+    fn new(config: Self::Config) -> Result<Self, InitError>;
+
+    /// Decides about one message: pass, drop, emit, or hold it in a window; and which
+    /// windows close now.
+    fn on_message(&mut self, ctx: Context, msg: Message) -> Result<Reply, String>;
+
+    /// The timer `name` is due. `ctx.target` is the route's static target, or its source
+    /// filter when it keeps source topics.
+    fn on_timer(&mut self, ctx: Context, name: String) -> Result<Vec<Release>, String>;
+
+    /// Emit what the windows hold, for `reason` (the route stops, a new version replaces
+    /// this one, or the route holds its policy's `maxHeld` messages). A window not released
+    /// here stays held: at a stop its messages go unacknowledged and come again.
+    fn flush(&mut self, ctx: Context, reason: FlushReason) -> Result<Vec<Release>, String>;
+}
+
+impl Reply {
+    /// Forward the message unchanged.
+    pub fn pass() -> Reply {
+        Reply {
+            action: Action::Pass,
+            releases: Vec::new(),
+        }
+    }
+    /// Drop the message (handled), with the reason.
+    pub fn drop(reason: impl Into<String>) -> Reply {
+        Reply {
+            action: Action::Drop(reason.into()),
+            releases: Vec::new(),
+        }
+    }
+    /// Keep the message in `window`.
+    pub fn hold(window: impl Into<String>) -> Reply {
+        Reply {
+            action: Action::Hold(window.into()),
+            releases: Vec::new(),
+        }
+    }
+    /// Forward these messages instead.
+    pub fn emit(messages: Vec<Emitted>) -> Reply {
+        Reply {
+            action: Action::Emit(messages),
+            releases: Vec::new(),
+        }
+    }
+    /// Also close these windows now (published before the action's messages).
+    pub fn releasing(mut self, releases: Vec<Release>) -> Reply {
+        self.releases.extend(releases);
+        self
+    }
+}
+
+impl Release {
+    /// The result of `window`: these messages.
+    pub fn new(window: impl Into<String>, messages: Vec<Emitted>) -> Release {
+        Release {
+            window: window.into(),
+            messages,
+        }
+    }
+    /// `window` closes with nothing to publish: what it held is acknowledged at once.
+    pub fn empty(window: impl Into<String>) -> Release {
+        Release::new(window, Vec::new())
+    }
+}
 
 /// A plugin of the `route-mapper` world. Export it with [`export_mapper!`].
 pub trait Mapper: Sized + 'static {
@@ -201,9 +300,141 @@ pub mod kv {
     }
 }
 
+/// Reading JSON payloads.
+pub mod json {
+    /// The number at `path` in a JSON payload: a top-level field (`temperature`), or a
+    /// dotted path into objects (`reading.value`); `None` when the payload is not JSON or
+    /// the value is not a number.
+    pub fn number(payload: &[u8], path: &str) -> Option<f64> {
+        let doc: serde_json::Value = serde_json::from_slice(payload).ok()?;
+        path.split('.')
+            .try_fold(&doc, |v, key| v.get(key))?
+            .as_f64()
+    }
+}
+
+/// Timers kept by the bridge (WIT 0.2.0; an [`Aggregator`] only): it calls
+/// [`Aggregator::on_timer`] when one is due. Granted when the policy lists `timers`, within
+/// its `timers.max` and `timers.minPeriod`.
+pub mod timers {
+    /// Calls `on_timer(name)` once, `after_millis` from now; setting a set name moves it.
+    pub fn set(name: &str, after_millis: u64) -> Result<(), String> {
+        #[cfg(target_arch = "wasm32")]
+        return crate::bindings::aggregator::edgebridge::plugin0_2_0::timers::set(
+            name,
+            after_millis,
+        );
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::host::timer_set(name, after_millis);
+    }
+    /// Cancels `name` (no error when it is not set).
+    pub fn cancel(name: &str) {
+        #[cfg(target_arch = "wasm32")]
+        crate::bindings::aggregator::edgebridge::plugin0_2_0::timers::cancel(name);
+        #[cfg(not(target_arch = "wasm32"))]
+        crate::testing::host::timer_cancel(name);
+    }
+    /// How many timers are set.
+    pub fn count() -> u32 {
+        #[cfg(target_arch = "wasm32")]
+        return crate::bindings::aggregator::edgebridge::plugin0_2_0::timers::count();
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::host::with(|h| h.timers.len() as u32);
+    }
+}
+
+/// The plugin's own metrics on the bridge's `/metrics` (WIT 0.2.0; an [`Aggregator`] only),
+/// as `edgebridge_plugin_<plugin>_<name>` with the labels `plugin`, `route` and its own.
+/// Granted when the policy lists `metrics`, within its `metrics.maxSeries`.
+pub mod metrics {
+    #[cfg(target_arch = "wasm32")]
+    use crate::bindings::aggregator::edgebridge::plugin0_2_0::metrics as host;
+    pub use crate::bindings::aggregator::edgebridge::plugin0_2_0::metrics::Kind;
+
+    /// Declares a metric (see the WIT for the rules on names); its handle.
+    pub fn declare(
+        name: &str,
+        help: &str,
+        kind: Kind,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> Result<u32, String> {
+        let labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+        #[cfg(target_arch = "wasm32")]
+        return host::declare(name, help, kind, &labels, buckets);
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = help;
+            crate::testing::host::metric_declare(name, kind, labels, buckets)
+        }
+    }
+    /// Adds `value` to a counter or gauge.
+    pub fn add(metric: u32, labels: &[&str], value: f64) -> Result<(), String> {
+        update(metric, labels, value, 0)
+    }
+    /// Sets a gauge.
+    pub fn set(metric: u32, labels: &[&str], value: f64) -> Result<(), String> {
+        update(metric, labels, value, 1)
+    }
+    /// Records an observation in a histogram.
+    pub fn observe(metric: u32, labels: &[&str], value: f64) -> Result<(), String> {
+        update(metric, labels, value, 2)
+    }
+    fn update(metric: u32, labels: &[&str], value: f64, op: u8) -> Result<(), String> {
+        let labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+        #[cfg(target_arch = "wasm32")]
+        return match op {
+            0 => host::add(metric, &labels, value),
+            1 => host::set(metric, &labels, value),
+            _ => host::observe(metric, &labels, value),
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::host::metric_update(metric, labels, value, op);
+    }
+}
+
+/// Key-value state with a time to live (WIT 0.2.0; an [`Aggregator`] only): the same store
+/// as [`kv`], kept across instance rebuilds, across versions with the same
+/// [`Aggregator::STATE_FORMAT`], and across restarts when the route has a spool. Granted when
+/// the policy lists `kv`.
+pub mod state {
+    #[cfg(target_arch = "wasm32")]
+    use crate::bindings::aggregator::edgebridge::plugin0_2_0::state as host;
+
+    /// The value under `key`, unless absent or expired.
+    pub fn get(key: &str) -> Option<Vec<u8>> {
+        #[cfg(target_arch = "wasm32")]
+        return host::get(key);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::host::state_get(key);
+    }
+    /// Stores `value` under `key` for `ttl_millis` (`None`: until deleted).
+    pub fn set(key: &str, value: &[u8], ttl_millis: Option<u64>) -> Result<(), String> {
+        #[cfg(target_arch = "wasm32")]
+        return host::set(key, value, ttl_millis);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::host::state_set(key, value, ttl_millis);
+    }
+    /// Removes `key`.
+    pub fn delete(key: &str) {
+        #[cfg(target_arch = "wasm32")]
+        host::delete(key);
+        #[cfg(not(target_arch = "wasm32"))]
+        crate::testing::host::kv_delete(key);
+    }
+    /// Up to `limit` live keys starting with `prefix`, in byte order.
+    pub fn keys(prefix: &str, limit: u32) -> Vec<String> {
+        #[cfg(target_arch = "wasm32")]
+        return host::keys(prefix, limit);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::host::state_keys(prefix, limit);
+    }
+}
+
 /// What the export macros expand to; not part of the API.
 #[doc(hidden)]
 pub mod __rt {
+    pub use crate::bindings::aggregator::exports::edgebridge::plugin0_2_0::aggregator::Guest as AggregatorGuest;
     pub use crate::bindings::filter::exports::edgebridge::plugin::filter::Guest as FilterGuest;
     pub use crate::bindings::mapper::exports::edgebridge::plugin::mapper::Guest as MapperGuest;
 
@@ -291,6 +522,67 @@ macro_rules! export_filter {
             }
             $crate::__export_message_filter_impl!(
                 EdgebridgeFilterExport with_types_in $crate::bindings::filter
+            );
+        };
+    };
+}
+
+/// Exports an [`Aggregator`] as the component's `edgebridge:plugin/aggregator@0.2.0` (world
+/// `route-aggregator`). The macro keeps the instance's value of the type between calls.
+#[macro_export]
+macro_rules! export_aggregator {
+    ($plugin:ty) => {
+        const _: () = {
+            ::std::thread_local! {
+                static INSTANCE: ::core::cell::RefCell<::core::option::Option<$plugin>> =
+                    const { ::core::cell::RefCell::new(::core::option::Option::None) };
+            }
+            fn with<T>(
+                f: impl ::core::ops::FnOnce(&mut $plugin) -> ::core::result::Result<T, ::std::string::String>,
+            ) -> ::core::result::Result<T, ::std::string::String> {
+                INSTANCE.with(|i| match i.borrow_mut().as_mut() {
+                    ::core::option::Option::Some(p) => f(p),
+                    ::core::option::Option::None => {
+                        ::core::result::Result::Err($crate::__rt::not_initialised())
+                    }
+                })
+            }
+            struct EdgebridgeAggregatorExport;
+            impl $crate::__rt::AggregatorGuest for EdgebridgeAggregatorExport {
+                fn init(
+                    config: ::std::string::String,
+                ) -> ::core::result::Result<(), $crate::InitError> {
+                    let config = $crate::parse_config(&config)?;
+                    let plugin = <$plugin as $crate::Aggregator>::new(config)?;
+                    INSTANCE.with(|i| *i.borrow_mut() = ::core::option::Option::Some(plugin));
+                    ::core::result::Result::Ok(())
+                }
+                fn state_format() -> u32 {
+                    <$plugin as $crate::Aggregator>::STATE_FORMAT
+                }
+                fn on_message(
+                    ctx: $crate::Context,
+                    msg: $crate::Message,
+                ) -> ::core::result::Result<$crate::Reply, ::std::string::String> {
+                    with(|p| <$plugin as $crate::Aggregator>::on_message(p, ctx, msg))
+                }
+                fn on_timer(
+                    ctx: $crate::Context,
+                    name: ::std::string::String,
+                ) -> ::core::result::Result<::std::vec::Vec<$crate::Release>, ::std::string::String>
+                {
+                    with(|p| <$plugin as $crate::Aggregator>::on_timer(p, ctx, name))
+                }
+                fn flush(
+                    ctx: $crate::Context,
+                    reason: $crate::FlushReason,
+                ) -> ::core::result::Result<::std::vec::Vec<$crate::Release>, ::std::string::String>
+                {
+                    with(|p| <$plugin as $crate::Aggregator>::flush(p, ctx, reason))
+                }
+            }
+            $crate::__export_route_aggregator_impl!(
+                EdgebridgeAggregatorExport with_types_in $crate::bindings::aggregator
             );
         };
     };

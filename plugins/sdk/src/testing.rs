@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 pub use crate::log::Level;
-use crate::{Filter, InitError, Mapper};
+use crate::{Aggregator, Context, Filter, FlushReason, InitError, Mapper, Message, Release, Reply};
 
 /// Creates a mapper from `config` JSON the way the host's `init` does (the text the host
 /// passes is the route's `config:` as JSON; `{}` when the route has none).
@@ -30,6 +30,91 @@ pub fn mapper<M: Mapper>(config: &str) -> Result<M, InitError> {
 /// Creates a filter from `config` JSON the way the host's `init` does.
 pub fn filter<F: Filter>(config: &str) -> Result<F, InitError> {
     F::new(crate::parse_config(config)?)
+}
+
+/// Creates an aggregator from `config` JSON the way the host's `init` does, in a driver that
+/// keeps its timers and moves the clock (which starts fixed at 0 unless [`set_now`] was
+/// called).
+pub fn aggregator<A: Aggregator>(config: &str) -> Result<Driver<A>, InitError> {
+    if host::with(|h| h.now.is_none()) {
+        set_now(0);
+    }
+    Ok(Driver {
+        plugin: A::new(crate::parse_config(config)?)?,
+        ctx: Context::default(),
+    })
+}
+
+/// Drives an [`Aggregator`] as the bridge does: messages, timers that fire as the clock
+/// moves, flushes.
+pub struct Driver<A> {
+    /// The plugin.
+    pub plugin: A,
+    /// The context of timer and flush calls (the route's target namespace in `target`).
+    pub ctx: Context,
+}
+
+impl<A: Aggregator> Driver<A> {
+    /// Calls `on_message` at the current time.
+    pub fn message(&mut self, ctx: Context, msg: Message) -> Result<Reply, String> {
+        self.plugin.on_message(ctx, msg)
+    }
+
+    /// Moves the clock on by `millis`, calling `on_timer` for every timer that falls due on
+    /// the way, in order, each at its due time; the window results, in order.
+    pub fn advance(&mut self, millis: u64) -> Result<Vec<Release>, String> {
+        let end = host::now_millis() + millis;
+        let mut out = Vec::new();
+        loop {
+            let next = host::with(|h| {
+                h.timers
+                    .iter()
+                    .filter(|(_, at)| **at <= end)
+                    .min_by_key(|(name, at)| (**at, (*name).clone()))
+                    .map(|(n, at)| (n.clone(), *at))
+            });
+            let Some((name, at)) = next else { break };
+            host::with(|h| h.timers.remove(&name));
+            set_now(at.max(host::now_millis()));
+            out.extend(self.plugin.on_timer(self.ctx.clone(), name)?);
+        }
+        set_now(end);
+        Ok(out)
+    }
+
+    /// Calls `flush(reason)`.
+    pub fn flush(&mut self, reason: FlushReason) -> Result<Vec<Release>, String> {
+        self.plugin.flush(self.ctx.clone(), reason)
+    }
+}
+
+/// The timers set on this thread: name and due time (ms).
+pub fn timers() -> BTreeMap<String, u64> {
+    host::with(|h| h.timers.clone())
+}
+
+/// Makes [`crate::timers::set`] fail beyond `max` timers or below `min_period` ms, as the
+/// host does under a policy.
+pub fn set_timer_limits(max: usize, min_period: u64) {
+    host::with(|h| h.timer_limits = Some((max, min_period)))
+}
+
+/// The value of a counter or gauge the plugin declared, for these label values.
+pub fn metric(name: &str, labels: &[&str]) -> Option<f64> {
+    host::with(|h| {
+        let m = h.metrics.iter().find(|m| m.0 == name)?;
+        let key: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+        m.3.get(&key).map(|v| v.0)
+    })
+}
+
+/// A histogram's (count, sum) for these label values.
+pub fn histogram(name: &str, labels: &[&str]) -> Option<(u64, f64)> {
+    host::with(|h| {
+        let m = h.metrics.iter().find(|m| m.0 == name)?;
+        let key: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+        m.3.get(&key).map(|v| (v.1, v.0))
+    })
 }
 
 /// The lines logged on this thread so far.
@@ -80,6 +165,18 @@ pub mod host {
         pub now: Option<u64>,
         pub kv: BTreeMap<String, Vec<u8>>,
         pub kv_max_keys: Option<usize>,
+        /// Expiry (ms) of the keys set with a time to live.
+        pub expires: BTreeMap<String, u64>,
+        pub timers: BTreeMap<String, u64>,
+        pub timer_limits: Option<(usize, u64)>,
+        /// name, kind, label names, series: values → (sum or value, count).
+        #[allow(clippy::type_complexity)]
+        pub metrics: Vec<(
+            String,
+            crate::metrics::Kind,
+            Vec<String>,
+            BTreeMap<Vec<String>, (f64, u64)>,
+        )>,
     }
 
     thread_local! {
@@ -125,6 +222,116 @@ pub mod host {
     pub fn kv_delete(key: &str) {
         with(|h| {
             h.kv.remove(key);
+            h.expires.remove(key);
+        })
+    }
+
+    fn expire(h: &mut Host) {
+        let now = h.now.unwrap_or(u64::MAX);
+        let gone: Vec<String> = h
+            .expires
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            h.kv.remove(&k);
+            h.expires.remove(&k);
+        }
+    }
+
+    pub fn state_get(key: &str) -> Option<Vec<u8>> {
+        with(|h| {
+            expire(h);
+            h.kv.get(key).cloned()
+        })
+    }
+
+    pub fn state_set(key: &str, value: &[u8], ttl: Option<u64>) -> Result<(), String> {
+        kv_set(key, value)?;
+        let now = now_millis();
+        with(|h| match ttl {
+            Some(t) => h.expires.insert(key.to_string(), now + t),
+            None => h.expires.remove(key),
+        });
+        Ok(())
+    }
+
+    pub fn state_keys(prefix: &str, limit: u32) -> Vec<String> {
+        with(|h| {
+            expire(h);
+            h.kv.keys()
+                .filter(|k| k.starts_with(prefix))
+                .take(limit as usize)
+                .cloned()
+                .collect()
+        })
+    }
+
+    pub fn timer_set(name: &str, after: u64) -> Result<(), String> {
+        let now = now_millis();
+        with(|h| {
+            if let Some((max, min)) = h.timer_limits {
+                if after < min {
+                    return Err(format!("{after} ms is shorter than timers.minPeriod {min} ms"));
+                }
+                if !h.timers.contains_key(name) && h.timers.len() >= max {
+                    return Err(format!("{max} timers are set, the policy's timers.max"));
+                }
+            }
+            h.timers.insert(name.to_string(), now + after);
+            Ok(())
+        })
+    }
+
+    pub fn timer_cancel(name: &str) {
+        with(|h| {
+            h.timers.remove(name);
+        })
+    }
+
+    pub fn metric_declare(
+        name: &str,
+        kind: crate::metrics::Kind,
+        labels: Vec<String>,
+        _buckets: &[f64],
+    ) -> Result<u32, String> {
+        with(|h| {
+            if let Some(i) = h.metrics.iter().position(|m| m.0 == name) {
+                return if h.metrics[i].1 == kind && h.metrics[i].2 == labels {
+                    Ok(i as u32)
+                } else {
+                    Err(format!("metric {name:?} is already declared otherwise"))
+                };
+            }
+            h.metrics
+                .push((name.to_string(), kind, labels, BTreeMap::new()));
+            Ok((h.metrics.len() - 1) as u32)
+        })
+    }
+
+    pub fn metric_update(metric: u32, labels: Vec<String>, value: f64, op: u8) -> Result<(), String> {
+        use crate::metrics::Kind;
+        with(|h| {
+            let m = h
+                .metrics
+                .get_mut(metric as usize)
+                .ok_or_else(|| format!("no metric with handle {metric}"))?;
+            if labels.len() != m.2.len() {
+                return Err(format!("{} takes {} label values", m.0, m.2.len()));
+            }
+            let v = m.3.entry(labels).or_insert((0.0, 0));
+            match (m.1, op) {
+                (Kind::Counter, 0) if value >= 0.0 => v.0 += value,
+                (Kind::Gauge, 0) => v.0 += value,
+                (Kind::Gauge, 1) => v.0 = value,
+                (Kind::Histogram, 2) => {
+                    v.0 += value;
+                    v.1 += 1;
+                }
+                _ => return Err(format!("{}: that update does not apply to a {:?}", m.0, m.1)),
+            }
+            Ok(())
         })
     }
 }
