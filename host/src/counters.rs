@@ -416,6 +416,7 @@ impl RouteCounters {
             redelivered: g(&self.redelivered),
             plugin_errors: g(&self.plugin_errors),
             in_flight: g(&self.in_flight),
+            held: g(&self.held),
         }
     }
 }
@@ -434,6 +435,8 @@ pub struct Counts {
     pub plugin_errors: u64,
     /// See [`RouteCounters::in_flight`].
     pub in_flight: u64,
+    /// See [`RouteCounters::held`].
+    pub held: u64,
 }
 
 impl Counts {
@@ -457,6 +460,7 @@ impl std::ops::Add for Counts {
             redelivered: self.redelivered + o.redelivered,
             plugin_errors: self.plugin_errors + o.plugin_errors,
             in_flight: self.in_flight + o.in_flight,
+            held: self.held + o.held,
         }
     }
 }

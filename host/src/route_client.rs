@@ -399,6 +399,7 @@ pub async fn run<S: Stage>(
         c.counters
             .in_flight
             .store(in_flight as u64, Ordering::Relaxed);
+        c.publish_held();
         stalled_since = match (
             in_flight < max && in_flight_bytes < max_inflight_bytes,
             stalled_since,

@@ -1,5 +1,6 @@
 //! The integration suite, compiled into one test binary (one link, shared harness).
 
+mod aggregate;
 mod auth;
 mod config;
 mod connectivity;
