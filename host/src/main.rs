@@ -105,6 +105,9 @@ enum Command {
         /// How many messages.
         #[arg(short = 'n', long, default_value_t = 1)]
         count: u64,
+        /// Milliseconds between messages (default: all at once), e.g. 100 for a 10 Hz sensor.
+        #[arg(long)]
+        interval_ms: Option<u64>,
         /// Set the retain flag.
         #[arg(short, long)]
         retain: bool,
@@ -149,8 +152,12 @@ enum PluginCommand {
         /// name routes use.
         name: String,
         /// A message-filter (keep or drop) instead of a route-mapper.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "aggregator")]
         filter: bool,
+        /// A route-aggregator (WIT 0.2.0: windows and timers; a windowed average to start
+        /// from) instead of a route-mapper.
+        #[arg(long)]
+        aggregator: bool,
         /// The folder to create (default: ./NAME).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -422,6 +429,7 @@ fn plugin_command(command: PluginCommand) -> ExitCode {
         PluginCommand::New {
             name,
             filter,
+            aggregator,
             dir,
             sdk,
         } => {
@@ -443,6 +451,7 @@ fn plugin_command(command: PluginCommand) -> ExitCode {
             let new = scaffold::NewPlugin {
                 name,
                 filter,
+                aggregator,
                 sdk,
                 dir,
             };
@@ -574,6 +583,7 @@ fn main() -> ExitCode {
             topic,
             message,
             count,
+            interval_ms,
             retain,
             wait,
         } => run_tool(async {
@@ -583,7 +593,7 @@ fn main() -> ExitCode {
                 client.qos(),
                 retain,
                 &message,
-                count,
+                (count, interval_ms.map(Duration::from_millis)),
                 Duration::from_secs(wait),
             )
             .await

@@ -46,12 +46,17 @@ pub async fn publish(
     qos: QoS,
     retain: bool,
     payload: &str,
-    count: u64,
+    (count, interval): (u64, Option<Duration>),
     wait: Duration,
 ) -> Result<(), String> {
     crate::topic::validate_name(topic).map_err(|e| format!("topic \"{topic}\" {e}"))?;
     let (handle, mut events, task) = session::spawn(options(t, vec![])?, 1024);
     for n in 0..count {
+        if let Some(every) = interval
+            && n > 0
+        {
+            tokio::time::sleep(every).await;
+        }
         let msg = Message {
             topic: topic.to_string(),
             payload: Bytes::from(payload.replace("{n}", &n.to_string())),

@@ -104,6 +104,8 @@ pub struct NewPlugin {
     pub name: String,
     /// A `message-filter` instead of a `route-mapper`.
     pub filter: bool,
+    /// A `route-aggregator` (WIT 0.2.0: windows and timers) instead of a `route-mapper`.
+    pub aggregator: bool,
     /// Where the SDK comes from.
     pub sdk: Sdk,
     /// The crate's folder (must not exist, or be empty).
@@ -135,7 +137,9 @@ pub fn new_plugin(p: &NewPlugin) -> Result<Vec<PathBuf>, String> {
         })
         .collect();
     let lib = p.name.replace('-', "_");
-    let world = if p.filter {
+    let world = if p.aggregator {
+        "route-aggregator"
+    } else if p.filter {
         "message-filter"
     } else {
         "route-mapper"
@@ -150,12 +154,30 @@ pub fn new_plugin(p: &NewPlugin) -> Result<Vec<PathBuf>, String> {
     let readme = p.readme();
     let files: [(&str, &str); 6] = [
         ("Cargo.toml", CARGO_TOML),
-        ("src/lib.rs", if p.filter { FILTER_LIB } else { MAPPER_LIB }),
+        (
+            "src/lib.rs",
+            if p.aggregator {
+                AGGREGATOR_LIB
+            } else if p.filter {
+                FILTER_LIB
+            } else {
+                MAPPER_LIB
+            },
+        ),
         ("README.md", &readme),
-        ("policy.yaml", POLICY),
+        (
+            "policy.yaml",
+            if p.aggregator {
+                AGGREGATOR_POLICY
+            } else {
+                POLICY
+            },
+        ),
         (
             "messages.jsonl",
-            if p.filter {
+            if p.aggregator {
+                AGGREGATOR_MESSAGES
+            } else if p.filter {
                 FILTER_MESSAGES
             } else {
                 MAPPER_MESSAGES
@@ -461,6 +483,150 @@ mod tests {
 }
 "##;
 
+const AGGREGATOR_LIB: &str = r##"//! `{{name}}`: an edgebridge route-aggregator plugin (WIT 0.2.0): the average of a numeric
+//! JSON field per topic over a window of `seconds`, sent when the window's timer fires.
+//!
+//! Every message is held in its topic's window; the bridge acknowledges it to its source
+//! only when the target acknowledged the window's average.
+
+use std::collections::BTreeMap;
+
+use edgebridge_plugin_sdk::*;
+use serde::Deserialize;
+
+/// The route's `config:`; unknown fields are refused, naming the field.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// The number to average: a top-level field or a dotted path.
+    #[serde(default = "default_field")]
+    field: String,
+    /// The window's length.
+    #[serde(default = "default_seconds")]
+    seconds: u64,
+}
+
+fn default_field() -> String {
+    "value".into()
+}
+
+fn default_seconds() -> u64 {
+    10
+}
+
+struct {{type}} {
+    field: String,
+    seconds: u64,
+    /// Sum and count per topic of the open windows.
+    windows: BTreeMap<String, (f64, u64)>,
+}
+
+impl {{type}} {
+    fn close(&mut self, topic: &str) -> Option<Release> {
+        let (sum, count) = self.windows.remove(topic)?;
+        timers::cancel(topic);
+        let body = format!("{{\"avg\": {}, \"count\": {count}}}", sum / count as f64);
+        Some(Release::new(topic, vec![Emitted::to(topic).payload(body)]))
+    }
+}
+
+impl Aggregator for {{type}} {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, InitError> {
+        if config.seconds == 0 {
+            return Err(InitError::invalid("`seconds` must be at least 1"));
+        }
+        Ok({{type}} {
+            field: config.field,
+            seconds: config.seconds,
+            windows: BTreeMap::new(),
+        })
+    }
+
+    fn on_message(&mut self, ctx: Context, msg: Message) -> Result<Reply, String> {
+        let Some(v) = json::number(&msg.payload, &self.field) else {
+            return Ok(Reply::drop(format!("no number at `{}`", self.field)));
+        };
+        let window = self.windows.entry(ctx.target.clone()).or_insert((0.0, 0));
+        if window.1 == 0 {
+            // The window opens: the bridge calls on_timer when it is due.
+            timers::set(&ctx.target, self.seconds * 1000)?;
+        }
+        window.0 += v;
+        window.1 += 1;
+        Ok(Reply::hold(ctx.target))
+    }
+
+    fn on_timer(&mut self, _ctx: Context, topic: String) -> Result<Vec<Release>, String> {
+        Ok(self.close(&topic).into_iter().collect())
+    }
+
+    fn flush(&mut self, _ctx: Context, _reason: FlushReason) -> Result<Vec<Release>, String> {
+        let topics: Vec<String> = self.windows.keys().cloned().collect();
+        Ok(topics.iter().filter_map(|t| self.close(t)).collect())
+    }
+}
+
+export_aggregator!({{type}});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgebridge_plugin_sdk::testing;
+
+    #[test]
+    fn a_window_sends_its_average_when_its_timer_fires() {
+        let mut plugin = testing::aggregator::<{{type}}>(r#"{"seconds": 10}"#).unwrap();
+        for v in [20.0, 22.0] {
+            let msg = Message::new("s/temp", format!("{{\"value\": {v}}}"));
+            let reply = plugin.message(Context::new("r", "s/temp"), msg).unwrap();
+            assert_eq!(reply, Reply::hold("s/temp"));
+            testing::advance(100);
+        }
+        assert!(plugin.advance(9_700).unwrap().is_empty(), "not yet");
+        let out = plugin.advance(100).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0].messages[0],
+            Emitted::to("s/temp").payload("{\"avg\": 21, \"count\": 2}")
+        );
+    }
+
+    #[test]
+    fn a_stop_flushes_the_open_windows() {
+        let mut plugin = testing::aggregator::<{{type}}>("{}").unwrap();
+        let msg = Message::new("t", "{\"value\": 1}");
+        plugin.message(Context::new("r", "t"), msg).unwrap();
+        assert_eq!(plugin.flush(FlushReason::Stop).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_bad_config_is_refused() {
+        assert!(testing::aggregator::<{{type}}>(r#"{"seconds": 0}"#).is_err());
+        assert!(testing::aggregator::<{{type}}>(r#"{"second": 1}"#).is_err());
+    }
+}
+"##;
+
+const AGGREGATOR_POLICY: &str = r##"# What the bridge lets `{{name}}` do. Copy it into the bridge's policies folder
+# (--policies-dir): an aggregator needs `timers`, which the default policy does not grant.
+apiVersion: edgebridge.dev/v1alpha1
+kind: PluginPolicy
+metadata:
+  name: {{name}}
+spec:
+  imports: [log, clock, timers]   # add kv for state, metrics for its own metrics
+  timers: {max: 10000, minPeriod: 1s}   # one timer per topic with an open window
+  timePerMessage: 10ms
+  memory: 16Mi
+"##;
+
+const AGGREGATOR_MESSAGES: &str = r##"{"topic": "sensors/temp", "payload": {"value": 20.5}, "at": 0}
+{"topic": "sensors/temp", "payload": {"value": 21.5}, "at": 100}
+{"topic": "sensors/temp", "payload": {"value": 22.5}, "at": 10500}
+"##;
+
 const POLICY: &str = r##"# What the bridge lets `{{name}}` do. Copy it into the bridge's policies folder
 # (--policies-dir); without it the plugin gets the default policy (policies/README.md).
 apiVersion: edgebridge.dev/v1alpha1
@@ -487,6 +653,16 @@ const MAPPER_README: &str = r##"# {{name}}
 
 An edgebridge `{{world}}` plugin: forwards every
 message under a prefix (`factory/temp` → `edge/factory/temp` with `prefix: edge`).
+
+{{COMMON}}"##;
+
+const AGGREGATOR_README: &str = r##"# {{name}}
+
+An edgebridge `{{world}}` plugin (WIT 0.2.0): the average of a numeric JSON field per topic
+over a window (`{"field": "value", "seconds": 10}`), sent when the window's timer fires. The
+bridge acknowledges what a window held only once the target acknowledged its average.
+`plugin test --messages messages.jsonl` runs the sample timeline (its `at` times) and shows
+the timer firing. It needs its policy: the default policy does not grant `timers`.
 
 {{COMMON}}"##;
 
@@ -524,12 +700,16 @@ plugins:
 impl NewPlugin {
     /// The README text (exposed for the walkthrough test).
     pub fn readme(&self) -> String {
-        let config = if self.filter {
+        let config = if self.aggregator {
+            r#"{"field": "value", "seconds": 10}"#
+        } else if self.filter {
             r#"{"maxBytes": 16}"#
         } else {
             r#"{"prefix": "edge"}"#
         };
-        let base = if self.filter {
+        let base = if self.aggregator {
+            AGGREGATOR_README
+        } else if self.filter {
             FILTER_README
         } else {
             MAPPER_README
@@ -586,6 +766,7 @@ mod tests {
         let p = NewPlugin {
             name: "site-prefix".into(),
             filter: false,
+            aggregator: false,
             sdk: Sdk::Path(PathBuf::from("/sdk \"q\"")),
             dir: dir.path().join("site-prefix"),
         };
