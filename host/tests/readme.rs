@@ -292,6 +292,15 @@ fn the_spool_walkthrough_replays() {
     run(&r, &repo(), Duration::from_secs(120));
 }
 
+/// `plugin new --aggregator` tested natively, then the shipped `window-average` turning a
+/// 10 Hz sensor into a 10-second average at the cloud broker.
+#[test]
+fn the_aggregator_walkthrough_replays() {
+    let r = prepare("aggregate");
+    let out = run(&r, &repo(), Duration::from_secs(900));
+    assert!(out.contains("\"count\":"), "{out}");
+}
+
 #[test]
 fn the_shipped_plugins_replay() {
     let r = prepare("plugins");

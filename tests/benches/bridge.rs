@@ -35,6 +35,8 @@ enum Case {
     TwoPlugins,
     Metrics,
     Spooled,
+    PassV1,
+    PassV2,
 }
 
 impl Case {
@@ -47,6 +49,8 @@ impl Case {
             Case::TwoPlugins => "(e) edgebridge + 2 plugins",
             Case::Metrics => "(f) edgebridge, /metrics scraped every second",
             Case::Spooled => "(g) edgebridge with a spool (--spool-dir, sync: always)",
+            Case::PassV1 => "(h) edgebridge + a pass-through 0.1 mapper",
+            Case::PassV2 => "(i) edgebridge + a pass-through 0.2 aggregator",
         }
     }
 }
@@ -509,7 +513,13 @@ async fn run_case(
     let mut scraping = None;
     if matches!(
         case,
-        Case::Edgebridge | Case::OnePlugin | Case::TwoPlugins | Case::Metrics | Case::Spooled
+        Case::Edgebridge
+            | Case::OnePlugin
+            | Case::TwoPlugins
+            | Case::Metrics
+            | Case::Spooled
+            | Case::PassV1
+            | Case::PassV2
     ) {
         let plugins = match case {
             Case::OnePlugin => {
@@ -518,6 +528,8 @@ async fn run_case(
             Case::TwoPlugins => {
                 "      plugins:\n        - {name: topic-template, config: {template: \"{#}\"}}\n        - {name: json-filter, config: {field: k, exists: true, onInvalid: keep}}\n"
             }
+            Case::PassV1 => "      plugins:\n        - {name: pass-through}\n",
+            Case::PassV2 => "      plugins:\n        - {name: pass-through-aggregator}\n",
             _ => "",
         };
         let dir = tempfile::tempdir().unwrap().keep();
@@ -855,6 +867,164 @@ async fn scale(n: u64) {
     }
 }
 
+/// Resident memory of a process now, KiB.
+fn rss_now(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `--aggregate TOPICS`: (1) `window-average` (5 s windows, route at QoS 0) over TOPICS topics,
+/// three windows in a row: the bridge's RSS before, after each window, and the averages
+/// received; (2) `heartbeat` with 1,000 timers (one per topic, 1 s of silence), fired three
+/// times each: the timer lateness percentiles from `/metrics`.
+async fn aggregate(topics: u64, plugins_dir: &Path) {
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let dir = tempfile::tempdir().unwrap().keep();
+    // (1) Windows over many topics.
+    {
+        let remote = tuned_mosquitto(None);
+        let local = tuned_mosquitto(None);
+        let cfg = dir.join("avg.yaml");
+        let yaml = bridge_yaml(
+            local.port,
+            remote.port,
+            0,
+            "      plugins:\n        - {name: window-average, config: {field: v, windowSeconds: 5}}\n",
+        );
+        std::fs::write(&cfg, yaml).unwrap();
+        let mut bridge = spawn_bridge(&cfg, plugins_dir, &policies, &[]);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (seen, task) = subscriber(remote.port, QoS::AtLeastOnce).await;
+        let before = rss_now(bridge.id());
+        println!(
+            "aggregate: window-average over {topics} topics, 5 s windows, QoS 0; bridge RSS {:.1} MiB before",
+            before as f64 / 1024.0
+        );
+        for round in 1..=3u64 {
+            let t0 = Instant::now();
+            publish_topics(local.port, topics, 3, round).await;
+            let published = t0.elapsed();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while (seen.lock().unwrap().len() as u64) < topics * round && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            println!(
+                "aggregate: window {round}: {} readings published in {:.2} s, {} averages received in all; bridge RSS {:.1} MiB (peak {:.1} MiB)",
+                topics * 3,
+                published.as_secs_f64(),
+                seen.lock().unwrap().len(),
+                rss_now(bridge.id()) as f64 / 1024.0,
+                proc_stats(bridge.id()).0 as f64 / 1024.0
+            );
+        }
+        task.abort();
+        let _ = bridge.kill();
+        let _ = bridge.wait();
+    }
+    // (2) 1,000 timers.
+    {
+        let remote = tuned_mosquitto(None);
+        let local = tuned_mosquitto(None);
+        let cfg = dir.join("hb.yaml");
+        let yaml = bridge_yaml(
+            local.port,
+            remote.port,
+            0,
+            "      plugins:\n        - {name: heartbeat, config: {silenceSeconds: 1}}\n",
+        );
+        std::fs::write(&cfg, yaml).unwrap();
+        let port = free_port();
+        let extra = vec!["--http".to_string(), format!("127.0.0.1:{port}")];
+        let mut bridge = spawn_bridge(&cfg, plugins_dir, &policies, &extra);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        publish_topics(local.port, 1000, 1, 0).await;
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let url = format!("http://127.0.0.1:{port}/metrics");
+        let text = edgebridge::http_client::get(&url, &[], Duration::from_secs(5), 16 << 20)
+            .await
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .unwrap_or_default();
+        let mut buckets: Vec<(f64, f64)> = Vec::new();
+        let mut count = 0.0;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("edgebridge_plugin_timer_lateness_seconds_bucket{")
+            {
+                let le = rest
+                    .split("le=\"")
+                    .nth(1)
+                    .and_then(|v| v.split('"').next())
+                    .unwrap_or("");
+                let v: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(0.0) };
+                buckets.push((le, v));
+            }
+            if line.starts_with("edgebridge_plugin_timer_lateness_seconds_count") {
+                count = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            }
+        }
+        let at = |q: f64| {
+            buckets
+                .iter()
+                .find(|(_, c)| *c >= q * count)
+                .map(|(le, _)| format!("≤ {} ms", le * 1000.0))
+                .unwrap_or_else(|| "-".into())
+        };
+        println!(
+            "aggregate: heartbeat with 1,000 timers (1 s): {count} fired; lateness p50 {}, p99 {}, max bucket {}",
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
+        let _ = bridge.kill();
+        let _ = bridge.wait();
+    }
+}
+
+/// Publishes `per_topic` QoS 0 readings `{"v": N}` on each of `topics` topics `bench/t<i>`.
+async fn publish_topics(port: u16, topics: u64, per_topic: u64, round: u64) {
+    let (handle, mut events, task) = session::spawn(
+        session_options(port, format!("bench-agg-{}", free_port()), vec![]),
+        4096,
+    );
+    let mut sent = 0u64;
+    let mut done = 0u64;
+    for k in 0..per_topic {
+        for t in 0..topics {
+            let msg = Message {
+                topic: format!("bench/t{t}"),
+                payload: format!("{{\"v\": {}}}", round * 10 + k).into_bytes().into(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Properties::default(),
+            };
+            handle.publish(msg, sent);
+            sent += 1;
+            while sent - done > 2_000 {
+                match events.recv().await {
+                    Some(SessionEvent::State(StateEvent::Delivered(_))) => done += 1,
+                    Some(_) => {}
+                    None => return,
+                }
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while done < sent {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(SessionEvent::State(StateEvent::Delivered(_)))) => done += 1,
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    drop(handle);
+    let _ = task.await;
+}
+
 /// Publishes `n` QoS 1 messages on `topic`, sequence numbers from `first`.
 async fn publish_on(port: u16, topic: String, n: u64, first: u64) {
     let (handle, mut events, task) = session::spawn(
@@ -1024,6 +1194,14 @@ fn main() {
     let plugins_dir = tempfile::tempdir().unwrap().keep();
     install_plugin(&plugins_dir, "topic-template", "topic-template");
     install_plugin(&plugins_dir, "json-filter", "json-filter");
+    install_plugin(&plugins_dir, "pass-through", "pass-through");
+    install_plugin(
+        &plugins_dir,
+        "pass-through-aggregator",
+        "pass-through-aggregator",
+    );
+    install_plugin(&plugins_dir, "window-average", "window-average");
+    install_plugin(&plugins_dir, "heartbeat", "heartbeat");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1045,6 +1223,10 @@ fn main() {
         rt.block_on(scale(n));
         return;
     }
+    if let Some(topics) = flag("--aggregate").and_then(|v| v.parse::<u64>().ok()) {
+        rt.block_on(aggregate(topics, &plugins_dir));
+        return;
+    }
     let cases: Vec<Case> = [
         ('a', Case::Baseline),
         ('b', Case::MosquittoBridge),
@@ -1053,6 +1235,8 @@ fn main() {
         ('e', Case::TwoPlugins),
         ('f', Case::Metrics),
         ('g', Case::Spooled),
+        ('h', Case::PassV1),
+        ('i', Case::PassV2),
     ]
     .into_iter()
     .filter(|(l, _)| letters.contains(*l))

@@ -637,8 +637,8 @@ pub fn validate_releases(
     route: &RouteInfo,
     policy: &crate::policy::Policy,
 ) -> Result<Vec<Release>, String> {
-    if list.len() > 10_000 {
-        return Err(format!("{} window results in one answer; at most 10,000", list.len()));
+    if list.len() > 100_000 {
+        return Err(format!("{} window results in one answer; at most 100,000", list.len()));
     }
     let mut out = Vec::with_capacity(list.len());
     for r in list {
