@@ -490,7 +490,11 @@ mod tests {
         let ids = held.release(&(0, "w".into()));
         for id in &ids {
             held.add(*id, 1);
-            assert_eq!(held.done(*id), None, "the published result is not acknowledged yet");
+            assert_eq!(
+                held.done(*id),
+                None,
+                "the published result is not acknowledged yet"
+            );
         }
         let tokens = ledger.forward_for_inputs(&[10], ids, now);
         let Settled::Inputs { ids, .. } = ledger.settle(tokens.start) else {

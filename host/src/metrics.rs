@@ -95,7 +95,13 @@ fn own_metrics(
         let prefix: String = p
             .plugin
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
             .collect();
         for d in &own.declared {
             let name = format!("edgebridge_plugin_{prefix}_{}", d.name);

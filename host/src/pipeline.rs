@@ -60,7 +60,10 @@ pub trait Stage: Send {
     }
 
     /// Asks an aggregator to emit what it holds; results in [`Stage::take_releases`].
-    fn flush(&mut self, _reason: FlushReason) -> impl Future<Output = Result<(), StageError>> + Send {
+    fn flush(
+        &mut self,
+        _reason: FlushReason,
+    ) -> impl Future<Output = Result<(), StageError>> + Send {
         async { Ok(()) }
     }
 }
@@ -148,9 +151,12 @@ impl<S: Stage> Pipeline<S> {
 
     /// Whether an aggregator lost what its windows held (its instance was discarded).
     pub fn take_lost(&mut self) -> bool {
-        self.stages
-            .iter_mut()
-            .fold(false, |lost, s| s.take_lost() || lost)
+        // Every stage is asked (each forgets what it said), not only up to the first.
+        let mut lost = false;
+        for s in &mut self.stages {
+            lost |= s.take_lost();
+        }
+        lost
     }
 
     /// When the soonest timer of the chain is due (timer time, µs).

@@ -377,8 +377,7 @@ pub async fn run<S: Stage>(
                 &mut c.dst_state,
                 (max, max_inflight_bytes),
                 stopping,
-                &c.counters,
-                &mut c.held,
+                (&c.counters, &mut c.held),
             );
         }
         let (in_flight, in_flight_bytes) = match &c.lane {
@@ -502,8 +501,7 @@ fn lane_turn(
     dst_state: &mut SessionState,
     (max, max_bytes): (usize, usize),
     stopping: bool,
-    counters: &RouteCounters,
-    held: &mut Held,
+    (counters, held): (&RouteCounters, &mut Held),
 ) {
     if lane.spool.as_ref().is_some_and(Spool::failed) {
         // It failed appending (a new segment could not be created): logged and counted there.
@@ -751,25 +749,22 @@ impl<S: Stage> Client<S> {
             return;
         }
         if let Some(lane) = &mut self.lane {
-            match &mut lane.spool {
-                Some(sp) => {
-                    let mut last = 0;
-                    for m in &out {
-                        last = sp.append(m);
-                    }
-                    lane.acks.push_back((last, Pending::Inputs(ids)));
+            // Not stored when the spool failed: the inputs stay unacknowledged; the source
+            // reconnects (the spool's failure does it) and sends them again.
+            if let Some(sp) = &mut lane.spool {
+                let mut last = 0;
+                for m in &out {
+                    last = sp.append(m);
                 }
-                // Not stored: the inputs stay unacknowledged; the source reconnects (the
-                // spool's failure does it) and sends them again.
-                None => {}
+                lane.acks.push_back((last, Pending::Inputs(ids)));
             }
             return;
         }
         self.sizes.clear();
         self.sizes.extend(out.iter().map(message_bytes));
-        let tokens =
-            self.ledger
-                .forward_for_inputs(&self.sizes, ids, std::time::Instant::now());
+        let tokens = self
+            .ledger
+            .forward_for_inputs(&self.sizes, ids, std::time::Instant::now());
         for (m, token) in out.into_iter().zip(tokens) {
             self.dst_state.publish(m, token);
         }

@@ -910,7 +910,8 @@ async fn aggregate(topics: u64, plugins_dir: &Path) {
             publish_topics(local.port, topics, 3, round).await;
             let published = t0.elapsed();
             let deadline = Instant::now() + Duration::from_secs(30);
-            while (seen.lock().unwrap().len() as u64) < topics * round && Instant::now() < deadline {
+            while (seen.lock().unwrap().len() as u64) < topics * round && Instant::now() < deadline
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             println!(
@@ -952,19 +953,32 @@ async fn aggregate(topics: u64, plugins_dir: &Path) {
         let mut buckets: Vec<(f64, f64)> = Vec::new();
         let mut count = 0.0;
         for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("edgebridge_plugin_timer_lateness_seconds_bucket{")
+            if let Some(rest) =
+                line.strip_prefix("edgebridge_plugin_timer_lateness_seconds_bucket{")
             {
                 let le = rest
                     .split("le=\"")
                     .nth(1)
                     .and_then(|v| v.split('"').next())
                     .unwrap_or("");
-                let v: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-                let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(0.0) };
+                let v: f64 = line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0);
+                let le: f64 = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap_or(0.0)
+                };
                 buckets.push((le, v));
             }
             if line.starts_with("edgebridge_plugin_timer_lateness_seconds_count") {
-                count = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                count = line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0);
             }
         }
         let at = |q: f64| {

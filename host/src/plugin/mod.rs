@@ -703,10 +703,7 @@ impl Runtime {
                 p.timers_max,
                 p.timers_min_period,
             ),
-            own_metrics: counters
-                .as_ref()
-                .map(|c| c.own.clone())
-                .unwrap_or_default(),
+            own_metrics: counters.as_ref().map(|c| c.own.clone()).unwrap_or_default(),
             metrics_max_series: p.metrics_max_series,
             metrics_granted: p.grants(Import::Metrics),
         };

@@ -102,7 +102,10 @@ impl OwnMetrics {
             ));
         }
         if labels.len() > MAX_LABELS {
-            return Err(format!("at most {MAX_LABELS} labels, {name:?} has {}", labels.len()));
+            return Err(format!(
+                "at most {MAX_LABELS} labels, {name:?} has {}",
+                labels.len()
+            ));
         }
         for l in &labels {
             if !valid_name(l) || l == "plugin" || l == "route" {
@@ -136,7 +139,9 @@ impl OwnMetrics {
             ));
         }
         if self.declared.len() >= MAX_METRICS {
-            return Err(format!("at most {MAX_METRICS} metrics per plugin on a route"));
+            return Err(format!(
+                "at most {MAX_METRICS} metrics per plugin on a route"
+            ));
         }
         self.declared.push(Declared {
             name: name.to_string(),
@@ -253,7 +258,10 @@ mod tests {
     fn names_kinds_and_the_series_bound_are_enforced() {
         let mut m = OwnMetrics::default();
         assert!(m.declare("Bad", "", Kind::Counter, vec![], vec![]).is_err());
-        assert!(m.declare("x_total", "", Kind::Counter, vec![], vec![]).is_err());
+        assert!(
+            m.declare("x_total", "", Kind::Counter, vec![], vec![])
+                .is_err()
+        );
         assert!(
             m.declare("x", "", Kind::Counter, vec!["route".into()], vec![])
                 .is_err()
@@ -279,7 +287,10 @@ mod tests {
         assert!(m.update(c, vec!["a".into()], Op::Add(-1.0), 2).is_err());
         assert!(m.update(c, vec!["a".into()], Op::Set(1.0), 2).is_err());
         assert!(m.update(c, vec![], Op::Add(1.0), 2).is_err());
-        assert_eq!(m.declared[0].series[&vec!["a".to_string()]], Value::Number(3.0));
+        assert_eq!(
+            m.declared[0].series[&vec!["a".to_string()]],
+            Value::Number(3.0)
+        );
         let h = m
             .declare("lag", "", Kind::Histogram, vec![], vec![1.0, 2.0])
             .unwrap();

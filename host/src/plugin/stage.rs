@@ -10,9 +10,9 @@ use wasmtime::Store;
 
 use std::sync::atomic::Ordering;
 
+use super::bindings::aggregator::RouteAggregator;
 use super::bindings::aggregator::exports::edgebridge::plugin0_2_0::aggregator as agg;
 use super::bindings::types as wit;
-use super::bindings::aggregator::RouteAggregator;
 use super::{
     HostState, Instance, Loaded, Registry, Runtime, arm_budget, describe_trap, wall_backstop,
 };
@@ -340,7 +340,9 @@ impl Stage {
                 self.counters.call(CallOutcome::Trap);
                 return Err(StageError::Trap {
                     plugin,
-                    message: format!("time budget exceeded: the call did not return within {backstop:?} (the wall-clock backstop)"),
+                    message: format!(
+                        "time budget exceeded: the call did not return within {backstop:?} (the wall-clock backstop)"
+                    ),
                 });
             }
             Ok(Err(trap)) => {
@@ -554,10 +556,12 @@ impl Stage {
                 let policy = live.loaded.policy.clone();
                 let timers = live.store.data().timers.len() as u64;
                 self.counters.timers_set.store(timers, Ordering::Relaxed);
-                let releases = validate_releases(reply.releases, &self.route, &policy)
-                    .map_err(|message| StageError::Invalid {
-                        plugin: plugin.clone(),
-                        message,
+                let releases =
+                    validate_releases(reply.releases, &self.route, &policy).map_err(|message| {
+                        StageError::Invalid {
+                            plugin: plugin.clone(),
+                            message,
+                        }
                     })?;
                 let outcome = match reply.action {
                     agg::Action::Pass => Outcome::Pass,
@@ -638,7 +642,10 @@ pub fn validate_releases(
     policy: &crate::policy::Policy,
 ) -> Result<Vec<Release>, String> {
     if list.len() > 100_000 {
-        return Err(format!("{} window results in one answer; at most 100,000", list.len()));
+        return Err(format!(
+            "{} window results in one answer; at most 100,000",
+            list.len()
+        ));
     }
     let mut out = Vec::with_capacity(list.len());
     for r in list {

@@ -173,7 +173,10 @@ mod tests {
     #[test]
     fn timers_fire_in_order_move_cancel_and_keep_to_the_policy() {
         let mut t = Timers::new(true, 2, Duration::from_millis(10));
-        assert!(t.set("a".into(), Duration::from_millis(5), 0).is_err(), "minPeriod");
+        assert!(
+            t.set("a".into(), Duration::from_millis(5), 0).is_err(),
+            "minPeriod"
+        );
         t.set("a".into(), Duration::from_millis(30), 0).unwrap();
         t.set("b".into(), Duration::from_millis(20), 0).unwrap();
         let e = t.set("c".into(), Duration::from_millis(20), 0).unwrap_err();

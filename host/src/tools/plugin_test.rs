@@ -152,7 +152,11 @@ pub fn messages_from_json_lines(
                         "{at}: `at` {t} is before the line before's {last}: the timeline only goes forward"
                     ));
                 }
-                None => return Err(format!("{at}: `at` must be milliseconds (a whole number ≥ 0)")),
+                None => {
+                    return Err(format!(
+                        "{at}: `at` must be milliseconds (a whole number ≥ 0)"
+                    ));
+                }
             },
         };
         last = time;
@@ -490,8 +494,7 @@ mod tests {
         let e = messages_from_json_lines("{\"topic\":\"a/#\"}", "m.jsonl", "t").unwrap_err();
         assert!(e.starts_with("m.jsonl:1: topic \"a/#\""), "{e}");
         assert!(messages_from_json_lines("\n# none\n", "m.jsonl", "t").is_err());
-        let timed =
-            messages_from_json_lines("{\"at\":5}\n{}\n{\"at\":9}", "m.jsonl", "t").unwrap();
+        let timed = messages_from_json_lines("{\"at\":5}\n{}\n{\"at\":9}", "m.jsonl", "t").unwrap();
         assert_eq!(
             timed.iter().map(|(at, _)| *at).collect::<Vec<_>>(),
             [5, 5, 9]

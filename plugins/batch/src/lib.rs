@@ -126,13 +126,26 @@ mod tests {
         testing::set_now(0);
         let mut d = testing::aggregator::<Batch>(r#"{"size": 3, "maxWaitSeconds": 2}"#).unwrap();
         let ctx = || Context::new("r", "out");
-        assert_eq!(d.message(ctx(), Message::new("a", "1")).unwrap(), Reply::hold("out"));
+        assert_eq!(
+            d.message(ctx(), Message::new("a", "1")).unwrap(),
+            Reply::hold("out")
+        );
         d.message(ctx(), Message::new("a", "text")).unwrap();
         let r = d.message(ctx(), Message::new("a", "{\"v\": 3}")).unwrap();
-        assert_eq!(r.action, Action::Hold("out".into()), "held, and released at once");
+        assert_eq!(
+            r.action,
+            Action::Hold("out".into()),
+            "held, and released at once"
+        );
         assert_eq!(r.releases.len(), 1);
-        assert_eq!(body(&r.releases[0]), serde_json::json!([1, "text", {"v": 3}]));
-        assert!(testing::timers().is_empty(), "the full batch's timer is cancelled");
+        assert_eq!(
+            body(&r.releases[0]),
+            serde_json::json!([1, "text", {"v": 3}])
+        );
+        assert!(
+            testing::timers().is_empty(),
+            "the full batch's timer is cancelled"
+        );
         d.message(ctx(), Message::new("a", "4")).unwrap();
         assert!(d.advance(1_999).unwrap().is_empty());
         let out = d.advance(1).unwrap();
@@ -144,10 +157,15 @@ mod tests {
     fn a_flush_sends_every_open_batch() {
         testing::set_now(0);
         let mut d = testing::aggregator::<Batch>("{}").unwrap();
-        d.message(Context::new("r", "x"), Message::new("a", "1")).unwrap();
-        d.message(Context::new("r", "y"), Message::new("b", "2")).unwrap();
+        d.message(Context::new("r", "x"), Message::new("a", "1"))
+            .unwrap();
+        d.message(Context::new("r", "y"), Message::new("b", "2"))
+            .unwrap();
         let out = d.flush(FlushReason::Stop).unwrap();
-        assert_eq!(out.iter().map(|r| r.window.as_str()).collect::<Vec<_>>(), ["x", "y"]);
+        assert_eq!(
+            out.iter().map(|r| r.window.as_str()).collect::<Vec<_>>(),
+            ["x", "y"]
+        );
         assert!(testing::aggregator::<Batch>(r#"{"size": 0}"#).is_err());
     }
 }

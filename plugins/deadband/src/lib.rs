@@ -117,8 +117,11 @@ mod tests {
     use edgebridge_plugin_sdk::testing;
 
     fn send(d: &mut testing::Driver<Deadband>, v: f64) -> Reply {
-        d.message(Context::new("r", "s/a"), Message::new("s/a", format!("{{\"t\": {v}}}")))
-            .unwrap()
+        d.message(
+            Context::new("r", "s/a"),
+            Message::new("s/a", format!("{{\"t\": {v}}}")),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -135,10 +138,17 @@ mod tests {
         d.advance(9_999).unwrap();
         assert_eq!(send(&mut d, 20.6), Reply::drop("within deadband"));
         d.advance(1).unwrap();
-        assert_eq!(send(&mut d, 20.6), Reply::pass(), "10 s since the last one sent");
+        assert_eq!(
+            send(&mut d, 20.6),
+            Reply::pass(),
+            "10 s since the last one sent"
+        );
         assert_eq!(testing::metric("suppressed", &[]), Some(3.0));
         let other = d
-            .message(Context::new("r", "s/b"), Message::new("s/b", "{\"t\": 20.6}"))
+            .message(
+                Context::new("r", "s/b"),
+                Message::new("s/b", "{\"t\": 20.6}"),
+            )
             .unwrap();
         assert_eq!(other, Reply::pass(), "each topic has its own band");
         assert_eq!(

@@ -116,7 +116,10 @@ mod tests {
         assert_eq!(msg(&mut d), Reply::pass());
         assert!(d.advance(4_000).unwrap().is_empty());
         msg(&mut d);
-        assert!(d.advance(4_999).unwrap().is_empty(), "moved by the message at 4 s");
+        assert!(
+            d.advance(4_999).unwrap().is_empty(),
+            "moved by the message at 4 s"
+        );
         let out = d.advance(1).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].messages[0].topic, "dev/1/silent");
@@ -126,7 +129,10 @@ mod tests {
             panic!()
         };
         let v: serde_json::Value = serde_json::from_slice(b).unwrap();
-        assert_eq!((v["silentForMs"].as_u64(), v["lastSeen"].as_u64()), (Some(10_000), Some(4_000)));
+        assert_eq!(
+            (v["silentForMs"].as_u64(), v["lastSeen"].as_u64()),
+            (Some(10_000), Some(4_000))
+        );
     }
 
     #[test]
@@ -134,7 +140,8 @@ mod tests {
         testing::set_now(0);
         let mut d =
             testing::aggregator::<Heartbeat>(r#"{"silenceSeconds": 1, "repeat": false}"#).unwrap();
-        d.message(Context::new("r", "a"), Message::new("a", "x")).unwrap();
+        d.message(Context::new("r", "a"), Message::new("a", "x"))
+            .unwrap();
         assert_eq!(d.advance(10_000).unwrap().len(), 1);
         assert!(testing::timers().is_empty());
         assert!(testing::aggregator::<Heartbeat>(r##"{"suffix": "#"}"##).is_err());

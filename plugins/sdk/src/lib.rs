@@ -100,11 +100,11 @@ mod builders;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
-pub use bindings::mapper::edgebridge::plugin::types::{
-    Context, Decision, Direction, Emitted, InitError, Message, Payload, Properties, Qos,
-};
 pub use bindings::aggregator::exports::edgebridge::plugin0_2_0::aggregator::{
     Action, FlushReason, Release, Reply,
+};
+pub use bindings::mapper::edgebridge::plugin::types::{
+    Context, Decision, Direction, Emitted, InitError, Message, Payload, Properties, Qos,
 };
 pub use serde;
 pub use serde_json;
@@ -394,9 +394,9 @@ pub mod metrics {
 }
 
 /// Key-value state with a time to live (WIT 0.2.0; an [`Aggregator`] only): the same store
-/// as [`kv`], kept across instance rebuilds, across versions with the same
-/// [`Aggregator::STATE_FORMAT`], and across restarts when the route has a spool. Granted when
-/// the policy lists `kv`.
+/// as [`kv`], kept across instance rebuilds and across versions with the same
+/// [`Aggregator::STATE_FORMAT`], for the life of the bridge process. Granted when the policy
+/// lists `kv`.
 pub mod state {
     #[cfg(target_arch = "wasm32")]
     use crate::bindings::aggregator::edgebridge::plugin0_2_0::state as host;
@@ -538,7 +538,9 @@ macro_rules! export_aggregator {
                     const { ::core::cell::RefCell::new(::core::option::Option::None) };
             }
             fn with<T>(
-                f: impl ::core::ops::FnOnce(&mut $plugin) -> ::core::result::Result<T, ::std::string::String>,
+                f: impl ::core::ops::FnOnce(
+                    &mut $plugin,
+                ) -> ::core::result::Result<T, ::std::string::String>,
             ) -> ::core::result::Result<T, ::std::string::String> {
                 INSTANCE.with(|i| match i.borrow_mut().as_mut() {
                     ::core::option::Option::Some(p) => f(p),

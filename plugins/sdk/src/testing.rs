@@ -273,7 +273,9 @@ pub mod host {
         with(|h| {
             if let Some((max, min)) = h.timer_limits {
                 if after < min {
-                    return Err(format!("{after} ms is shorter than timers.minPeriod {min} ms"));
+                    return Err(format!(
+                        "{after} ms is shorter than timers.minPeriod {min} ms"
+                    ));
                 }
                 if !h.timers.contains_key(name) && h.timers.len() >= max {
                     return Err(format!("{max} timers are set, the policy's timers.max"));
@@ -310,7 +312,12 @@ pub mod host {
         })
     }
 
-    pub fn metric_update(metric: u32, labels: Vec<String>, value: f64, op: u8) -> Result<(), String> {
+    pub fn metric_update(
+        metric: u32,
+        labels: Vec<String>,
+        value: f64,
+        op: u8,
+    ) -> Result<(), String> {
         use crate::metrics::Kind;
         with(|h| {
             let m = h
@@ -329,7 +336,12 @@ pub mod host {
                     v.0 += value;
                     v.1 += 1;
                 }
-                _ => return Err(format!("{}: that update does not apply to a {:?}", m.0, m.1)),
+                _ => {
+                    return Err(format!(
+                        "{}: that update does not apply to a {:?}",
+                        m.0, m.1
+                    ));
+                }
             }
             Ok(())
         })

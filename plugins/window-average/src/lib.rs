@@ -75,7 +75,9 @@ impl WindowAverage {
         let windows = std::mem::take(&mut self.windows);
         let out = windows
             .iter()
-            .map(|(topic, w)| Release::new(topic.clone(), vec![self.result(topic, w, end, partial)]))
+            .map(|(topic, w)| {
+                Release::new(topic.clone(), vec![self.result(topic, w, end, partial)])
+            })
             .collect::<Vec<_>>();
         if let Some(m) = self.closed {
             let _ = metrics::add(m, &[], out.len() as f64);
@@ -200,7 +202,10 @@ mod tests {
         // The window [1,000,000, 1,010,000) closed when the clock reached its end.
         assert_eq!(out.len(), 2, "one result per topic");
         let a = payload(&out[0]);
-        assert_eq!((a["avg"].as_f64(), a["count"].as_u64()), (Some(20.5), Some(100)));
+        assert_eq!(
+            (a["avg"].as_f64(), a["count"].as_u64()),
+            (Some(20.5), Some(100))
+        );
         assert_eq!(payload(&out[1])["avg"], 5.0);
         assert!(testing::timers().is_empty());
     }
@@ -208,8 +213,8 @@ mod tests {
     #[test]
     fn windows_close_at_the_boundary_with_their_average() {
         testing::set_now(3_000);
-        let mut d = testing::aggregator::<WindowAverage>(r#"{"field": "t", "windowSeconds": 10}"#)
-            .unwrap();
+        let mut d =
+            testing::aggregator::<WindowAverage>(r#"{"field": "t", "windowSeconds": 10}"#).unwrap();
         for v in [1.0, 2.0, 6.0] {
             let (ctx, msg) = reading("s/a", v);
             d.message(ctx, msg).unwrap();
@@ -224,8 +229,14 @@ mod tests {
         assert_eq!(out[0].messages[0].topic, "s/a");
         let p = payload(&out[0]);
         assert_eq!(p["avg"], 3.0);
-        assert_eq!((p["min"].as_f64(), p["max"].as_f64()), (Some(1.0), Some(6.0)));
-        assert_eq!((p["count"].as_u64(), p["start"].as_u64(), p["end"].as_u64()), (Some(3), Some(0), Some(10_000)));
+        assert_eq!(
+            (p["min"].as_f64(), p["max"].as_f64()),
+            (Some(1.0), Some(6.0))
+        );
+        assert_eq!(
+            (p["count"].as_u64(), p["start"].as_u64(), p["end"].as_u64()),
+            (Some(3), Some(0), Some(10_000))
+        );
         assert_eq!(payload(&out[1])["avg"], 7.0);
         assert_eq!(testing::metric("windows_closed", &[]), Some(2.0));
         assert_eq!(testing::metric("open_windows", &[]), Some(0.0));
@@ -236,7 +247,10 @@ mod tests {
         testing::set_now(0);
         let mut d = testing::aggregator::<WindowAverage>(r#"{"field": "a.b"}"#).unwrap();
         let r = d
-            .message(Context::new("r", "x"), Message::new("x", "{\"a\": {\"b\": 4}}"))
+            .message(
+                Context::new("r", "x"),
+                Message::new("x", "{\"a\": {\"b\": 4}}"),
+            )
             .unwrap();
         assert_eq!(r, Reply::hold("x"));
         let r = d
@@ -246,7 +260,9 @@ mod tests {
         let out = d.flush(FlushReason::Stop).unwrap();
         assert_eq!(payload(&out[0])["partial"], true);
         assert!(testing::timers().is_empty());
-        assert!(testing::aggregator::<WindowAverage>(r#"{"field": "t", "windowSeconds": 0}"#).is_err());
+        assert!(
+            testing::aggregator::<WindowAverage>(r#"{"field": "t", "windowSeconds": 0}"#).is_err()
+        );
         assert!(testing::aggregator::<WindowAverage>(r#"{"fild": "t"}"#).is_err());
     }
 }

@@ -17,12 +17,7 @@ fn repo_policies() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
 }
 
-async fn start(
-    local: &Mosquitto,
-    remote: &Mosquitto,
-    dir: &Path,
-    routes: &str,
-) -> RunningBridge {
+async fn start(local: &Mosquitto, remote: &Mosquitto, dir: &Path, routes: &str) -> RunningBridge {
     let yaml = bridge_yaml("v5", &local.endpoint(), &remote.endpoint(), 1, routes);
     let path = write_file(dir, "bridge.yaml", &yaml);
     let cfg = config::load(&[path], &LoadOptions::default())
@@ -55,7 +50,11 @@ async fn a_ten_hertz_sensor_goes_to_the_cloud_as_one_average_per_window() {
         ..MosquittoOptions::default()
     });
     let dir = tempfile::tempdir().unwrap();
-    install_plugin(&dir.path().join("plugins"), "window-average", "window-average");
+    install_plugin(
+        &dir.path().join("plugins"),
+        "window-average",
+        "window-average",
+    );
     let b = start(
         &local,
         &remote,
@@ -103,11 +102,17 @@ async fn a_ten_hertz_sensor_goes_to_the_cloud_as_one_average_per_window() {
             "sensors/b" => assert!((5.0..=6.0).contains(&avg), "{v}"),
             t => panic!("unexpected topic {t}"),
         }
-        assert!(v["count"].as_u64().unwrap() <= 11, "one window's worth: {v}");
+        assert!(
+            v["count"].as_u64().unwrap() <= 11,
+            "one window's worth: {v}"
+        );
         counted += v["count"].as_u64().unwrap();
     }
     assert_eq!(counted, sent, "every reading is in exactly one average");
-    assert_eq!(lp.wait_acked(sent as usize, 5 * SECOND).await, sent as usize);
+    assert_eq!(
+        lp.wait_acked(sent as usize, 5 * SECOND).await,
+        sent as usize
+    );
 
     // The remote goes down; a window closes meanwhile: its messages stay held.
     remote.stop();
@@ -143,7 +148,11 @@ async fn a_ten_hertz_sensor_goes_to_the_cloud_as_one_average_per_window() {
         metrics.contains("edgebridge_plugin_window_average_windows_closed_total{plugin=\"window-average\",route=\"avg\"}"),
         "the plugin's own metric: {metrics}"
     );
-    assert!(metrics.contains("edgebridge_plugin_timers_fired_total{plugin=\"window-average\",route=\"avg\"}"));
+    assert!(
+        metrics.contains(
+            "edgebridge_plugin_timers_fired_total{plugin=\"window-average\",route=\"avg\"}"
+        )
+    );
     b.shutdown().await;
 }
 
@@ -184,8 +193,7 @@ async fn pressure_and_stop_flush_what_windows_hold() {
         eventually(5 * SECOND, || at_remote.count() >= 1).await,
         "the stop flush sent the open batch"
     );
-    let first: serde_json::Value =
-        serde_json::from_str(&at_remote.messages()[0].payload).unwrap();
+    let first: serde_json::Value = serde_json::from_str(&at_remote.messages()[0].payload).unwrap();
     assert!(first.as_array().unwrap().len() >= 20, "{first}");
 }
 
