@@ -386,7 +386,7 @@ async fn refused_plugins_get_clear_errors_at_start() {
     );
     let e = start_error(&s, "wrong-world").await;
     assert!(
-        e.contains("wrong-world.wasm: exports neither edgebridge:plugin/mapper@0.1.0"),
+        e.contains("wrong-world.wasm: exports none of edgebridge:plugin/mapper@0.1.0, edgebridge:plugin/filter@0.1.0 or edgebridge:plugin/aggregator@0.2.0"),
         "{e}"
     );
     assert!(e.contains("wasi:cli/run"), "{e}");
