@@ -113,6 +113,8 @@ fn plugin_calls(c: &mut Criterion) {
     for (name, file) in [
         ("topic-template", "topic_template.wasm"),
         ("enrich", "enrich.wasm"),
+        ("pass-through", "pass_through.wasm"),
+        ("pass-through-aggregator", "pass_through_aggregator.wasm"),
     ] {
         let path = artifacts.join(file);
         let bytes = std::fs::read(&path).unwrap();
@@ -141,6 +143,12 @@ fn plugin_calls(c: &mut Criterion) {
                 "changed payload (enrich envelope)",
                 "enrich",
                 r#"{"envelope":true}"#,
+            ),
+            ("pass-through 0.1 mapper", "pass-through", "{}"),
+            (
+                "pass-through 0.2 aggregator",
+                "pass-through-aggregator",
+                "{}",
             ),
         ] {
             let counters =

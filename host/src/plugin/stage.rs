@@ -553,9 +553,13 @@ impl Stage {
                     .map_err(|message| StageError::Invalid { plugin, message })
             }
             Ok(Ok(Some(Answer::Reply(reply)))) => {
-                let policy = live.loaded.policy.clone();
                 let timers = live.store.data().timers.len() as u64;
                 self.counters.timers_set.store(timers, Ordering::Relaxed);
+                // The common answer: forward it, nothing released; nothing to check.
+                if reply.releases.is_empty() && matches!(reply.action, agg::Action::Pass) {
+                    return Ok(Outcome::Pass);
+                }
+                let policy = live.loaded.policy.clone();
                 let releases =
                     validate_releases(reply.releases, &self.route, &policy).map_err(|message| {
                         StageError::Invalid {
