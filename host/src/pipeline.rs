@@ -179,12 +179,7 @@ impl<S: Stage> Pipeline<S> {
                 RouteCounters::add(&counters.plugin_errors);
                 error!(route = %self.route.name, "{}; what the plugin holds stays held", crate::error::chain(&e));
             }
-            let pending = self.stages[i]
-                .take_releases()
-                .into_iter()
-                .map(|r| (i, r))
-                .collect();
-            self.settle_releases(pending, counters).await;
+            self.settle_stage(i, counters).await;
         }
     }
 
@@ -196,13 +191,18 @@ impl<S: Stage> Pipeline<S> {
                 RouteCounters::add(&counters.plugin_errors);
                 error!(route = %self.route.name, reason = reason.as_str(), "{}; what the plugin holds stays held", crate::error::chain(&e));
             }
-            let pending = self.stages[i]
-                .take_releases()
-                .into_iter()
-                .map(|r| (i, r))
-                .collect();
-            self.settle_releases(pending, counters).await;
+            self.settle_stage(i, counters).await;
         }
+    }
+
+    /// Runs the window results stage `i` returned through the rest of the chain.
+    async fn settle_stage(&mut self, i: usize, counters: &RouteCounters) {
+        let pending = self.stages[i]
+            .take_releases()
+            .into_iter()
+            .map(|r| (i, r))
+            .collect();
+        self.settle_releases(pending, counters).await;
     }
 
     /// Runs window results through the stages after the one that released them.
@@ -365,7 +365,7 @@ impl<S: Stage> Pipeline<S> {
             let result = run_chain(
                 &mut self.stages,
                 0,
-                vec![(msg.clone(), target.clone())],
+                vec![(msg.clone(), target)],
                 counters,
                 &mut holds,
                 &mut pending,
@@ -384,7 +384,11 @@ impl<S: Stage> Pipeline<S> {
                         plugin,
                     };
                 }
-                Err(e) => out.extend(self.on_error(&e, msg, target, counters)),
+                Err(e) => {
+                    // Only a failure needs the target again.
+                    let target = routing::target_topic(&self.route, &msg.topic).to_string();
+                    out.extend(self.on_error(&e, msg, target, counters))
+                }
             }
         }
         self.mark(&mut out[first..]);

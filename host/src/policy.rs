@@ -369,6 +369,27 @@ fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 /// Reads an optional size field into `target`; false when it was given but invalid.
+/// Reads the whole number `key` of `s`, in `min..=max`, into `target`; false (reported) when it
+/// is not one.
+fn integer_field<T: TryFrom<i64>>(
+    cx: &mut Cx,
+    s: &mut Fields,
+    key: &'static str,
+    (min, max): (i64, i64),
+    target: &mut T,
+) -> bool {
+    let Some(f) = s.get(cx, &[key]) else {
+        return true;
+    };
+    match integer(cx, f, min, max).and_then(|v| T::try_from(v).ok()) {
+        Some(v) => {
+            *target = v;
+            true
+        }
+        None => false,
+    }
+}
+
 fn bytes_field(cx: &mut Cx, s: &mut Fields, key: &'static str, target: &mut usize) -> bool {
     let Some((path, n)) = s.get(cx, &[key]) else {
         return true;
@@ -471,12 +492,7 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
     ok &= bytes_field(cx, &mut s, "memory", &mut p.memory);
     ok &= bytes_field(cx, &mut s, "maxPayload", &mut p.max_payload);
     ok &= duration_field(cx, &mut s, "timePerMessage", &mut p.time_per_message);
-    if let Some(f) = s.get(cx, &["maxEmit"]) {
-        match integer(cx, f, 0, 10_000) {
-            Some(v) => p.max_emit = v as usize,
-            None => ok = false,
-        }
-    }
+    ok &= integer_field(cx, &mut s, "maxEmit", (0, 10_000), &mut p.max_emit);
     if let Some((path, n)) = s.get(cx, &["emitTopics"]) {
         match &n.kind {
             NodeKind::Seq(items) => {
@@ -539,12 +555,7 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
     }
     if let Some((path, n)) = s.get(cx, &["kv"]) {
         if let Some(mut kv) = Fields::of(cx, n, &path) {
-            if let Some(f) = kv.get(cx, &["maxKeys"]) {
-                match integer(cx, f, 1, 10_000_000) {
-                    Some(v) => p.kv_max_keys = v as usize,
-                    None => ok = false,
-                }
-            }
+            ok &= integer_field(cx, &mut kv, "maxKeys", (1, 10_000_000), &mut p.kv_max_keys);
             ok &= bytes_field(cx, &mut kv, "maxBytes", &mut p.kv_max_bytes);
             kv.finish(cx);
         } else {
@@ -553,12 +564,7 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
     }
     if let Some((path, n)) = s.get(cx, &["timers"]) {
         if let Some(mut t) = Fields::of(cx, n, &path) {
-            if let Some(f) = t.get(cx, &["max"]) {
-                match integer(cx, f, 0, 1_000_000) {
-                    Some(v) => p.timers_max = v as usize,
-                    None => ok = false,
-                }
-            }
+            ok &= integer_field(cx, &mut t, "max", (0, 1_000_000), &mut p.timers_max);
             ok &= duration_field(cx, &mut t, "minPeriod", &mut p.timers_min_period);
             t.finish(cx);
         } else {
@@ -567,31 +573,28 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
     }
     if let Some((path, n)) = s.get(cx, &["metrics"]) {
         if let Some(mut m) = Fields::of(cx, n, &path) {
-            if let Some(f) = m.get(cx, &["maxSeries"]) {
-                match integer(cx, f, 0, 100_000) {
-                    Some(v) => p.metrics_max_series = v as usize,
-                    None => ok = false,
-                }
-            }
+            ok &= integer_field(
+                cx,
+                &mut m,
+                "maxSeries",
+                (0, 100_000),
+                &mut p.metrics_max_series,
+            );
             m.finish(cx);
         } else {
             ok = false;
         }
     }
-    if let Some(f) = s.get(cx, &["maxHeld"]) {
-        match integer(cx, f, 0, 1_000_000) {
-            Some(v) => p.max_held = v as usize,
-            None => ok = false,
-        }
-    }
+    ok &= integer_field(cx, &mut s, "maxHeld", (0, 1_000_000), &mut p.max_held);
     if let Some((path, n)) = s.get(cx, &["log"]) {
         if let Some(mut log) = Fields::of(cx, n, &path) {
-            if let Some(f) = log.get(cx, &["linesPerSecond"]) {
-                match integer(cx, f, 1, 100_000) {
-                    Some(v) => p.log_lines_per_second = v as u32,
-                    None => ok = false,
-                }
-            }
+            ok &= integer_field(
+                cx,
+                &mut log,
+                "linesPerSecond",
+                (1, 100_000),
+                &mut p.log_lines_per_second,
+            );
             ok &= bytes_field(cx, &mut log, "maxLineBytes", &mut p.log_max_line);
             log.finish(cx);
         } else {
@@ -612,12 +615,13 @@ fn read_policy(cx: &mut Cx, node: &crate::config::yaml::Node, file: &Path) -> Op
     }
     if let Some((path, n)) = s.get(cx, &["circuitBreaker"]) {
         if let Some(mut b) = Fields::of(cx, n, &path) {
-            if let Some(f) = b.get(cx, &["failures"]) {
-                match integer(cx, f, 1, 1_000_000) {
-                    Some(v) => p.breaker.failures = v as u32,
-                    None => ok = false,
-                }
-            }
+            ok &= integer_field(
+                cx,
+                &mut b,
+                "failures",
+                (1, 1_000_000),
+                &mut p.breaker.failures,
+            );
             ok &= duration_field(cx, &mut b, "pause", &mut p.breaker.pause);
             let mut max_pause = Duration::ZERO;
             ok &= duration_field(cx, &mut b, "maxPause", &mut max_pause);

@@ -350,13 +350,12 @@ pub async fn run<S: Stage>(
             Some(lane) => lane.spool.as_ref().is_none_or(|sp| sp.in_flight() == 0),
             None => c.ledger.is_empty(),
         };
-        if let Some(at) = timer_at
-            && HostClock::Real.timer_now() >= at
-        {
-            c.pipeline
-                .fire_timers(HostClock::Real.timer_now(), &c.counters)
-                .await;
-            c.forward_released(&mut src_state);
+        if let Some(at) = timer_at {
+            let now = HostClock::Real.timer_now();
+            if now >= at {
+                c.pipeline.fire_timers(now, &c.counters).await;
+                c.forward_released(&mut src_state);
+            }
         }
         if !c.waiting.is_empty() && c.retry_at.is_none_or(|t| Instant::now() >= t) {
             c.retry_held(&mut src_state).await;
@@ -398,7 +397,9 @@ pub async fn run<S: Stage>(
         c.counters
             .in_flight
             .store(in_flight as u64, Ordering::Relaxed);
-        c.publish_held();
+        c.counters
+            .held
+            .store(c.held.len() as u64, Ordering::Relaxed);
         stalled_since = match (
             in_flight < max && in_flight_bytes < max_inflight_bytes,
             stalled_since,
@@ -678,7 +679,6 @@ impl<S: Stage> Client<S> {
                         let out = std::mem::take(&mut self.out);
                         self.forward_for_inputs(out, vec![id], src_state);
                     }
-                    self.publish_held();
                 } else if self.out.is_empty() {
                     // Handled (dropped, filtered): acknowledged at once.
                     if let Some(ack) = ack {
@@ -794,13 +794,6 @@ impl<S: Stage> Client<S> {
                 self.forward_for_inputs(messages, ids, src_state);
             }
         }
-        self.publish_held();
-    }
-
-    fn publish_held(&self) {
-        self.counters
-            .held
-            .store(self.held.len() as u64, Ordering::Relaxed);
     }
 
     /// After the chain ran: an aggregator that lost its windows makes the source send them

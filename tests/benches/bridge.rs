@@ -878,6 +878,23 @@ fn rss_now(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Two tuned brokers and the release binary bridging `bench/#` at QoS 0 through one plugin
+/// (`plugin`: its YAML entry), configured in `cfg`; returns once the bridge had time to start.
+async fn plugin_bridge(
+    cfg: &Path,
+    (plugins_dir, policies_dir): (&Path, &Path),
+    plugin: &str,
+    extra: &[String],
+) -> (Mosquitto, Mosquitto, Child) {
+    let remote = tuned_mosquitto(None);
+    let local = tuned_mosquitto(None);
+    let plugins = format!("      plugins:\n        - {plugin}\n");
+    std::fs::write(cfg, bridge_yaml(local.port, remote.port, 0, &plugins)).unwrap();
+    let bridge = spawn_bridge(cfg, plugins_dir, policies_dir, extra);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    (local, remote, bridge)
+}
+
 /// `--aggregate TOPICS`: (1) `window-average` (5 s windows, route at QoS 0) over TOPICS topics,
 /// three windows in a row: the bridge's RSS before, after each window, and the averages
 /// received; (2) `heartbeat` with 1,000 timers (one per topic, 1 s of silence), fired three
@@ -887,18 +904,13 @@ async fn aggregate(topics: u64, plugins_dir: &Path) {
     let dir = tempfile::tempdir().unwrap().keep();
     // (1) Windows over many topics.
     {
-        let remote = tuned_mosquitto(None);
-        let local = tuned_mosquitto(None);
-        let cfg = dir.join("avg.yaml");
-        let yaml = bridge_yaml(
-            local.port,
-            remote.port,
-            0,
-            "      plugins:\n        - {name: window-average, config: {field: v, windowSeconds: 5}}\n",
-        );
-        std::fs::write(&cfg, yaml).unwrap();
-        let mut bridge = spawn_bridge(&cfg, plugins_dir, &policies, &[]);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (local, remote, mut bridge) = plugin_bridge(
+            &dir.join("avg.yaml"),
+            (plugins_dir, &policies),
+            "{name: window-average, config: {field: v, windowSeconds: 5}}",
+            &[],
+        )
+        .await;
         let (seen, task) = subscriber(remote.port, QoS::AtLeastOnce).await;
         let before = rss_now(bridge.id());
         println!(
@@ -929,20 +941,14 @@ async fn aggregate(topics: u64, plugins_dir: &Path) {
     }
     // (2) 1,000 timers.
     {
-        let remote = tuned_mosquitto(None);
-        let local = tuned_mosquitto(None);
-        let cfg = dir.join("hb.yaml");
-        let yaml = bridge_yaml(
-            local.port,
-            remote.port,
-            0,
-            "      plugins:\n        - {name: heartbeat, config: {silenceSeconds: 1}}\n",
-        );
-        std::fs::write(&cfg, yaml).unwrap();
         let port = free_port();
-        let extra = vec!["--http".to_string(), format!("127.0.0.1:{port}")];
-        let mut bridge = spawn_bridge(&cfg, plugins_dir, &policies, &extra);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (local, _remote, mut bridge) = plugin_bridge(
+            &dir.join("hb.yaml"),
+            (plugins_dir, &policies),
+            "{name: heartbeat, config: {silenceSeconds: 1}}",
+            &["--http".to_string(), format!("127.0.0.1:{port}")],
+        )
+        .await;
         publish_topics(local.port, 1000, 1, 0).await;
         tokio::time::sleep(Duration::from_millis(3500)).await;
         let url = format!("http://127.0.0.1:{port}/metrics");
@@ -999,70 +1005,57 @@ async fn aggregate(topics: u64, plugins_dir: &Path) {
     }
 }
 
-/// Publishes `per_topic` QoS 0 readings `{"v": N}` on each of `topics` topics `bench/t<i>`.
+/// Publishes `per_topic` readings `{"v": N}` at QoS 1 on each of `topics` topics `bench/t<i>`.
 async fn publish_topics(port: u16, topics: u64, per_topic: u64, round: u64) {
+    let readings = (0..per_topic).flat_map(|k| {
+        (0..topics).map(move |t| {
+            (
+                format!("bench/t{t}"),
+                format!("{{\"v\": {}}}", round * 10 + k).into_bytes(),
+            )
+        })
+    });
+    publish_messages(port, readings).await;
+}
+
+/// Publishes `n` QoS 1 messages on `topic`, sequence numbers from `first`.
+async fn publish_on(port: u16, topic: String, n: u64, first: u64) {
+    publish_messages(
+        port,
+        (0..n).map(|i| (topic.clone(), payload(first + i, 64))),
+    )
+    .await;
+}
+
+/// Publishes (topic, payload) pairs at QoS 1, at most 2,000 unacknowledged at a time, and
+/// waits (up to 60 s) for the last acknowledgement.
+async fn publish_messages(port: u16, messages: impl Iterator<Item = (String, Vec<u8>)>) {
     let (handle, mut events, task) = session::spawn(
-        session_options(port, format!("bench-agg-{}", free_port()), vec![]),
+        session_options(port, format!("bench-pub-{}", free_port()), vec![]),
         4096,
     );
     let mut sent = 0u64;
     let mut done = 0u64;
-    for k in 0..per_topic {
-        for t in 0..topics {
-            let msg = Message {
-                topic: format!("bench/t{t}"),
-                payload: format!("{{\"v\": {}}}", round * 10 + k).into_bytes().into(),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                properties: Properties::default(),
-            };
-            handle.publish(msg, sent);
-            sent += 1;
-            while sent - done > 2_000 {
-                match events.recv().await {
-                    Some(SessionEvent::State(StateEvent::Delivered(_))) => done += 1,
-                    Some(_) => {}
-                    None => return,
-                }
+    for (topic, body) in messages {
+        let msg = Message {
+            topic,
+            payload: body.into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Properties::default(),
+        };
+        handle.publish(msg, sent);
+        sent += 1;
+        while sent - done > 2_000 {
+            match events.recv().await {
+                Some(SessionEvent::State(StateEvent::Delivered(_))) => done += 1,
+                Some(_) => {}
+                None => return,
             }
         }
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while done < sent {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(SessionEvent::State(StateEvent::Delivered(_)))) => done += 1,
-            Ok(Some(_)) => {}
-            _ => break,
-        }
-    }
-    drop(handle);
-    let _ = task.await;
-}
-
-/// Publishes `n` QoS 1 messages on `topic`, sequence numbers from `first`.
-async fn publish_on(port: u16, topic: String, n: u64, first: u64) {
-    let (handle, mut events, task) = session::spawn(
-        session_options(port, format!("bench-pub-{}", free_port()), vec![]),
-        4096,
-    );
-    let mut done = 0u64;
-    for i in 0..n {
-        let msg = Message {
-            topic: topic.clone(),
-            payload: payload(first + i, 64).into(),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            properties: Properties::default(),
-        };
-        handle.publish(msg, i);
-        while i + 1 - done > 2_000 {
-            if let Some(SessionEvent::State(StateEvent::Delivered(_))) = events.recv().await {
-                done += 1;
-            }
-        }
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while done < n {
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Ok(Some(SessionEvent::State(StateEvent::Delivered(_)))) => done += 1,
             Ok(Some(_)) => {}

@@ -638,6 +638,17 @@ pub mod kube;
 pub mod proxy;
 pub mod spool;
 
+/// What `/metrics` and `/status` of a running bridge read (`edgebridge::metrics::render`,
+/// `edgebridge::status::status_json`), without serving HTTP.
+pub fn observed(b: &edgebridge::bridge::RunningBridge) -> Arc<edgebridge::status::Observed> {
+    Arc::new(edgebridge::status::Observed {
+        stats: b.stats.clone(),
+        plugins: b.plugins.clone(),
+        stall_timeout: Duration::from_secs(60),
+        started: std::time::SystemTime::now(),
+    })
+}
+
 /// Source-document fixtures shipped in `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

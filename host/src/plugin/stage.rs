@@ -334,28 +334,17 @@ impl Stage {
         let started = std::time::Instant::now();
         let result = tokio::time::timeout(backstop, f(inst, &mut live.store)).await;
         self.counters.duration.observe(started.elapsed());
-        let result = match result {
-            Err(_) => {
+        let result = match trapped(result, backstop, &plugin, &live.store) {
+            Err(e) => {
                 self.discard();
                 self.counters.call(CallOutcome::Trap);
-                return Err(StageError::Trap {
-                    plugin,
-                    message: format!(
-                        "time budget exceeded: the call did not return within {backstop:?} (the wall-clock backstop)"
-                    ),
-                });
+                return Err(e);
             }
-            Ok(Err(trap)) => {
-                let message = describe_trap(&trap, &live.store);
-                self.discard();
-                self.counters.call(CallOutcome::Trap);
-                return Err(StageError::Trap { plugin, message });
-            }
-            Ok(Ok(Err(message))) => {
+            Ok(Err(message)) => {
                 self.counters.call(CallOutcome::Error);
                 return Err(StageError::Returned { plugin, message });
             }
-            Ok(Ok(Ok(list))) => list,
+            Ok(Ok(list)) => list,
         };
         let timers = live.store.data().timers.len() as u64;
         self.counters.timers_set.store(timers, Ordering::Relaxed);
@@ -507,7 +496,7 @@ impl Stage {
                     .edgebridge_plugin_mapper()
                     .call_map_message(&mut live.store, ctx, &input)
                     .await
-                    .map(|r| r.map(|d| Some(Answer::Decision(d)))),
+                    .map(|r| r.map(Answer::Decision)),
                 Instance::Filter(f) => f
                     .edgebridge_plugin_filter()
                     .call_keep(&mut live.store, ctx, &input)
@@ -515,9 +504,9 @@ impl Stage {
                     .map(|r| {
                         r.map(|keep| {
                             if keep {
-                                Some(Answer::Decision(wit::Decision::Pass))
+                                Answer::Decision(wit::Decision::Pass)
                             } else {
-                                Some(Answer::Decision(wit::Decision::Drop("filtered out".into())))
+                                Answer::Decision(wit::Decision::Drop("filtered out".into()))
                             }
                         })
                     }),
@@ -525,34 +514,23 @@ impl Stage {
                     .edgebridge_plugin0_2_0_aggregator()
                     .call_on_message(&mut live.store, ctx, &input)
                     .await
-                    .map(|r| r.map(|reply| Some(Answer::Reply(reply)))),
+                    .map(|r| r.map(Answer::Reply)),
             }
         };
-        let Ok(result) = tokio::time::timeout(backstop, call).await else {
-            // The abandoned call leaves its instance unusable: the next call rebuilds it.
-            self.discard();
-            return Err(StageError::Trap {
-                plugin,
-                message: format!(
-                    "time budget exceeded: the call did not return within {backstop:?} (the wall-clock backstop: it was waiting, not computing)"
-                ),
-            });
-        };
-        match result {
-            Err(trap) => {
-                let message = describe_trap(&trap, &live.store);
-                // A trapped instance cannot be entered again: the next call rebuilds it.
+        let result = tokio::time::timeout(backstop, call).await;
+        match trapped(result, backstop, &plugin, &live.store) {
+            Err(e) => {
+                // The instance cannot be entered again: the next call rebuilds it.
                 self.discard();
-                Err(StageError::Trap { plugin, message })
+                Err(e)
             }
             Ok(Err(message)) => Err(StageError::Returned { plugin, message }),
-            Ok(Ok(None)) => Ok(Outcome::Pass),
-            Ok(Ok(Some(Answer::Decision(decision)))) => {
+            Ok(Ok(Answer::Decision(decision))) => {
                 let policy = live.loaded.policy.clone();
                 validate(decision, msg, &self.route, &policy)
                     .map_err(|message| StageError::Invalid { plugin, message })
             }
-            Ok(Ok(Some(Answer::Reply(reply)))) => {
+            Ok(Ok(Answer::Reply(reply))) => {
                 let timers = live.store.data().timers.len() as u64;
                 self.counters.timers_set.store(timers, Ordering::Relaxed);
                 // The common answer: forward it, nothing released; nothing to check.
@@ -570,13 +548,11 @@ impl Stage {
                 let outcome = match reply.action {
                     agg::Action::Pass => Outcome::Pass,
                     agg::Action::Drop(r) => Outcome::Drop(r),
-                    agg::Action::Hold(w) if w.len() > 256 => {
-                        return Err(StageError::Invalid {
-                            plugin,
-                            message: "a window name is at most 256 bytes".into(),
-                        });
+                    agg::Action::Hold(w) => {
+                        check_window(&w)
+                            .map_err(|message| StageError::Invalid { plugin, message })?;
+                        Outcome::Hold(w)
                     }
-                    agg::Action::Hold(w) => Outcome::Hold(w),
                     agg::Action::Emit(list) => {
                         validate(wit::Decision::Emit(list), msg, &self.route, &policy)
                             .map_err(|message| StageError::Invalid { plugin, message })?
@@ -633,6 +609,40 @@ impl crate::pipeline::Stage for Stage {
     }
 }
 
+/// Longest window name, bytes.
+const MAX_WINDOW_NAME: usize = 256;
+
+fn check_window(name: &str) -> Result<(), String> {
+    if name.len() > MAX_WINDOW_NAME {
+        return Err(format!(
+            "a window name is at most {MAX_WINDOW_NAME} bytes, this one has {}",
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
+/// What a call bounded by `backstop` ended with: its value, or its trap or timeout as a
+/// [`StageError::Trap`] (the caller discards the instance: it cannot be entered again).
+fn trapped<R>(
+    result: Result<wasmtime::Result<R>, tokio::time::error::Elapsed>,
+    backstop: Duration,
+    plugin: &str,
+    store: &Store<HostState>,
+) -> Result<R, StageError> {
+    let message = match result {
+        Ok(Ok(r)) => return Ok(r),
+        Ok(Err(trap)) => describe_trap(&trap, store),
+        Err(_) => format!(
+            "time budget exceeded: the call did not return within {backstop:?} (the wall-clock backstop: it was waiting, not computing)"
+        ),
+    };
+    Err(StageError::Trap {
+        plugin: plugin.to_string(),
+        message,
+    })
+}
+
 /// What a plugin answered about a message, before it is checked.
 enum Answer {
     Decision(wit::Decision),
@@ -653,9 +663,7 @@ pub fn validate_releases(
     }
     let mut out = Vec::with_capacity(list.len());
     for r in list {
-        if r.window.len() > 256 {
-            return Err("a window name is at most 256 bytes".into());
-        }
+        check_window(&r.window)?;
         if r.messages.len() > policy.max_emit {
             return Err(format!(
                 "window {:?} released {} messages, its policy allows {} (maxEmit)",

@@ -137,13 +137,7 @@ async fn a_ten_hertz_sensor_goes_to_the_cloud_as_one_average_per_window() {
         "released once the remote acknowledged: {:?}",
         b.stats.route("avg")
     );
-    let observed = std::sync::Arc::new(edgebridge::status::Observed {
-        stats: b.stats.clone(),
-        plugins: b.plugins.clone(),
-        stall_timeout: 60 * SECOND,
-        started: std::time::SystemTime::now(),
-    });
-    let metrics = edgebridge::metrics::render(observed).unwrap();
+    let metrics = edgebridge::metrics::render(edgebridge_tests::observed(&b)).unwrap();
     assert!(
         metrics.contains("edgebridge_plugin_window_average_windows_closed_total{plugin=\"window-average\",route=\"avg\"}"),
         "the plugin's own metric: {metrics}"
@@ -213,9 +207,13 @@ async fn plugins_built_for_0_1_load_run_and_hot_swap_unchanged() {
         std::fs::copy(old.join(file), &tmp).unwrap();
         std::fs::rename(&tmp, plugins.join(format!("{name}.wasm"))).unwrap();
     };
-    install_old("json_filter.wasm", "json-filter");
-    install_old("topic_template.wasm", "topic-template");
-    install_old("dedupe.wasm", "dedupe");
+    const NAMES: [&str; 3] = ["json-filter", "topic-template", "dedupe"];
+    let install_all_old = || {
+        install_old("json_filter.wasm", "json-filter");
+        install_old("topic_template.wasm", "topic-template");
+        install_old("dedupe.wasm", "dedupe");
+    };
+    install_all_old();
     let b = start(
         &local,
         &remote,
@@ -234,7 +232,7 @@ async fn plugins_built_for_0_1_load_run_and_hot_swap_unchanged() {
 ",
     )
     .await;
-    for name in ["json-filter", "topic-template", "dedupe"] {
+    for name in NAMES {
         let loaded = b.plugins.current(name).expect("loaded");
         assert_eq!(loaded.world.version(), "0.1.0", "{name}");
     }
@@ -271,39 +269,37 @@ async fn plugins_built_for_0_1_load_run_and_hot_swap_unchanged() {
         with_old,
         [("out/a".to_string(), 3), ("out/c".to_string(), 2)]
     );
-    // Today's builds replace them (hot reload), then the old ones come back.
-    for (wasm, name) in [
-        ("json-filter", "json-filter"),
-        ("topic-template", "topic-template"),
-        ("dedupe", "dedupe"),
+    // Today's builds replace them (hot reload), then the old ones come back; each time the
+    // same messages give the same results.
+    let install_new = || {
+        for name in NAMES {
+            install_plugin(&plugins, name, name);
+        }
+    };
+    for (version, install, what) in [
+        (
+            2,
+            &install_new as &dyn Fn(),
+            "today's builds decide the same",
+        ),
+        (3, &install_all_old, "swapped back to the 0.1.0 binaries"),
     ] {
-        install_plugin(&plugins, wasm, name);
+        install();
+        assert!(
+            eventually(10 * SECOND, || NAMES.iter().all(|n| b
+                .plugins
+                .current(n)
+                .is_some_and(|l| l.version == version)))
+            .await
+        );
+        // The dedupe window (1 s) of the round before has passed.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        round(version as usize).await;
+        let seen = 2 * version as usize;
+        assert!(eventually(10 * SECOND, || at_remote.count() >= seen).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(results(seen - 2), with_old, "{what}");
     }
-    assert!(
-        eventually(10 * SECOND, || ["json-filter", "topic-template", "dedupe"]
-            .iter()
-            .all(|n| b.plugins.current(n).is_some_and(|l| l.version == 2)))
-        .await
-    );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    round(2).await;
-    assert!(eventually(10 * SECOND, || at_remote.count() >= 4).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(results(2), with_old, "today's builds decide the same");
-    install_old("json_filter.wasm", "json-filter");
-    install_old("topic_template.wasm", "topic-template");
-    install_old("dedupe.wasm", "dedupe");
-    assert!(
-        eventually(10 * SECOND, || ["json-filter", "topic-template", "dedupe"]
-            .iter()
-            .all(|n| b.plugins.current(n).is_some_and(|l| l.version == 3)))
-        .await
-    );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    round(3).await;
-    assert!(eventually(10 * SECOND, || at_remote.count() >= 6).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(results(4), with_old, "swapped back to the 0.1.0 binaries");
     assert_eq!(at_remote.count(), 6);
     b.shutdown().await;
 }

@@ -212,12 +212,7 @@ async fn managed_identity_tokens_are_refreshed_in_place_without_reconnecting() {
     let link = t.link_info();
     assert_eq!(link.last_refresh.map(|(_, how)| how), Some("in-place"));
     // What an operator sees: /metrics and /status.
-    let observed = std::sync::Arc::new(edgebridge::status::Observed {
-        stats: b.stats.clone(),
-        plugins: b.plugins.clone(),
-        stall_timeout: 60 * SECOND,
-        started: std::time::SystemTime::now(),
-    });
+    let observed = edgebridge_tests::observed(&b);
     let metrics = edgebridge::metrics::render(observed.clone()).unwrap();
     let line = format!(
         "edgebridge_session_token_refreshes_total{{route=\"up\",side=\"remote\",client_id=\"edge-up\",how=\"in-place\"}} {in_place}"
