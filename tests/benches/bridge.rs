@@ -10,7 +10,8 @@
 //! latency p50/p99 at a fixed rate, and the bridge process's peak RSS and CPU seconds per
 //! million messages. Each case repeats; medians are printed with ratios against (a) and (b).
 //! `-- --quick` for fewer messages and repeats; `--only p1r1-64` and `--cases bc` pick sections
-//! and cases (letters a-f), `--n 200000` sets the message count, `--soak 600` runs the memory
+//! and cases (letters a-i), `--n 200000` sets the message count, `--repeats 6` the repeats
+//! (every other one runs the cases in reverse order), `--soak 600` runs the memory
 //! soak, `--scale` the 1,000-route and 10-route runs. Bounded: every wait has a timeout.
 
 use std::collections::HashSet;
@@ -144,6 +145,87 @@ impl Syscalls {
     }
 }
 
+/// Heap allocations of one process counted with uprobes on libc's `malloc`, `calloc` and
+/// `realloc` (`perf probe`, root only): exact counts, but each probe traps into the kernel, so
+/// they are counted in a run of their own, never during a timed one. `None` where perf cannot
+/// set the probes.
+struct Allocs {
+    perf: Child,
+    out: std::path::PathBuf,
+}
+
+/// The libc the bridge links (glibc's path on Debian).
+const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+const ALLOC_CALLS: [&str; 3] = ["malloc", "calloc", "realloc"];
+
+impl Allocs {
+    /// Sets the probes once per benchmark process.
+    fn probes() -> bool {
+        static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *READY.get_or_init(|| {
+            let listed = Command::new("perf")
+                .args(["probe", "-l"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            ALLOC_CALLS.iter().all(|f| {
+                listed.contains(&format!("probe_libc:{f} "))
+                    || Command::new("perf")
+                        .args(["probe", "-q", "-x", LIBC, f])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+            })
+        })
+    }
+
+    fn start(pid: u32) -> Option<Allocs> {
+        if pid == 0 || !Allocs::probes() {
+            return None;
+        }
+        let out =
+            std::env::temp_dir().join(format!("bench-allocs-{}-{pid}.csv", std::process::id()));
+        let events: Vec<String> = ALLOC_CALLS
+            .iter()
+            .map(|f| format!("probe_libc:{f}"))
+            .collect();
+        let perf = Command::new("perf")
+            .args([
+                "stat",
+                "-x",
+                ",",
+                "-e",
+                &events.join(","),
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(Allocs { perf, out })
+    }
+
+    /// Stops counting; the allocations counted (`None`: perf counted nothing readable).
+    fn stop(mut self) -> Option<u64> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.perf.id().to_string()])
+            .status();
+        let _ = self.perf.wait();
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.out);
+        let counts: Vec<u64> = text
+            .lines()
+            .filter(|l| l.contains("probe_libc:"))
+            .filter_map(|l| l.split(',').next()?.trim().parse().ok())
+            .collect();
+        (!counts.is_empty()).then(|| counts.iter().sum())
+    }
+}
+
 impl std::ops::Sub for Usage {
     type Output = Usage;
     fn sub(self, o: Usage) -> Usage {
@@ -180,6 +262,8 @@ struct Run {
     broker_drops: usize,
     /// Every process's CPU and system calls over the throughput run, per message.
     system: System,
+    /// The bridge process's heap allocations per message, in a run of their own.
+    allocs: Option<f64>,
 }
 
 /// Mosquitto's notices of dropped messages in a log.
@@ -643,6 +727,21 @@ async fn run_case(
         lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
         run.p50_us = lat[lat.len() / 2];
         run.p99_us = lat[(lat.len() * 99) / 100];
+    }
+    // Allocations: a run of its own (the probes slow the bridge), after the timed ones.
+    if let Some(b) = &bridge {
+        let k = (n / 10).clamp(1_000, 20_000);
+        if let Some(counting) = Allocs::start(b.id()) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let before = seen.lock().unwrap().len();
+            publish(local.port, qos, k, size, None).await;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while ((seen.lock().unwrap().len() - before) as u64) < k && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let forwarded = (seen.lock().unwrap().len() - before).max(1);
+            run.allocs = counting.stop().map(|a| a as f64 / forwarded as f64);
+        }
     }
     run.broker_drops = drop_notices(&local.log()) + drop_notices(&remote.log());
     if run.broker_drops > 0 {
@@ -1197,6 +1296,9 @@ fn main() {
         (100_000u64, 3)
     };
     let n = flag("--n").and_then(|v| v.parse().ok()).unwrap_or(n);
+    let repeats = flag("--repeats")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(repeats);
     let soak_secs: Option<u64> = flag("--soak").and_then(|v| v.parse().ok());
     let plugins_dir = tempfile::tempdir().unwrap().keep();
     install_plugin(&plugins_dir, "topic-template", "topic-template");
@@ -1270,10 +1372,17 @@ fn main() {
             let mut base = (0.0, 0.0);
             let mut plain_and_spooled = (0.0, 0.0, 0.0, 0.0);
             // In turns: every repeat runs every case once, so a slow spell of the shared
-            // machine hits all cases alike instead of one case's repeats.
+            // machine hits all cases alike instead of one case's repeats; every other repeat
+            // runs them in reverse, so no case always runs first.
             let mut all: Vec<Vec<Run>> = vec![Vec::new(); cases.len()];
-            for _ in 0..repeats {
-                for (i, &case) in cases.iter().enumerate() {
+            for r in 0..repeats {
+                let order: Vec<usize> = if r % 2 == 0 {
+                    (0..cases.len()).collect()
+                } else {
+                    (0..cases.len()).rev().collect()
+                };
+                for i in order {
+                    let case = cases[i];
                     all[i].push(rt.block_on(run_case(
                         case,
                         pub_qos,
@@ -1329,12 +1438,12 @@ fn main() {
             }
             println!();
             println!(
-                "whole system, per message of the throughput run (medians): CPU µs of each process, and socket read / write system calls (perf's syscall tracepoints; 0 where perf is not available)"
+                "whole system, per message of the throughput run (medians): CPU µs of each process, and socket read / write system calls (perf's syscall tracepoints; 0 where perf is not available); the bridge's heap allocations per message (uprobes on malloc, calloc and realloc, in a run of their own; - where perf cannot set them)"
             );
             println!(
-                "| case | local broker µs | remote broker µs | bridge µs | load clients µs | total µs | local reads / writes | remote reads / writes | bridge reads / writes |"
+                "| case | local broker µs | remote broker µs | bridge µs | load clients µs | total µs | local reads / writes | remote reads / writes | bridge reads / writes | bridge allocations |"
             );
-            println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+            println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
             for (&case, runs) in cases.iter().zip(&whole) {
                 let us = |f: &dyn Fn(&System) -> Usage| {
                     median(runs.iter().map(|r| f(&r.system).cpu_s * 1e6).collect())
@@ -1358,8 +1467,9 @@ fn main() {
                     us(&|s| s.bridge),
                     us(&|s| s.clients),
                 );
+                let allocs: Vec<f64> = runs.iter().filter_map(|r| r.allocs).collect();
                 println!(
-                    "| {} | {l:.2} | {r:.2} | {} | {c:.2} | {:.2} | {} | {} | {} |",
+                    "| {} | {l:.2} | {r:.2} | {} | {c:.2} | {:.2} | {} | {} | {} | {} |",
                     case.label(),
                     if matches!(case, Case::Baseline | Case::MosquittoBridge) {
                         "-".to_string()
@@ -1373,6 +1483,11 @@ fn main() {
                         "-".to_string()
                     } else {
                         calls(&|s| s.bridge)
+                    },
+                    if allocs.is_empty() {
+                        "-".to_string()
+                    } else {
+                        format!("{:.2}", median(allocs))
                     },
                 );
             }
