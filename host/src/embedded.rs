@@ -11,6 +11,8 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,8 +38,45 @@ pub enum EmbeddedError {
     NotReady(SocketAddr),
 }
 
-/// Embedded brokers started by this process, by address.
-static STARTED: std::sync::Mutex<Vec<SocketAddr>> = std::sync::Mutex::new(Vec::new());
+/// Embedded brokers started by this process: the configured address, and the loopback port
+/// where rumqttd itself serves MQTT 5.
+static STARTED: std::sync::Mutex<Vec<Started>> = std::sync::Mutex::new(Vec::new());
+
+struct Started {
+    /// The configured address (the front listener's).
+    front: SocketAddr,
+    /// rumqttd's own MQTT 5 port.
+    v5: SocketAddr,
+    /// Connections the front listener passed on.
+    passed_on: Arc<AtomicU64>,
+}
+
+fn started(endpoint: &Endpoint) -> Option<(SocketAddr, Arc<AtomicU64>)> {
+    let addr = format!("{}:{}", endpoint.host, endpoint.port)
+        .to_socket_addrs()
+        .ok()?
+        .next()?;
+    STARTED
+        .lock()
+        .expect("embedded brokers lock")
+        .iter()
+        .find(|s| s.front == addr)
+        .map(|s| (s.v5, s.passed_on.clone()))
+}
+
+/// Where this process's own MQTT 5 sessions reach the embedded broker at `endpoint`: rumqttd's
+/// MQTT 5 port, without the front listener, which would pass their bytes on unchanged through
+/// one more pair of sockets. `None` when this process did not start a broker there (then the
+/// configured address is the way in).
+pub fn direct(endpoint: &Endpoint) -> Option<SocketAddr> {
+    started(endpoint).map(|(v5, _)| v5)
+}
+
+/// How many connections the front listener of the embedded broker at `endpoint` passed on to
+/// it (MQTT 3.1.1 clients, and MQTT 5 clients from outside this process).
+pub fn front_connections(endpoint: &Endpoint) -> Option<u64> {
+    started(endpoint).map(|(_, n)| n.load(Ordering::Relaxed))
+}
 
 /// How long a new connection may take to send the start of its CONNECT.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
@@ -113,7 +152,7 @@ pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, Emb
         .next()
         .ok_or_else(|| EmbeddedError::Address(text.clone(), "no address".into()))?;
     let mut started = STARTED.lock().expect("embedded brokers lock");
-    if started.contains(&addr) {
+    if started.iter().any(|s| s.front == addr) {
         return Ok(addr);
     }
     // The front listener binds the configured address first, so that a busy port is a clear
@@ -175,6 +214,8 @@ pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, Emb
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let passed_on = Arc::new(AtomicU64::new(0));
+    let count = passed_on.clone();
     std::thread::Builder::new()
         .name(format!("embedded-front-{}", addr.port()))
         .spawn(move || {
@@ -188,17 +229,21 @@ pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, Emb
                     return;
                 }
             };
-            rt.block_on(front_loop(front, v5_addr));
+            rt.block_on(front_loop(front, v5_addr, count));
         })
         .map_err(bind)?;
     tracing::info!("Embedded broker listening on {addr} (MQTT 3.1.1 and 5)");
-    started.push(addr);
+    started.push(Started {
+        front: addr,
+        v5: v5_addr,
+        passed_on,
+    });
     Ok(addr)
 }
 
 /// Accepts connections on the configured address and passes each to the broker, as it is
 /// (MQTT 5) or translated (MQTT 3.1.1).
-async fn front_loop(front: TcpListener, v5: SocketAddr) {
+async fn front_loop(front: TcpListener, v5: SocketAddr, passed_on: Arc<AtomicU64>) {
     let listener = match tokio::net::TcpListener::from_std(front) {
         Ok(l) => l,
         Err(e) => {
@@ -209,6 +254,7 @@ async fn front_loop(front: TcpListener, v5: SocketAddr) {
     loop {
         match listener.accept().await {
             Ok((conn, _)) => {
+                passed_on.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(pass_on(conn, v5));
             }
             Err(e) => {
@@ -465,6 +511,55 @@ pub mod v3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn this_process_s_mqtt_5_sessions_go_straight_to_the_broker_3_1_1_ones_through_the_front()
+    {
+        let port = loopback_port().unwrap().port();
+        let endpoint = Endpoint {
+            host: "127.0.0.1".into(),
+            port,
+            path: None,
+            embedded: true,
+        };
+        let e = endpoint.clone();
+        tokio::task::spawn_blocking(move || start(&e, Protocol::V5))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(front_connections(&endpoint), Some(0));
+        assert!(direct(&endpoint).is_some_and(|a| a.port() != port));
+        let other = Endpoint {
+            port: loopback_port().unwrap().port(),
+            ..endpoint.clone()
+        };
+        assert_eq!(direct(&other), None, "no broker was started there");
+        let publish = |v5: bool| {
+            let t = crate::tools::Target {
+                endpoint: format!("embedded://127.0.0.1:{port}"),
+                v5,
+                client_id: format!("direct-test-{v5}"),
+            };
+            async move {
+                crate::tools::publish(
+                    &t,
+                    "direct/test",
+                    crate::model::QoS::AtLeastOnce,
+                    false,
+                    "x",
+                    (3, None),
+                    Duration::from_secs(10),
+                )
+                .await
+            }
+        };
+        // Acknowledged by the broker, without a connection through the front listener.
+        publish(true).await.unwrap();
+        assert_eq!(front_connections(&endpoint), Some(0));
+        // A 3.1.1 session needs the translation: through the front.
+        publish(false).await.unwrap();
+        assert_eq!(front_connections(&endpoint), Some(1));
+    }
 
     #[test]
     fn the_protocol_level_is_read_from_the_connect() {

@@ -849,7 +849,17 @@ async fn connect(
     };
     // Credentials print redacted.
     trace!(session = %o.label, "Sending {spec:?}");
-    let mut stream = transport::open(&o.conn, endpoint).await?;
+    // An embedded broker this process runs: an MQTT 5 session goes straight to it (the front
+    // listener would only pass its bytes on).
+    let direct = (o.version == Version::V5 && endpoint.embedded)
+        .then(|| crate::embedded::direct(endpoint))
+        .flatten()
+        .map(|a| crate::config::Endpoint {
+            host: a.ip().to_string(),
+            port: a.port(),
+            ..endpoint.clone()
+        });
+    let mut stream = transport::open(&o.conn, direct.as_ref().unwrap_or(endpoint)).await?;
     let mut buf = BytesMut::with_capacity(256);
     codec::encode(
         o.version,
