@@ -10,7 +10,7 @@
 //! latency p50/p99 at a fixed rate, and the bridge process's peak RSS and CPU seconds per
 //! million messages. Each case repeats; medians are printed with ratios against (a) and (b).
 //! `-- --quick` for fewer messages and repeats; `--only p1r1-64` and `--cases bc` pick sections
-//! and cases (letters a-i), `--n 200000` sets the message count, `--repeats 6` the repeats
+//! and cases (letters a-j), `--n 200000` sets the message count, `--repeats 6` the repeats
 //! (every other one runs the cases in reverse order), `--soak 600` runs the memory
 //! soak, `--scale` the 1,000-route and 10-route runs. Bounded: every wait has a timeout.
 
@@ -38,6 +38,7 @@ enum Case {
     Spooled,
     PassV1,
     PassV2,
+    Embedded,
 }
 
 impl Case {
@@ -52,6 +53,7 @@ impl Case {
             Case::Spooled => "(g) edgebridge with a spool (--spool-dir, sync: always)",
             Case::PassV1 => "(h) edgebridge + a pass-through 0.1 mapper",
             Case::PassV2 => "(i) edgebridge + a pass-through 0.2 aggregator",
+            Case::Embedded => "(j) edgebridge's embedded broker as the local one",
         }
     }
 }
@@ -572,6 +574,13 @@ async fn run_case(
         Case::MosquittoBridge => tuned_mosquitto(Some((remote.port, qos_n))),
         _ => tuned_mosquitto(None),
     };
+    // Where the publisher connects: the local broker, or the bridge's embedded one (then the
+    // local Mosquitto idles, and the local broker's CPU is the bridge process's).
+    let pub_port = if case == Case::Embedded {
+        free_port()
+    } else {
+        local.port
+    };
     let sub_port = if case == Case::Baseline {
         local.port
     } else {
@@ -604,6 +613,7 @@ async fn run_case(
             | Case::Spooled
             | Case::PassV1
             | Case::PassV2
+            | Case::Embedded
     ) {
         let plugins = match case {
             Case::OnePlugin => {
@@ -618,7 +628,16 @@ async fn run_case(
         };
         let dir = tempfile::tempdir().unwrap().keep();
         let cfg = dir.join("bench.yaml");
-        std::fs::write(&cfg, bridge_yaml(local.port, remote.port, qos_n, plugins)).unwrap();
+        let mut yaml = bridge_yaml(local.port, remote.port, qos_n, plugins);
+        if case == Case::Embedded {
+            // The single-binary topology: publishers connect to the bridge process itself.
+            yaml = yaml.replace(
+                &format!("\"127.0.0.1:{}\"", local.port),
+                &format!("\"embedded://127.0.0.1:{pub_port}\""),
+            );
+            assert!(yaml.contains("embedded://"), "{yaml}");
+        }
+        std::fs::write(&cfg, yaml).unwrap();
         let mut extra = Vec::new();
         if case == Case::Metrics {
             let port = free_port();
@@ -640,7 +659,11 @@ async fn run_case(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = bridge.as_ref().map(|b| proc_stats(b.id()));
     let pids = (
-        local.pid().unwrap_or(0),
+        if case == Case::Embedded {
+            0
+        } else {
+            local.pid().unwrap_or(0)
+        },
         remote.pid().unwrap_or(0),
         bridge.as_ref().map_or(0, Child::id),
         std::process::id(),
@@ -661,7 +684,7 @@ async fn run_case(
 
     // Throughput: as fast as the publisher goes.
     let t0 = Instant::now();
-    publish(local.port, qos, n, size, None).await;
+    publish(pub_port, qos, n, size, None).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last_len = 0;
     let mut last_change = Instant::now();
@@ -715,7 +738,7 @@ async fn run_case(
 
     // Latency at a fixed rate of 5,000 msg/s.
     let m = (n / 4).clamp(2_000, 10_000);
-    publish(local.port, qos, m, size, Some(5_000)).await;
+    publish(pub_port, qos, m, size, Some(5_000)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut lat: Vec<f64> = seen
         .lock()
@@ -734,7 +757,7 @@ async fn run_case(
         if let Some(counting) = Allocs::start(b.id()) {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let before = seen.lock().unwrap().len();
-            publish(local.port, qos, k, size, None).await;
+            publish(pub_port, qos, k, size, None).await;
             let deadline = Instant::now() + Duration::from_secs(30);
             while ((seen.lock().unwrap().len() - before) as u64) < k && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1289,7 +1312,7 @@ fn main() {
             .and_then(|i| args.get(i + 1).cloned())
     };
     let only = flag("--only").unwrap_or_default();
-    let letters = flag("--cases").unwrap_or_else(|| "abcdefg".into());
+    let letters = flag("--cases").unwrap_or_else(|| "abcdefgj".into());
     let (n, repeats) = if quick {
         (10_000u64, 1)
     } else {
@@ -1346,6 +1369,7 @@ fn main() {
         ('g', Case::Spooled),
         ('h', Case::PassV1),
         ('i', Case::PassV2),
+        ('j', Case::Embedded),
     ]
     .into_iter()
     .filter(|(l, _)| letters.contains(*l))
@@ -1469,15 +1493,24 @@ fn main() {
                 );
                 let allocs: Vec<f64> = runs.iter().filter_map(|r| r.allocs).collect();
                 println!(
-                    "| {} | {l:.2} | {r:.2} | {} | {c:.2} | {:.2} | {} | {} | {} | {} |",
+                    "| {} | {} | {r:.2} | {} | {c:.2} | {:.2} | {} | {} | {} | {} |",
                     case.label(),
+                    if case == Case::Embedded {
+                        "in the bridge".to_string()
+                    } else {
+                        format!("{l:.2}")
+                    },
                     if matches!(case, Case::Baseline | Case::MosquittoBridge) {
                         "-".to_string()
                     } else {
                         format!("{b:.2}")
                     },
                     l + r + b + c,
-                    calls(&|s| s.local),
+                    if case == Case::Embedded {
+                        "-".to_string()
+                    } else {
+                        calls(&|s| s.local)
+                    },
                     calls(&|s| s.remote),
                     if matches!(case, Case::Baseline | Case::MosquittoBridge) {
                         "-".to_string()
