@@ -312,8 +312,10 @@ pub async fn run<S: Stage>(
         }
         tokio::select! {
             () = poll_fn(|cx| {
-                let a = dst.poll(cx, &mut c.dst_state, true).is_ready();
-                let b = src.poll(cx, &mut src_state, read).is_ready();
+                // One clock reading for both links' keep-alive bookkeeping.
+                let now = Instant::now();
+                let a = dst.poll_at(cx, &mut c.dst_state, true, now).is_ready();
+                let b = src.poll_at(cx, &mut src_state, read, now).is_ready();
                 if a || b { Poll::Ready(()) } else { Poll::Pending }
             }) => {}
             changed = stop.changed(), if !stopping => {
@@ -333,9 +335,11 @@ pub async fn run<S: Stage>(
             }
         }
         // The target first: what it settled frees room and acknowledges the source.
+        // One clock reading per turn, taken when first needed.
+        let mut turn_clock = None;
         c.dst_state.swap_events(&mut events);
         if !events.is_empty() {
-            let now = std::time::Instant::now();
+            let now = *turn_clock.get_or_insert_with(std::time::Instant::now);
             let mut settled = false;
             for ev in events.drain(..) {
                 settled |= c.on_target_event(ev, &mut src_state, now);
@@ -355,14 +359,16 @@ pub async fn run<S: Stage>(
             if now >= at {
                 c.pipeline.fire_timers(now, &c.counters).await;
                 c.forward_released(&mut src_state);
+                turn_clock = None; // plugin calls took time
             }
         }
         if !c.waiting.is_empty() && c.retry_at.is_none_or(|t| Instant::now() >= t) {
             c.retry_held(&mut src_state).await;
+            turn_clock = None;
         }
         src_state.swap_events(&mut events);
         if !events.is_empty() {
-            let now = std::time::Instant::now();
+            let now = *turn_clock.get_or_insert_with(std::time::Instant::now);
             for ev in events.drain(..) {
                 c.on_source_event(ev, &mut src_state, shedding, now).await;
             }

@@ -344,6 +344,18 @@ impl Link {
     /// backpressure — and hands the packets to `state`, runs keep-alive. Ready when `state`
     /// may have new events; then the owner takes them and polls again.
     pub fn poll(&mut self, cx: &mut Context<'_>, state: &mut SessionState, read: bool) -> Poll<()> {
+        self.poll_at(cx, state, read, Instant::now())
+    }
+
+    /// [`Link::poll`] with the time read once by an owner that polls several links (a clock
+    /// reading is not free on every machine: one per poll of each link showed in profiles).
+    pub fn poll_at(
+        &mut self,
+        cx: &mut Context<'_>,
+        state: &mut SessionState,
+        read: bool,
+        now: Instant,
+    ) -> Poll<()> {
         let mut activity = false;
         loop {
             match &mut self.phase {
@@ -367,7 +379,7 @@ impl Link {
                         self.fail(e, state);
                     }
                 },
-                Phase::Up(_) => match self.poll_up(cx, state, read) {
+                Phase::Up(_) => match self.poll_up(cx, state, read, now) {
                     Ok(a) => {
                         activity |= a;
                         break;
@@ -555,6 +567,7 @@ impl Link {
         cx: &mut Context<'_>,
         state: &mut SessionState,
         read: bool,
+        now: Instant,
     ) -> Result<bool, LinkError> {
         let Link {
             opts,
@@ -569,7 +582,6 @@ impl Link {
         let Phase::Up(up) = phase else {
             unreachable!("poll_up is called in the up phase")
         };
-        let now = Instant::now();
         let mut activity = false;
         // A fresh token for re-authentication in place.
         if let Some(fut) = up.refreshing.as_mut()
