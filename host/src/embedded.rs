@@ -307,7 +307,10 @@ async fn pass_on(mut conn: tokio::net::TcpStream, v5: SocketAddr) {
     if upstream.write_all(&head).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+    // 32 KiB towards the broker (publishers send in bulk: fewer, larger reads and writes than
+    // the default 8 KiB), 8 KiB back.
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut upstream, 32 << 10, 8 << 10).await;
 }
 
 /// An MQTT 3.1.1 client of the embedded broker, translated to and from MQTT 5.
