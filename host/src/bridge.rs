@@ -270,6 +270,12 @@ impl RunningBridge {
         for t in tasks {
             let _ = t.await;
         }
+        // The windows were flushed as the route clients stopped: the plugins' kept state is
+        // final now.
+        if let Some(host) = &self.plugin_host {
+            let runtime = host.runtime.clone();
+            let _ = tokio::task::spawn_blocking(move || runtime.save_states()).await;
+        }
     }
 
     /// Ends every task and drops every connection at once without draining or acknowledging
@@ -669,11 +675,26 @@ impl Shared {
             }),
             ..link(plan.target, "target")
         };
+        let spool = config::SpoolSpec::resolve(
+            &self.connector,
+            route,
+            &plan.client_id,
+            opts.spool_dir.as_deref(),
+        );
         let stages: Vec<Stage> = match &self.plugins {
             Some((runtime, registry)) => route
                 .plugins
                 .iter()
                 .map(|p| {
+                    // A spooled route keeps its plugins' state across restarts beside the
+                    // spools of its connector.
+                    if let Some(base) = spool.as_ref().and_then(|s| s.dir.parent()) {
+                        runtime.keep_state(
+                            &p.name,
+                            &route.name,
+                            crate::plugin::persist::file_for(base, &route.name, &p.name),
+                        );
+                    }
                     Stage::new(
                         runtime.clone(),
                         registry.clone(),
@@ -711,12 +732,6 @@ impl Shared {
             plan.target.as_str(),
         );
         counters.plugins = route.plugins.iter().map(|p| p.name.clone()).collect();
-        let spool = config::SpoolSpec::resolve(
-            &self.connector,
-            route,
-            &plan.client_id,
-            opts.spool_dir.as_deref(),
-        );
         counters.spool = spool
             .as_ref()
             .map(|s| Arc::new(crate::spool::SpoolCounters::new(s.dir.clone())));

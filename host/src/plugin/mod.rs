@@ -14,6 +14,7 @@ pub mod bindings;
 mod host;
 pub use host::GUEST_LOG;
 pub mod own_metrics;
+pub mod persist;
 mod sandbox;
 pub mod stage;
 pub mod timers;
@@ -174,6 +175,8 @@ pub struct KvStore {
     /// The `state-format` of the aggregator version that last ran on it (`None`: a 0.1.0
     /// plugin, or none yet).
     pub format: Option<u32>,
+    /// Changes so far (what [`persist`] saved is compared with it).
+    changes: u64,
 }
 
 impl KvStore {
@@ -222,6 +225,7 @@ impl KvStore {
         };
         self.bytes = bytes;
         self.map.insert(key, (value, expires));
+        self.changes += 1;
         Ok(())
     }
 
@@ -229,6 +233,7 @@ impl KvStore {
     pub fn delete(&mut self, key: &str) {
         if let Some((v, _)) = self.map.remove(key) {
             self.bytes -= key.len() + v.len();
+            self.changes += 1;
         }
     }
 
@@ -278,6 +283,13 @@ impl KvStore {
     pub fn clear(&mut self) {
         self.map.clear();
         self.bytes = 0;
+        self.changes += 1;
+    }
+
+    /// Where the state is: changes so far (sets, deletions, expiries, clears) and its
+    /// `format`. Equal values mean nothing to save.
+    pub fn revision(&self) -> (u64, Option<u32>) {
+        (self.changes, self.format)
     }
 }
 
@@ -437,6 +449,10 @@ pub struct Runtime {
     /// WASI and the plugin interfaces; serves both worlds (they import the same interfaces).
     linker: Linker<HostState>,
     kv: Mutex<HashMap<(String, String), SharedKv>>,
+    /// States kept across restarts: (plugin, route) → file and the changes it holds.
+    kept: Mutex<HashMap<(String, String), (PathBuf, (u64, Option<u32>))>>,
+    /// The task that saves them every [`persist::SAVE_EVERY`] runs.
+    saving: AtomicBool,
     stop_ticker: Arc<AtomicBool>,
     /// The time plugins see.
     clock: timers::HostClock,
@@ -475,6 +491,8 @@ impl Runtime {
             engine,
             linker,
             kv: Mutex::new(HashMap::new()),
+            kept: Mutex::new(HashMap::new()),
+            saving: AtomicBool::new(false),
             stop_ticker,
             clock: timers::HostClock::Real,
         }))
@@ -633,6 +651,123 @@ impl Runtime {
             loaded_at: SystemTime::now(),
             pre,
         })
+    }
+
+    /// Keeps the state of `plugin` on `route` in `file` across restarts: loads it now if this
+    /// runtime has none for them yet (a damaged file is logged and set aside: empty state),
+    /// saves it every [`persist::SAVE_EVERY`] when it changed, and in [`Runtime::save_states`].
+    pub fn keep_state(self: &Arc<Self>, plugin: &str, route: &str, file: PathBuf) {
+        let id = (plugin.to_string(), route.to_string());
+        let mut kept = self.kept.lock().expect("kept states lock");
+        if kept.contains_key(&id) {
+            return;
+        }
+        let mut kv = self.kv.lock().expect("kv map lock");
+        // A store in use keeps what it has; an empty one (an instance made to check the
+        // route's config has only set its format, say) takes what was saved.
+        let live = kv
+            .get(&id)
+            .filter(|l| !l.lock().expect("kv lock").is_empty())
+            .cloned();
+        let loaded = match live {
+            Some(live) => live.lock().expect("kv lock").revision(),
+            None => {
+                let store = match persist::load(&file) {
+                    Ok(Some(store)) => {
+                        tracing::info!(plugin, route, keys = store.len(), file = %file.display(), "Plugin state restored");
+                        store
+                    }
+                    Ok(None) => KvStore::default(),
+                    Err(e) => {
+                        tracing::error!(plugin, route, "{e}");
+                        let _ = std::fs::rename(&file, file.with_extension("kv.damaged"));
+                        KvStore::default()
+                    }
+                };
+                let revision = store.revision();
+                match kv.get(&id) {
+                    // Instances already hold this Arc: fill it in place, if the version that
+                    // set its format reads what was saved.
+                    Some(empty) => {
+                        let mut empty = empty.lock().expect("kv lock");
+                        match (empty.format, store.format) {
+                            (Some(now), Some(saved)) if now != saved => {
+                                tracing::warn!(
+                                    plugin,
+                                    route,
+                                    saved,
+                                    now,
+                                    "The saved plugin state has another state format than the running version: it starts empty"
+                                );
+                            }
+                            (now, _) => {
+                                *empty = KvStore {
+                                    format: now.or(store.format),
+                                    ..store
+                                };
+                            }
+                        }
+                    }
+                    None => {
+                        kv.insert(id.clone(), Arc::new(Mutex::new(store)));
+                    }
+                }
+                revision
+            }
+        };
+        kept.insert(id, (file, loaded));
+        drop(kv);
+        drop(kept);
+        if !self.saving.swap(true, Ordering::Relaxed)
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let weak = Arc::downgrade(self);
+            handle.spawn(async move {
+                loop {
+                    tokio::time::sleep(persist::SAVE_EVERY).await;
+                    let Some(rt) = weak.upgrade() else { break };
+                    let _ = tokio::task::spawn_blocking(move || rt.save_states()).await;
+                }
+            });
+        }
+    }
+
+    /// Saves every kept state that changed since it was last saved (or loaded); the errors are
+    /// logged and returned. Blocking: file writes and syncs.
+    pub fn save_states(&self) -> Vec<persist::PersistError> {
+        type Due = ((String, String), PathBuf, (u64, Option<u32>));
+        let due: Vec<Due> = self
+            .kept
+            .lock()
+            .expect("kept states lock")
+            .iter()
+            .map(|(id, (file, saved))| (id.clone(), file.clone(), *saved))
+            .collect();
+        let mut errors = Vec::new();
+        for (id, file, saved) in due {
+            let Some(store) = self.kv.lock().expect("kv map lock").get(&id).cloned() else {
+                continue;
+            };
+            let (bytes, revision) = {
+                let kv = store.lock().expect("kv lock");
+                if kv.revision() == saved {
+                    continue;
+                }
+                (persist::encode(&kv), kv.revision())
+            };
+            match persist::save(&file, &bytes) {
+                Ok(()) => {
+                    if let Some(entry) = self.kept.lock().expect("kept states lock").get_mut(&id) {
+                        entry.1 = revision;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(plugin = %id.0, route = %id.1, "{e}");
+                    errors.push(e);
+                }
+            }
+        }
+        errors
     }
 
     fn kv_for(&self, plugin: &str, route: &str) -> Arc<Mutex<KvStore>> {
@@ -1146,6 +1281,50 @@ pub fn plugin_name(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_state_is_restored_saved_when_changed_and_a_damaged_file_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = persist::file_for(dir.path(), "r", "p");
+        let quota = host::KvQuota {
+            granted: true,
+            max_keys: 10,
+            max_bytes: 1 << 10,
+        };
+        let rt = Runtime::new().unwrap();
+        rt.keep_state("p", "r", file.clone());
+        assert!(rt.save_states().is_empty());
+        assert!(!file.exists(), "nothing changed: nothing written");
+        rt.kv_for("p", "r")
+            .lock()
+            .unwrap()
+            .set("k".into(), b"v".to_vec(), None, 0, quota)
+            .unwrap();
+        assert!(rt.save_states().is_empty());
+        let written = std::fs::metadata(&file).unwrap().modified().unwrap();
+        assert!(rt.save_states().is_empty());
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().modified().unwrap(),
+            written,
+            "unchanged since: not written again"
+        );
+        // A new process: restored.
+        let rt = Runtime::new().unwrap();
+        rt.keep_state("p", "r", file.clone());
+        assert_eq!(
+            rt.kv_for("p", "r").lock().unwrap().get("k", 0),
+            Some(b"v".to_vec())
+        );
+        // A damaged file: set aside, empty state, and the next save writes a good one.
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[6] ^= 1;
+        std::fs::write(&file, bytes).unwrap();
+        let rt = Runtime::new().unwrap();
+        rt.keep_state("p", "r", file.clone());
+        assert!(rt.kv_for("p", "r").lock().unwrap().is_empty());
+        assert!(file.with_extension("kv.damaged").exists());
+        assert!(!file.exists());
+    }
 
     #[test]
     fn the_sdk_carries_the_same_wit() {

@@ -18,6 +18,16 @@ fn repo_policies() -> std::path::PathBuf {
 }
 
 async fn start(local: &Mosquitto, remote: &Mosquitto, dir: &Path, routes: &str) -> RunningBridge {
+    start_with(local, remote, dir, routes, None).await
+}
+
+async fn start_with(
+    local: &Mosquitto,
+    remote: &Mosquitto,
+    dir: &Path,
+    routes: &str,
+    spool_dir: Option<&Path>,
+) -> RunningBridge {
     let yaml = bridge_yaml("v5", &local.endpoint(), &remote.endpoint(), 1, routes);
     let path = write_file(dir, "bridge.yaml", &yaml);
     let cfg = config::load(&[path], &LoadOptions::default())
@@ -28,6 +38,7 @@ async fn start(local: &Mosquitto, remote: &Mosquitto, dir: &Path, routes: &str) 
         plugins_dir: dir.join("plugins"),
         policies_dir: repo_policies(),
         reload_interval: Duration::from_millis(100),
+        spool_dir: spool_dir.map(Path::to_path_buf),
         ..RunOptions::default()
     };
     let b = bridge::start(&cfg, &opts)
@@ -302,4 +313,96 @@ async fn plugins_built_for_0_1_load_run_and_hot_swap_unchanged() {
     }
     assert_eq!(at_remote.count(), 6);
     b.shutdown().await;
+}
+
+/// A spooled route keeps its plugins' `state` across a restart, in its connector's spool
+/// folder: `deadband` sends 20.0; after a clean restart it still knows 20.0 was the last value
+/// sent, so 20.2 (within the band of 0.5) is dropped and 21.0 goes on; after a crash, what
+/// the periodic save wrote comes back the same way. The same restart without a spool folder
+/// forgets it: 20.2 goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooled_routes_plugin_state_survives_a_restart() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    install_plugin(&dir.path().join("plugins"), "deadband", "deadband");
+    let spool = dir.path().join("spool");
+    for (spooled, topic) in [(true, "kept/t"), (false, "lost/t")] {
+        let routes = format!(
+            "    - direction: local-to-remote
+      name: band-{spooled}
+      source: {topic}
+      qos: 1
+      plugins:
+        - name: deadband
+          config: {{ field: temperature, threshold: 0.5, maxIntervalSeconds: 0 }}
+"
+        );
+        let spool_dir = spooled.then_some(spool.as_path());
+        let at_remote =
+            Collector::start(remote.port, &format!("band-sub-{spooled}"), topic, false).await;
+        let lp = Publisher::connect(local.port, &format!("band-pub-{spooled}")).await;
+        let b = start_with(&local, &remote, dir.path(), &routes, spool_dir).await;
+        lp.publish(topic, 1, false, r#"{"temperature": 20.0}"#)
+            .await;
+        assert_eq!(at_remote.wait_for(1, 10 * SECOND).await, 1);
+        b.shutdown().await;
+        if spooled {
+            let file = spool.join("test-bridge/plugin-state/band-true.deadband.kv");
+            assert!(file.exists(), "{} was written", file.display());
+        }
+        let b = start_with(&local, &remote, dir.path(), &routes, spool_dir).await;
+        lp.publish(topic, 1, false, r#"{"temperature": 20.2}"#)
+            .await;
+        lp.publish(topic, 1, false, r#"{"temperature": 21.0}"#)
+            .await;
+        let want = if spooled { 2 } else { 3 };
+        assert_eq!(at_remote.wait_for(want, 10 * SECOND).await, want);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let got: Vec<String> = at_remote
+            .messages()
+            .into_iter()
+            .map(|m| m.payload)
+            .collect();
+        let expected: &[&str] = if spooled {
+            &[r#"{"temperature": 20.0}"#, r#"{"temperature": 21.0}"#]
+        } else {
+            &[
+                r#"{"temperature": 20.0}"#,
+                r#"{"temperature": 20.2}"#,
+                r#"{"temperature": 21.0}"#,
+            ]
+        };
+        assert_eq!(got, expected, "spooled: {spooled}");
+        if !spooled {
+            b.shutdown().await;
+            continue;
+        }
+        // A crash: what the periodic save (every 5 s) wrote is what comes back.
+        lp.publish(topic, 1, false, r#"{"temperature": 25.0}"#)
+            .await;
+        assert_eq!(at_remote.wait_for(3, 10 * SECOND).await, 3);
+        tokio::time::sleep(edgebridge::plugin::persist::SAVE_EVERY + 2 * SECOND).await;
+        b.abort();
+        let b = start_with(&local, &remote, dir.path(), &routes, spool_dir).await;
+        lp.publish(topic, 1, false, r#"{"temperature": 25.2}"#)
+            .await;
+        lp.publish(topic, 1, false, r#"{"temperature": 26.0}"#)
+            .await;
+        assert_eq!(at_remote.wait_for(4, 10 * SECOND).await, 4);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let last: Vec<String> = at_remote
+            .messages()
+            .into_iter()
+            .skip(2)
+            .map(|m| m.payload)
+            .collect();
+        assert_eq!(
+            last,
+            [r#"{"temperature": 25.0}"#, r#"{"temperature": 26.0}"#],
+            "after the crash"
+        );
+        b.shutdown().await;
+    }
 }
