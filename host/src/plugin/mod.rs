@@ -288,10 +288,13 @@ impl KvStore {
 
     /// Where the state is: changes so far (sets, deletions, expiries, clears) and its
     /// `format`. Equal values mean nothing to save.
-    pub fn revision(&self) -> (u64, Option<u32>) {
+    pub fn revision(&self) -> Revision {
         (self.changes, self.format)
     }
 }
+
+/// Where a [`KvStore`] is: its changes so far and its `format`.
+pub type Revision = (u64, Option<u32>);
 
 /// One (plugin, route)'s state, shared by its instances across rebuilds and reloads.
 type SharedKv = Arc<Mutex<KvStore>>;
@@ -450,7 +453,7 @@ pub struct Runtime {
     linker: Linker<HostState>,
     kv: Mutex<HashMap<(String, String), SharedKv>>,
     /// States kept across restarts: (plugin, route) → file and the changes it holds.
-    kept: Mutex<HashMap<(String, String), (PathBuf, (u64, Option<u32>))>>,
+    kept: Mutex<HashMap<(String, String), (PathBuf, Revision)>>,
     /// The task that saves them every [`persist::SAVE_EVERY`] runs.
     saving: AtomicBool,
     stop_ticker: Arc<AtomicBool>,
@@ -735,7 +738,7 @@ impl Runtime {
     /// Saves every kept state that changed since it was last saved (or loaded); the errors are
     /// logged and returned. Blocking: file writes and syncs.
     pub fn save_states(&self) -> Vec<persist::PersistError> {
-        type Due = ((String, String), PathBuf, (u64, Option<u32>));
+        type Due = ((String, String), PathBuf, Revision);
         let due: Vec<Due> = self
             .kept
             .lock()
