@@ -1017,11 +1017,11 @@ async fn plugin_bridge(
     (local, remote, bridge)
 }
 
-/// `--aggregate TOPICS`: (1) `window-average` (5 s windows, route at QoS 0) over TOPICS topics,
-/// three windows in a row: the bridge's RSS before, after each window, and the averages
+/// `--aggregate TOPICS [--windows N]`: (1) `window-average` (5 s windows, route at QoS 0) over
+/// TOPICS topics, N windows in a row (default 3): the bridge's RSS before, after each window, and the averages
 /// received; (2) `heartbeat` with 1,000 timers (one per topic, 1 s of silence), fired three
 /// times each: the timer lateness percentiles from `/metrics`.
-async fn aggregate(topics: u64, plugins_dir: &Path) {
+async fn aggregate(topics: u64, windows: u64, plugins_dir: &Path) {
     let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
     let dir = tempfile::tempdir().unwrap().keep();
     // (1) Windows over many topics.
@@ -1039,7 +1039,7 @@ async fn aggregate(topics: u64, plugins_dir: &Path) {
             "aggregate: window-average over {topics} topics, 5 s windows, QoS 0; bridge RSS {:.1} MiB before",
             before as f64 / 1024.0
         );
-        for round in 1..=3u64 {
+        for round in 1..=windows {
             let t0 = Instant::now();
             publish_topics(local.port, topics, 3, round).await;
             let published = t0.elapsed();
@@ -1356,7 +1356,8 @@ fn main() {
         return;
     }
     if let Some(topics) = flag("--aggregate").and_then(|v| v.parse::<u64>().ok()) {
-        rt.block_on(aggregate(topics, &plugins_dir));
+        let windows = flag("--windows").and_then(|v| v.parse().ok()).unwrap_or(3);
+        rt.block_on(aggregate(topics, windows, &plugins_dir));
         return;
     }
     let cases: Vec<Case> = [
