@@ -59,7 +59,7 @@ impl Case {
 }
 
 /// CPU seconds of a process so far (`/proc/PID/stat`, every thread), and the read-like and
-/// write-like system calls counted by [`Syscalls`] over a run.
+/// write-like system calls counted by [`count_syscalls`] over a run.
 #[derive(Default, Clone, Copy, Debug)]
 struct Usage {
     cpu_s: f64,
@@ -79,15 +79,15 @@ fn usage(pid: u32) -> Usage {
 const READ_CALLS: [&str; 4] = ["read", "readv", "recvfrom", "recvmsg"];
 const WRITE_CALLS: [&str; 4] = ["write", "writev", "sendto", "sendmsg"];
 
-/// `perf stat` counting the socket reads and writes of one process (syscall tracepoints);
-/// `None` where perf or its tracepoints are not available.
-struct Syscalls {
+/// `perf stat -e EVENTS -p PID` running beside one process until stopped; `None` where perf
+/// is not available.
+struct PerfStat {
     perf: Child,
     out: std::path::PathBuf,
 }
 
-impl Syscalls {
-    fn start(pid: u32) -> Option<Syscalls> {
+impl PerfStat {
+    fn start(pid: u32, events: &[String]) -> Option<PerfStat> {
         if pid == 0 {
             return None;
         }
@@ -95,11 +95,6 @@ impl Syscalls {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let out =
             std::env::temp_dir().join(format!("bench-perf-{}-{pid}-{n}.csv", std::process::id()));
-        let events: Vec<String> = READ_CALLS
-            .iter()
-            .chain(WRITE_CALLS.iter())
-            .map(|c| format!("syscalls:sys_enter_{c}"))
-            .collect();
         let perf = Command::new("perf")
             .args([
                 "stat",
@@ -116,116 +111,95 @@ impl Syscalls {
             .stderr(Stdio::null())
             .spawn()
             .ok()?;
-        Some(Syscalls { perf, out })
+        Some(PerfStat { perf, out })
     }
 
-    /// Stops counting; (reads, writes).
-    fn stop(mut self) -> (u64, u64) {
+    /// Stops counting; (event, count) for every event perf counted.
+    fn stop(mut self) -> Vec<(String, u64)> {
         let _ = Command::new("kill")
             .args(["-INT", &self.perf.id().to_string()])
             .status();
         let _ = self.perf.wait();
         let text = std::fs::read_to_string(&self.out).unwrap_or_default();
         let _ = std::fs::remove_file(&self.out);
-        let (mut reads, mut writes) = (0, 0);
-        for line in text.lines() {
-            let cols: Vec<&str> = line.split(',').collect();
-            let (Some(count), Some(event)) = (cols.first(), cols.get(2)) else {
-                continue;
-            };
-            let Ok(count) = count.trim().parse::<u64>() else {
-                continue;
-            };
-            let call = event.trim().trim_start_matches("syscalls:sys_enter_");
-            if READ_CALLS.contains(&call) {
-                reads += count;
-            } else if WRITE_CALLS.contains(&call) {
-                writes += count;
-            }
-        }
-        (reads, writes)
+        text.lines()
+            .filter_map(|line| {
+                let cols: Vec<&str> = line.split(',').collect();
+                let count = cols.first()?.trim().parse::<u64>().ok()?;
+                Some((cols.get(2)?.trim().to_string(), count))
+            })
+            .collect()
     }
 }
 
-/// Heap allocations of one process counted with uprobes on libc's `malloc`, `calloc` and
-/// `realloc` (`perf probe`, root only): exact counts, but each probe traps into the kernel, so
-/// they are counted in a run of their own, never during a timed one. `None` where perf cannot
-/// set the probes.
-struct Allocs {
-    perf: Child,
-    out: std::path::PathBuf,
+/// The socket reads and writes of one process (syscall tracepoints).
+fn count_syscalls(pid: u32) -> Option<PerfStat> {
+    let events: Vec<String> = READ_CALLS
+        .iter()
+        .chain(WRITE_CALLS.iter())
+        .map(|c| format!("syscalls:sys_enter_{c}"))
+        .collect();
+    PerfStat::start(pid, &events)
+}
+
+/// (reads, writes) of what [`count_syscalls`] counted.
+fn syscalls(counted: Vec<(String, u64)>) -> (u64, u64) {
+    let (mut reads, mut writes) = (0, 0);
+    for (event, count) in counted {
+        let call = event.trim_start_matches("syscalls:sys_enter_");
+        if READ_CALLS.contains(&call) {
+            reads += count;
+        } else if WRITE_CALLS.contains(&call) {
+            writes += count;
+        }
+    }
+    (reads, writes)
 }
 
 /// The libc the bridge links (glibc's path on Debian).
 const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
 const ALLOC_CALLS: [&str; 3] = ["malloc", "calloc", "realloc"];
 
-impl Allocs {
-    /// Sets the probes once per benchmark process.
-    fn probes() -> bool {
-        static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *READY.get_or_init(|| {
-            let listed = Command::new("perf")
-                .args(["probe", "-l"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            ALLOC_CALLS.iter().all(|f| {
-                listed.contains(&format!("probe_libc:{f} "))
-                    || Command::new("perf")
-                        .args(["probe", "-q", "-x", LIBC, f])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .is_ok_and(|s| s.success())
-            })
+/// Heap allocations of one process counted with uprobes on libc's `malloc`, `calloc` and
+/// `realloc` (`perf probe`, root only): exact counts, but each probe traps into the kernel, so
+/// they are counted in a run of their own, never during a timed one. `None` where perf cannot
+/// set the probes. The probes are set once per benchmark process.
+fn count_allocations(pid: u32) -> Option<PerfStat> {
+    static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ready = *READY.get_or_init(|| {
+        let listed = Command::new("perf")
+            .args(["probe", "-l"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        ALLOC_CALLS.iter().all(|f| {
+            listed.contains(&format!("probe_libc:{f} "))
+                || Command::new("perf")
+                    .args(["probe", "-q", "-x", LIBC, f])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
         })
+    });
+    if !ready {
+        return None;
     }
+    let events: Vec<String> = ALLOC_CALLS
+        .iter()
+        .map(|f| format!("probe_libc:{f}"))
+        .collect();
+    PerfStat::start(pid, &events)
+}
 
-    fn start(pid: u32) -> Option<Allocs> {
-        if pid == 0 || !Allocs::probes() {
-            return None;
-        }
-        let out =
-            std::env::temp_dir().join(format!("bench-allocs-{}-{pid}.csv", std::process::id()));
-        let events: Vec<String> = ALLOC_CALLS
-            .iter()
-            .map(|f| format!("probe_libc:{f}"))
-            .collect();
-        let perf = Command::new("perf")
-            .args([
-                "stat",
-                "-x",
-                ",",
-                "-e",
-                &events.join(","),
-                "-p",
-                &pid.to_string(),
-                "-o",
-            ])
-            .arg(&out)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        Some(Allocs { perf, out })
-    }
-
-    /// Stops counting; the allocations counted (`None`: perf counted nothing readable).
-    fn stop(mut self) -> Option<u64> {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.perf.id().to_string()])
-            .status();
-        let _ = self.perf.wait();
-        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-        let _ = std::fs::remove_file(&self.out);
-        let counts: Vec<u64> = text
-            .lines()
-            .filter(|l| l.contains("probe_libc:"))
-            .filter_map(|l| l.split(',').next()?.trim().parse().ok())
-            .collect();
-        (!counts.is_empty()).then(|| counts.iter().sum())
-    }
+/// The allocations of what [`count_allocations`] counted (`None`: nothing readable).
+fn allocations(counted: Vec<(String, u64)>) -> Option<u64> {
+    let counts: Vec<u64> = counted
+        .into_iter()
+        .filter(|(event, _)| event.starts_with("probe_libc:"))
+        .map(|(_, n)| n)
+        .collect();
+    (!counts.is_empty()).then(|| counts.iter().sum())
 }
 
 impl std::ops::Sub for Usage {
@@ -678,7 +652,7 @@ async fn run_case(
         })
     };
     let sys0 = snapshot(pids);
-    let counting = [pids.0, pids.1, pids.2].map(Syscalls::start);
+    let counting = [pids.0, pids.1, pids.2].map(count_syscalls);
     // perf attaches in a few milliseconds.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -709,7 +683,7 @@ async fn run_case(
             0.0
         };
     let sys1 = snapshot(pids);
-    let calls = counting.map(|c| c.map(Syscalls::stop).unwrap_or((0, 0)));
+    let calls = counting.map(|c| c.map_or((0, 0), |c| syscalls(c.stop())));
     let got: Vec<(u64, u64)> = std::mem::take(&mut *seen.lock().unwrap());
     let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
     let per = |u: Usage| Usage {
@@ -754,7 +728,7 @@ async fn run_case(
     // Allocations: a run of its own (the probes slow the bridge), after the timed ones.
     if let Some(b) = &bridge {
         let k = (n / 10).clamp(1_000, 20_000);
-        if let Some(counting) = Allocs::start(b.id()) {
+        if let Some(counting) = count_allocations(b.id()) {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let before = seen.lock().unwrap().len();
             publish(pub_port, qos, k, size, None).await;
@@ -763,7 +737,7 @@ async fn run_case(
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let forwarded = (seen.lock().unwrap().len() - before).max(1);
-            run.allocs = counting.stop().map(|a| a as f64 / forwarded as f64);
+            run.allocs = allocations(counting.stop()).map(|a| a as f64 / forwarded as f64);
         }
     }
     run.broker_drops = drop_notices(&local.log()) + drop_notices(&remote.log());
