@@ -665,61 +665,40 @@ impl Runtime {
         if kept.contains_key(&id) {
             return;
         }
-        let mut kv = self.kv.lock().expect("kv map lock");
-        // A store in use keeps what it has; an empty one (an instance made to check the
-        // route's config has only set its format, say) takes what was saved.
-        let live = kv
-            .get(&id)
-            .filter(|l| !l.lock().expect("kv lock").is_empty())
-            .cloned();
-        let loaded = match live {
-            Some(live) => live.lock().expect("kv lock").revision(),
-            None => {
-                let store = match persist::load(&file) {
-                    Ok(Some(store)) => {
-                        tracing::info!(plugin, route, keys = store.len(), file = %file.display(), "Plugin state restored");
-                        store
+        // The store may exist already (an instance made to check the route's config holds it,
+        // having set only its format): what was saved fills it in place when it is empty.
+        let shared = self.kv_for(plugin, route);
+        let mut store = shared.lock().expect("kv lock");
+        if store.is_empty() {
+            match persist::load(&file) {
+                Ok(Some(saved)) => match (store.format, saved.format) {
+                    (Some(now), Some(was)) if now != was => {
+                        tracing::warn!(
+                            plugin,
+                            route,
+                            saved = was,
+                            now,
+                            "The saved plugin state has another state format than the running version: it starts empty"
+                        );
                     }
-                    Ok(None) => KvStore::default(),
-                    Err(e) => {
-                        tracing::error!(plugin, route, "{e}");
-                        let _ = std::fs::rename(&file, file.with_extension("kv.damaged"));
-                        KvStore::default()
+                    (now, _) => {
+                        tracing::info!(plugin, route, keys = saved.len(), file = %file.display(), "Plugin state restored");
+                        *store = KvStore {
+                            format: now.or(saved.format),
+                            ..saved
+                        };
                     }
-                };
-                let revision = store.revision();
-                match kv.get(&id) {
-                    // Instances already hold this Arc: fill it in place, if the version that
-                    // set its format reads what was saved.
-                    Some(empty) => {
-                        let mut empty = empty.lock().expect("kv lock");
-                        match (empty.format, store.format) {
-                            (Some(now), Some(saved)) if now != saved => {
-                                tracing::warn!(
-                                    plugin,
-                                    route,
-                                    saved,
-                                    now,
-                                    "The saved plugin state has another state format than the running version: it starts empty"
-                                );
-                            }
-                            (now, _) => {
-                                *empty = KvStore {
-                                    format: now.or(store.format),
-                                    ..store
-                                };
-                            }
-                        }
-                    }
-                    None => {
-                        kv.insert(id.clone(), Arc::new(Mutex::new(store)));
-                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(plugin, route, "{e}");
+                    let _ = std::fs::rename(&file, file.with_extension("kv.damaged"));
                 }
-                revision
             }
-        };
+        }
+        let loaded = store.revision();
+        drop(store);
         kept.insert(id, (file, loaded));
-        drop(kv);
         drop(kept);
         if !self.saving.swap(true, Ordering::Relaxed)
             && let Ok(handle) = tokio::runtime::Handle::try_current()
