@@ -208,6 +208,22 @@ pub struct SpoolSpec {
 /// Default folder of spools when the YAML gives no `path` and `--spool-dir` is not given.
 pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/edgebridge/spool";
 
+/// `name` as one file or folder name: letters, digits, `-`, `_` and `.` are kept, anything else
+/// becomes `_`, and leading dots are dropped (no `..`, no hidden files).
+pub fn file_name(name: &str) -> String {
+    name.chars()
+        .map(|ch| {
+            if ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.') {
+                ch
+            } else {
+                '_'
+            }
+        })
+        .collect::<String>()
+        .trim_start_matches('.')
+        .to_string()
+}
+
 impl SpoolSpec {
     /// The spool settings of one route client: the route's fields over the connector's, over
     /// `--spool-dir`, over the defaults; `None` when it has no spool (nothing written and no
@@ -233,21 +249,9 @@ impl SpoolSpec {
             .or(c.path)
             .or_else(|| spool_dir.map(Path::to_path_buf))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR));
-        let safe = |s: &str| -> String {
-            s.chars()
-                .map(|ch| {
-                    if ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.') {
-                        ch
-                    } else {
-                        '_'
-                    }
-                })
-                .collect::<String>()
-                .trim_start_matches('.')
-                .to_string()
-        };
         let mut s = crate::spool::SpoolSettings::new(
-            base.join(safe(&connector.name)).join(safe(client_id)),
+            base.join(file_name(&connector.name))
+                .join(file_name(client_id)),
         );
         if let Some(v) = r.max_bytes.or(c.max_bytes) {
             s.max_bytes = v;

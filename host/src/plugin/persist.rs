@@ -196,22 +196,14 @@ pub fn save(path: &Path, bytes: &[u8]) -> Result<(), PersistError> {
     Ok(())
 }
 
-/// The state file of `plugin` on `route` under a spool folder.
+/// The state file of `plugin` on `route` under a spool folder: a folder per route, a file per
+/// plugin.
 pub fn file_for(spool_base: &Path, route: &str, plugin: &str) -> PathBuf {
-    let safe = |s: &str| -> String {
-        s.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect()
-    };
+    use crate::config::file_name;
     spool_base
         .join("plugin-state")
-        .join(format!("{}.{}.kv", safe(route), safe(plugin)))
+        .join(file_name(route))
+        .join(format!("{}.kv", file_name(plugin)))
 }
 
 #[cfg(test)]
@@ -268,7 +260,7 @@ mod tests {
     fn a_missing_file_is_no_state_and_a_damaged_one_says_which() {
         let dir = tempfile::tempdir().unwrap();
         let path = file_for(dir.path(), "up/1", "deadband");
-        assert!(path.ends_with("plugin-state/up_1.deadband.kv"));
+        assert!(path.ends_with("plugin-state/up_1/deadband.kv"));
         assert!(load(&path).unwrap().is_none());
         save(&path, &encode(&sample())).unwrap();
         assert_eq!(load(&path).unwrap().unwrap().len(), 3);
@@ -277,7 +269,7 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         let e = load(&path).unwrap_err().to_string();
         assert!(
-            e.contains("up_1.deadband.kv") && e.contains("checksum"),
+            e.contains("up_1/deadband.kv") && e.contains("checksum"),
             "{e}"
         );
     }

@@ -349,7 +349,7 @@ async fn a_spooled_routes_plugin_state_survives_a_restart() {
         assert_eq!(at_remote.wait_for(1, 10 * SECOND).await, 1);
         b.shutdown().await;
         if spooled {
-            let file = spool.join("test-bridge/plugin-state/band-true.deadband.kv");
+            let file = spool.join("test-bridge/plugin-state/band-true/deadband.kv");
             assert!(file.exists(), "{} was written", file.display());
         }
         let b = start_with(&local, &remote, dir.path(), &routes, spool_dir).await;
