@@ -51,11 +51,17 @@ struct Started {
     passed_on: Arc<AtomicU64>,
 }
 
+/// The address an embedded endpoint listens on.
+fn address(endpoint: &Endpoint) -> Result<SocketAddr, EmbeddedError> {
+    let text = format!("{}:{}", endpoint.host, endpoint.port);
+    text.to_socket_addrs()
+        .map_err(|e| EmbeddedError::Address(text.clone(), e.to_string()))?
+        .next()
+        .ok_or_else(|| EmbeddedError::Address(text.clone(), "no address".into()))
+}
+
 fn started(endpoint: &Endpoint) -> Option<(SocketAddr, Arc<AtomicU64>)> {
-    let addr = format!("{}:{}", endpoint.host, endpoint.port)
-        .to_socket_addrs()
-        .ok()?
-        .next()?;
+    let addr = address(endpoint).ok()?;
     STARTED
         .lock()
         .expect("embedded brokers lock")
@@ -145,12 +151,7 @@ fn loopback_port() -> Result<SocketAddr, std::io::Error> {
 /// connections. It runs on its own threads for the rest of the process; starting it again (a
 /// configuration reload) is a no-op. `_protocol` is the connector's; the broker speaks both.
 pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, EmbeddedError> {
-    let text = format!("{}:{}", endpoint.host, endpoint.port);
-    let addr = text
-        .to_socket_addrs()
-        .map_err(|e| EmbeddedError::Address(text.clone(), e.to_string()))?
-        .next()
-        .ok_or_else(|| EmbeddedError::Address(text.clone(), "no address".into()))?;
+    let addr = address(endpoint)?;
     let mut started = STARTED.lock().expect("embedded brokers lock");
     if started.iter().any(|s| s.front == addr) {
         return Ok(addr);
