@@ -14,7 +14,7 @@ use tracing::{debug, error, warn};
 
 use crate::config::{OnPluginError, Route};
 use crate::counters::{DropReason, RouteCounters};
-use crate::model::{Message, Properties};
+use crate::model::{ByteString, Message, Props};
 use crate::plugin::stage::{FlushReason, Outcome, Release, StageError};
 use crate::routing::{self, LoopGuard, LoopVerdict, Side};
 use crate::topic;
@@ -102,6 +102,9 @@ pub enum Processed {
 /// The route's logic for one route client.
 pub struct Pipeline<S> {
     route: Route,
+    /// The route's static target, shared by every message sent to it (cloned without
+    /// allocating).
+    static_target: Option<ByteString>,
     source: Side,
     target: Side,
     v5: bool,
@@ -127,6 +130,7 @@ impl<S: Stage> Pipeline<S> {
         stages: Vec<S>,
     ) -> Pipeline<S> {
         Pipeline {
+            static_target: route.target.clone().map(ByteString::from),
             route,
             source,
             target,
@@ -216,11 +220,11 @@ impl<S: Stage> Pipeline<S> {
                     let target = e.topic.into_string();
                     (
                         Message {
-                            topic: target.clone(),
+                            topic: target.as_str().into(),
                             payload: e.payload,
                             qos: e.qos,
                             retain: e.retain,
-                            properties: e.properties,
+                            properties: e.properties.into(),
                         },
                         target,
                     )
@@ -277,7 +281,7 @@ impl<S: Stage> Pipeline<S> {
             OnPluginError::Pass => {
                 warn!(route = %route.name, topic = %msg.topic, "{e}; forwarding the original (onPluginError: pass)");
                 Some(Message {
-                    topic: target,
+                    topic: target.into(),
                     ..msg
                 })
             }
@@ -285,7 +289,7 @@ impl<S: Stage> Pipeline<S> {
                 counters.count_drop(DropReason::DeadLettered);
                 warn!(route = %route.name, topic = %msg.topic, dead_letter = %dlq, "{e}; message dead-lettered");
                 let mut m = Message {
-                    topic: dlq.clone(),
+                    topic: dlq.as_str().into(),
                     ..msg
                 };
                 if self.v5 {
@@ -307,7 +311,7 @@ impl<S: Stage> Pipeline<S> {
         let now = Instant::now();
         let mut guard = self.guard.lock().expect("loop guard lock");
         for m in out {
-            m.properties = Properties::default();
+            m.properties = Props::default();
             guard.mark(self.target, m, now);
         }
     }
@@ -346,14 +350,14 @@ impl<S: Stage> Pipeline<S> {
             properties: if self.v5 {
                 msg.properties
             } else {
-                Properties::default()
+                Props::default()
             },
             ..msg
         };
         let first = out.len();
         if self.stages.is_empty() {
             // Same-as-source routes keep the received topic string: no copy.
-            let topic = match &route.target {
+            let topic = match &self.static_target {
                 Some(t) => t.clone(),
                 None => msg.topic,
             };
@@ -429,7 +433,7 @@ async fn run_chain<S: Stage>(
                                 payload: e.payload,
                                 qos: e.qos,
                                 retain: e.retain,
-                                properties: e.properties,
+                                properties: e.properties.into(),
                             },
                             e.topic.into_string(),
                         ));
@@ -441,7 +445,10 @@ async fn run_chain<S: Stage>(
     }
     Ok(current
         .into_iter()
-        .map(|(m, target)| Message { topic: target, ..m })
+        .map(|(m, target)| Message {
+            topic: target.into(),
+            ..m
+        })
         .collect())
 }
 

@@ -1013,7 +1013,7 @@ mod retained {
         let d = digest(msg);
         let mut map = FORWARDED.lock().expect("retained lock");
         let map = map.get_or_insert_with(HashMap::new);
-        let key = (client_id.to_string(), msg.topic.clone());
+        let key = (client_id.to_string(), msg.topic.to_string());
         match map.get(&key) {
             Some(old) if *old == d && resumed => true,
             _ => {

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgebridge::config::parse::parse_endpoint;
-use edgebridge::model::{Message, Properties, QoS};
+use edgebridge::model::{Message, Props, QoS};
 use edgebridge::mqtt::session::{self, SessionEvent, SessionOptions};
 use edgebridge::mqtt::{LinkOptions, StateEvent, SubFilter, Version};
 use edgebridge_tests::{Mosquitto, MosquittoOptions, free_port, install_plugin};
@@ -478,14 +478,14 @@ async fn publish_over(
         }
         let msg = Message {
             topic: if routes > 1 {
-                format!("bench/r{}/t", seq % routes)
+                format!("bench/r{}/t", seq % routes).into()
             } else {
                 "bench/t".into()
             },
             payload: payload(seq, size).into(),
             qos,
             retain: false,
-            properties: Properties::default(),
+            properties: Props::default(),
         };
         handle.publish(msg, seq);
         // Keep the queue bounded: at most 2,000 unconfirmed publishes.
@@ -1134,11 +1134,11 @@ async fn publish_messages(port: u16, messages: impl Iterator<Item = (String, Vec
     let mut done = 0u64;
     for (topic, body) in messages {
         let msg = Message {
-            topic,
+            topic: topic.into(),
             payload: body.into(),
             qos: QoS::AtLeastOnce,
             retain: false,
-            properties: Properties::default(),
+            properties: Props::default(),
         };
         handle.publish(msg, sent);
         sent += 1;
@@ -1181,7 +1181,7 @@ fn spool_recovery(mib: u64) {
         payload: vec![b'x'; 64].into(),
         qos: QoS::AtLeastOnce,
         retain: false,
-        properties: Properties::default(),
+        properties: Props::default(),
     };
     let t0 = Instant::now();
     let mut n = 0u64;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use edgebridge::config::Direction;
-use edgebridge::model::{Message, Properties, QoS};
+use edgebridge::model::{Message, Props, QoS};
 use edgebridge::mqtt::codec::{self, Version};
 use edgebridge::plugin::stage::{RouteInfo, Stage};
 use edgebridge::plugin::{Registry, Runtime};
@@ -31,7 +31,7 @@ fn message(size: usize) -> Message {
         payload: Bytes::from(p),
         qos: QoS::AtLeastOnce,
         retain: false,
-        properties: Properties::default(),
+        properties: Props::default(),
     }
 }
 
@@ -58,7 +58,7 @@ fn topics(c: &mut Criterion) {
         b.iter(|| {
             let m = black_box(&msg).clone();
             Message {
-                topic: black_box("site/alerts").to_string(),
+                topic: black_box("site/alerts").into(),
                 ..m
             }
         })
@@ -177,7 +177,7 @@ fn plugin_calls(c: &mut Criterion) {
         // Reference: what a route without plugins does per message (clone, new topic).
         g.bench_function(BenchmarkId::new("reference no plugin", size), |b| {
             b.iter(|| Message {
-                topic: black_box("site/line3/temperature").to_string(),
+                topic: black_box("site/line3/temperature").into(),
                 ..black_box(&msg).clone()
             })
         });

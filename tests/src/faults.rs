@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edgebridge::config::parse::parse_endpoint;
-use edgebridge::model::{Message, Properties, QoS};
+use edgebridge::model::{Message, Props, QoS};
 use edgebridge::mqtt::session::{self, SessionEvent, SessionHandle, SessionOptions};
 use edgebridge::mqtt::{LinkOptions, StateEvent, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -437,7 +437,7 @@ impl AckedPublisher {
                 payload: payload.unwrap_or_else(|| Bytes::from(seq.to_string())),
                 qos,
                 retain: false,
-                properties: Properties::default(),
+                properties: Props::default(),
             },
             seq,
         );

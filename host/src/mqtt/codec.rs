@@ -10,7 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use rumqttc::mqttbytes::{self as b4, v4};
 use rumqttc::v5::mqttbytes::{self as b5, v5};
 
-use crate::model::{Message, Properties, QoS};
+use crate::model::{ByteString, Message, Properties, Props, QoS};
 use crate::secret::Secret;
 
 /// Wire protocol version.
@@ -699,8 +699,9 @@ fn read_varint(b: &[u8]) -> Result<Option<(usize, usize)>, &'static str> {
     Err("variable byte integer longer than 4 bytes")
 }
 
-fn topic_string(bytes: &[u8]) -> Result<String, CodecError> {
-    String::from_utf8(bytes.to_vec())
+/// The topic as a string sharing the packet's buffer (validated, not copied).
+fn topic_string(bytes: bytes::Bytes) -> Result<ByteString, CodecError> {
+    ByteString::try_from(bytes)
         .map_err(|_| CodecError::Malformed("topic is not valid UTF-8".into()))
 }
 
@@ -716,11 +717,11 @@ fn from_packet4(p: v4::Packet) -> Incoming {
             pkid: p.pkid,
             dup: p.dup,
             msg: Message {
-                topic: p.topic,
+                topic: p.topic.into(),
                 payload: p.payload,
                 qos: from4(p.qos),
                 retain: p.retain,
-                properties: Properties::default(),
+                properties: Props::default(),
             },
         },
         v4::Packet::PubAck(a) => Incoming::PubAck {
@@ -782,12 +783,13 @@ fn from_packet5(p: v5::Packet) -> Result<Incoming, CodecError> {
                     correlation_data: pp.correlation_data,
                     user_properties: pp.user_properties,
                 })
+                .map(Props::from)
                 .unwrap_or_default();
             Incoming::Publish {
                 pkid: p.pkid,
                 dup: p.dup,
                 msg: Message {
-                    topic: topic_string(&p.topic)?,
+                    topic: topic_string(p.topic)?,
                     payload: p.payload,
                     qos: from5(p.qos),
                     retain: p.retain,
@@ -903,7 +905,8 @@ mod tests {
                 user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
                 message_expiry: Some(30),
                 ..Properties::default()
-            },
+            }
+            .into(),
         }
     }
 
@@ -938,6 +941,37 @@ mod tests {
         assert!(m.properties.is_empty());
     }
 
+    /// The plain path allocates nothing per message: the decoded topic and payload are views
+    /// of the read buffer, and a message without properties holds none.
+    #[test]
+    fn a_decoded_publish_shares_the_read_buffer_and_holds_no_properties() {
+        for version in [Version::V4, Version::V5] {
+            let m = Message {
+                properties: Props::default(),
+                ..msg()
+            };
+            let mut buf = BytesMut::new();
+            encode_publish(version, 9, false, &m, &mut buf, None, None).unwrap();
+            let range = buf.as_ptr_range();
+            let Some(Incoming::Publish { msg: got, .. }) =
+                decode(version, &mut buf, 1 << 20).unwrap()
+            else {
+                panic!("not a publish")
+            };
+            assert_eq!(got.topic, "a/b");
+            assert!(range.contains(&got.payload.as_ptr()));
+            if version == Version::V5 {
+                // rumqttc's 3.1.1 decoder hands the topic over as its own `String`.
+                assert!(
+                    range.contains(&got.topic.as_bytes().as_ptr()),
+                    "topic copied"
+                );
+            }
+            assert!(got.properties.is_empty());
+            assert_eq!(got.properties, Props::default());
+        }
+    }
+
     #[test]
     fn a_partial_packet_needs_more_bytes() {
         let mut buf = BytesMut::new();
@@ -969,7 +1003,8 @@ mod tests {
                         response_topic: Some("reply/here".into()),
                         correlation_data: Some(Bytes::from_static(b"\x00\x01")),
                         user_properties: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
-                    },
+                    }
+                    .into(),
                 };
                 let mut buf = BytesMut::new();
                 encode_publish(
@@ -985,7 +1020,7 @@ mod tests {
                 let got = decode(version, &mut buf, 1 << 23).unwrap().unwrap();
                 let want = Message {
                     properties: match version {
-                        Version::V4 => Properties::default(),
+                        Version::V4 => Props::default(),
                         Version::V5 => m.properties.clone(),
                     },
                     ..m
@@ -1032,7 +1067,7 @@ mod tests {
         else {
             panic!("not a publish")
         };
-        let mut want = msg().properties.user_properties;
+        let mut want = msg().properties.user_properties.clone();
         want.push(("edgebridge-via".into(), "b-1".into()));
         assert_eq!(got.properties.user_properties, want);
         encode_publish(Version::V4, 1, false, &msg(), &mut buf, None, stamp).unwrap();

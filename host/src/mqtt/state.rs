@@ -472,7 +472,7 @@ impl SessionState {
             }
             self.events.push(StateEvent::Undeliverable {
                 token: e.token,
-                topic: e.msg.topic,
+                topic: e.msg.topic.into(),
                 why: Undeliverable::Poison { size },
             });
         }
@@ -568,7 +568,7 @@ impl SessionState {
                             let e = self.inflight.remove(&pkid).expect("just found");
                             self.events.push(StateEvent::Undeliverable {
                                 token: e.token,
-                                topic: e.msg.topic,
+                                topic: e.msg.topic.into(),
                                 why: Undeliverable::TooLarge { size, max },
                             });
                             self.pump();
@@ -584,7 +584,7 @@ impl SessionState {
                         Err(CodecError::TooLarge { size, max }) => {
                             self.events.push(StateEvent::Undeliverable {
                                 token,
-                                topic: msg.topic,
+                                topic: msg.topic.into(),
                                 why: Undeliverable::TooLarge { size, max },
                             })
                         }
@@ -786,6 +786,7 @@ impl SessionState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ByteString;
     use bytes::Bytes;
 
     fn msg(qos: QoS) -> Message {
@@ -842,7 +843,7 @@ mod tests {
                     pkid: p.pkid,
                     dup: p.dup,
                     msg: Message {
-                        topic: String::from_utf8(p.topic.to_vec()).unwrap(),
+                        topic: ByteString::try_from(p.topic).unwrap(),
                         payload: p.payload,
                         qos: QoS::from_u8(p.qos as u8).unwrap(),
                         retain: p.retain,

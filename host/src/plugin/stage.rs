@@ -754,7 +754,7 @@ fn from_wit_props(p: wit::Properties) -> Properties {
 
 fn to_wit(m: &Message) -> wit::Message {
     wit::Message {
-        topic: m.topic.clone(),
+        topic: m.topic.to_string(),
         payload: m.payload.to_vec(),
         qos: to_wit_qos(m.qos),
         retain: m.retain,
@@ -829,7 +829,7 @@ pub fn validate(
             properties: e
                 .properties
                 .map(from_wit_props)
-                .unwrap_or_else(|| msg.properties.clone()),
+                .unwrap_or_else(|| (*msg.properties).clone()),
         });
     }
     Ok(Outcome::Emit(out))
@@ -838,6 +838,7 @@ pub fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Props;
     use crate::policy::Policy;
 
     fn route() -> RouteInfo {
@@ -856,7 +857,7 @@ mod tests {
             payload: Bytes::from_static(b"payload"),
             qos: QoS::AtLeastOnce,
             retain: false,
-            properties: Properties::default(),
+            properties: Props::default(),
         }
     }
 

@@ -134,11 +134,11 @@ fn body_of(b: &[u8]) -> Option<(u64, Message)> {
     Some((
         appended_us,
         Message {
-            topic,
+            topic: topic.into(),
             payload: Bytes::copy_from_slice(r.0),
             qos,
             retain: flags & 1 != 0,
-            properties,
+            properties: properties.into(),
         },
     ))
 }
@@ -240,6 +240,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Props;
 
     fn message(topic: &str, payload: &[u8]) -> Message {
         Message {
@@ -247,7 +248,7 @@ mod tests {
             payload: Bytes::copy_from_slice(payload),
             qos: QoS::AtLeastOnce,
             retain: false,
-            properties: Properties::default(),
+            properties: Props::default(),
         }
     }
 
@@ -263,7 +264,8 @@ mod tests {
             response_topic: Some("r/t".into()),
             correlation_data: Some(Bytes::from_static(b"\x00\x01")),
             user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
-        };
+        }
+        .into();
         let mut buf = Vec::new();
         let n = encode(42, 1_700_000_000_000_000, &m, &mut buf);
         assert_eq!(n, buf.len());

@@ -7,15 +7,15 @@ use bytes::Bytes;
 
 use super::fs::{FaultFs, Faults, RealFs};
 use super::*;
-use crate::model::{Properties, QoS};
+use crate::model::{Props, QoS};
 
 fn msg(i: u64) -> Message {
     Message {
-        topic: format!("t/{i}"),
+        topic: format!("t/{i}").into(),
         payload: Bytes::from(format!("payload {i}")),
         qos: QoS::AtLeastOnce,
         retain: false,
-        properties: Properties::default(),
+        properties: Props::default(),
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::config::parse::parse_endpoint;
-use crate::model::{Message, Properties, QoS};
+use crate::model::{Message, Props, QoS};
 use crate::mqtt::session::{self, SessionEvent, SessionOptions};
 use crate::mqtt::{LinkOptions, StateEvent, SubFilter, Version};
 
@@ -58,11 +58,11 @@ pub async fn publish(
             tokio::time::sleep(every).await;
         }
         let msg = Message {
-            topic: topic.to_string(),
+            topic: topic.into(),
             payload: Bytes::from(payload.replace("{n}", &n.to_string())),
             qos,
             retain,
-            properties: Properties::default(),
+            properties: Props::default(),
         };
         handle.publish(msg, n);
     }

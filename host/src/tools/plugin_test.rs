@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::model::{Message, Properties, QoS};
+use crate::model::{Message, Properties, Props, QoS};
 
 /// Most bytes of a payload read from a file (`-m @FILE`) or of a `--messages` file.
 pub const MAX_INPUT: u64 = 16 << 20;
@@ -115,11 +115,11 @@ pub fn message_from_args(
         props.user_properties.push((k.to_string(), v.to_string()));
     }
     Ok(Message {
-        topic: topic.to_string(),
+        topic: topic.into(),
         payload: Bytes::from(payload),
         qos,
         retain,
-        properties: props,
+        properties: props.into(),
     })
 }
 
@@ -176,15 +176,15 @@ fn message_from_json(doc: &Value, default_topic: &str) -> Result<Message, String
         .as_object()
         .ok_or("expected an object like {\"topic\": \"a/b\", \"payload\": \"text\"}")?;
     let mut msg = Message {
-        topic: default_topic.to_string(),
+        topic: default_topic.into(),
         payload: Bytes::new(),
         qos: QoS::AtLeastOnce,
         retain: false,
-        properties: Properties::default(),
+        properties: Props::default(),
     };
     for (k, v) in obj {
         match k.as_str() {
-            "topic" => msg.topic = v.as_str().ok_or("`topic` must be a string")?.to_string(),
+            "topic" => msg.topic = v.as_str().ok_or("`topic` must be a string")?.into(),
             "payload" => {
                 msg.payload = Bytes::from(match v {
                     Value::String(s) => s.clone().into_bytes(),
@@ -329,7 +329,7 @@ pub async fn run(t: &PluginTest) -> Result<bool, String> {
             ok &= run_timers_until(&mut stage, &set_time, start_ms, *at).await;
             set_time(*at);
         }
-        let target = t.target.clone().unwrap_or_else(|| msg.topic.clone());
+        let target = t.target.clone().unwrap_or_else(|| msg.topic.to_string());
         println!(
             "message {}{}: {} ({} bytes, qos {}{})",
             i + 1,
