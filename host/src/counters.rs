@@ -15,7 +15,12 @@ static START: std::sync::LazyLock<std::time::Instant> =
 
 /// Milliseconds since the process started counting (a clock for "how long ago" in counters).
 pub fn uptime_ms() -> u64 {
-    START.elapsed().as_millis() as u64
+    uptime_ms_at(std::time::Instant::now())
+}
+
+/// [`uptime_ms`] at a clock reading the caller already has.
+pub fn uptime_ms_at(now: std::time::Instant) -> u64 {
+    now.saturating_duration_since(*START).as_millis() as u64
 }
 
 /// Why a received message was not forwarded to its target. The names are the `reason` label

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::counters::{DropReason, RouteCounters, uptime_ms};
+use crate::counters::{DropReason, RouteCounters, uptime_ms, uptime_ms_at};
 use crate::delivery::{Held, Ledger, Settled};
 use crate::model::{Message, QoS};
 use crate::mqtt::link::{Link, LinkOptions};
@@ -310,14 +310,17 @@ pub async fn run<S: Stage>(
                 wake.as_mut().reset(at);
             }
         }
+        // One clock reading per turn: the links' keep-alive bookkeeping and, when the links
+        // woke the turn, the events' (read when first needed otherwise).
+        let (mut polled_at, mut links_woke) = (None, false);
         tokio::select! {
             () = poll_fn(|cx| {
-                // One clock reading for both links' keep-alive bookkeeping.
                 let now = Instant::now();
+                polled_at = Some(now);
                 let a = dst.poll_at(cx, &mut c.dst_state, true, now).is_ready();
                 let b = src.poll_at(cx, &mut src_state, read, now).is_ready();
                 if a || b { Poll::Ready(()) } else { Poll::Pending }
-            }) => {}
+            }) => links_woke = true,
             changed = stop.changed(), if !stopping => {
                 if changed.is_err() || *stop.borrow() {
                     stopping = true;
@@ -335,8 +338,7 @@ pub async fn run<S: Stage>(
             }
         }
         // The target first: what it settled frees room and acknowledges the source.
-        // One clock reading per turn, taken when first needed.
-        let mut turn_clock = None;
+        let mut turn_clock = polled_at.filter(|_| links_woke).map(Instant::into_std);
         c.dst_state.swap_events(&mut events);
         if !events.is_empty() {
             let now = *turn_clock.get_or_insert_with(std::time::Instant::now);
@@ -347,7 +349,7 @@ pub async fn run<S: Stage>(
             if settled {
                 c.counters
                     .last_progress_ms
-                    .store(uptime_ms(), Ordering::Relaxed);
+                    .store(uptime_ms_at(now), Ordering::Relaxed);
             }
         }
         let was_idle = match &c.lane {

@@ -10,9 +10,10 @@
 //! latency p50/p99 at a fixed rate, and the bridge process's peak RSS and CPU seconds per
 //! million messages. Each case repeats; medians are printed with ratios against (a) and (b).
 //! `-- --quick` for fewer messages and repeats; `--only p1r1-64` and `--cases bc` pick sections
-//! and cases (letters a-j), `--n 200000` sets the message count, `--repeats 6` the repeats
-//! (every other one runs the cases in reverse order), `--soak 600` runs the memory
-//! soak, `--scale` the 1,000-route and 10-route runs. Bounded: every wait has a timeout.
+//! and cases (letters a-k; (k) is (c) with the build in `BENCH_OTHER_BIN`, to compare two
+//! builds in one run), `--n 200000` sets the message count, `--repeats 6` the repeats (every
+//! other one runs the cases in reverse order), `--soak 600` runs the memory soak, `--scale`
+//! the 1,000-route and 10-route runs. Bounded: every wait has a timeout.
 
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
@@ -39,6 +40,7 @@ enum Case {
     PassV1,
     PassV2,
     Embedded,
+    OtherBuild,
 }
 
 impl Case {
@@ -54,6 +56,7 @@ impl Case {
             Case::PassV1 => "(h) edgebridge + a pass-through 0.1 mapper",
             Case::PassV2 => "(i) edgebridge + a pass-through 0.2 aggregator",
             Case::Embedded => "(j) edgebridge's embedded broker as the local one",
+            Case::OtherBuild => "(k) as (c), the build in BENCH_OTHER_BIN",
         }
     }
 }
@@ -308,8 +311,15 @@ spec:
     )
 }
 
-fn edgebridge_binary() -> PathBuf {
-    // `BENCH_BRIDGE_BIN=/path/to/edgebridge` compares another build (e.g. an older commit).
+fn edgebridge_binary(case: Case) -> PathBuf {
+    // Case (k): `BENCH_OTHER_BIN=/path/to/edgebridge` runs another build (e.g. an older
+    // commit) beside (c), in the same run and in turns.
+    if case == Case::OtherBuild {
+        let bin = std::env::var_os("BENCH_OTHER_BIN")
+            .expect("case (k) runs the build named by BENCH_OTHER_BIN=/path/to/edgebridge");
+        return PathBuf::from(bin);
+    }
+    // `BENCH_BRIDGE_BIN=/path/to/edgebridge` runs another build in every case.
     if let Some(bin) = std::env::var_os("BENCH_BRIDGE_BIN") {
         return PathBuf::from(bin);
     }
@@ -326,10 +336,16 @@ fn edgebridge_binary() -> PathBuf {
 
 /// Starts the release binary on `cfg` in its own process group.
 /// `BENCH_BRIDGE_WRAP="perf record -g -o /tmp/p.data --"` runs it under a profiler.
-fn spawn_bridge(cfg: &Path, plugins_dir: &Path, policies_dir: &Path, extra: &[String]) -> Child {
+fn spawn_bridge(
+    case: Case,
+    cfg: &Path,
+    plugins_dir: &Path,
+    policies_dir: &Path,
+    extra: &[String],
+) -> Child {
     let wrap = std::env::var("BENCH_BRIDGE_WRAP").unwrap_or_default();
     let mut words: Vec<String> = wrap.split_whitespace().map(String::from).collect();
-    words.push(edgebridge_binary().display().to_string());
+    words.push(edgebridge_binary(case).display().to_string());
     Command::new(&words[0])
         .args(&words[1..])
         .args(["run", "-f"])
@@ -588,6 +604,7 @@ async fn run_case(
             | Case::PassV1
             | Case::PassV2
             | Case::Embedded
+            | Case::OtherBuild
     ) {
         let plugins = match case {
             Case::OnePlugin => {
@@ -624,7 +641,7 @@ async fn run_case(
                 dir.join("spool").display().to_string(),
             ];
         }
-        let child = spawn_bridge(&cfg, plugins_dir, &dir.join("none"), &extra);
+        let child = spawn_bridge(case, &cfg, plugins_dir, &dir.join("none"), &extra);
         bridge = Some(child);
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
@@ -791,7 +808,7 @@ async fn soak(secs: u64, plugins_dir: &Path) {
     let dir = tempfile::tempdir().unwrap().keep();
     let cfg = dir.join("soak.yaml");
     std::fs::write(&cfg, yaml).unwrap();
-    let mut bridge = spawn_bridge(&cfg, plugins_dir, &dir.join("none"), &[]);
+    let mut bridge = spawn_bridge(Case::Edgebridge, &cfg, plugins_dir, &dir.join("none"), &[]);
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let (seen, task) = subscriber(remote.port, QoS::AtLeastOnce).await;
     let n = secs * rate;
@@ -887,7 +904,7 @@ async fn scale(n: u64) {
         let port = free_port();
         let extra = vec!["--http".to_string(), format!("127.0.0.1:{port}")];
         let t0 = Instant::now();
-        let mut bridge = spawn_bridge(&cfg, &dir, &dir.join("none"), &extra);
+        let mut bridge = spawn_bridge(Case::Edgebridge, &cfg, &dir, &dir.join("none"), &extra);
         let url = format!("http://127.0.0.1:{port}/readyz");
         let mut ready = None;
         while t0.elapsed() < Duration::from_secs(60) {
@@ -929,7 +946,7 @@ async fn scale(n: u64) {
         let local = tuned_mosquitto(None);
         let cfg = dir.join(format!("parallel-{routes}.yaml"));
         std::fs::write(&cfg, many_routes(local.port, remote.port, routes)).unwrap();
-        let mut bridge = spawn_bridge(&cfg, &dir, &dir.join("none"), &[]);
+        let mut bridge = spawn_bridge(Case::Edgebridge, &cfg, &dir, &dir.join("none"), &[]);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let (seen, task) = subscriber(remote.port, QoS::AtLeastOnce).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -986,7 +1003,7 @@ async fn plugin_bridge(
     let local = tuned_mosquitto(None);
     let plugins = format!("      plugins:\n        - {plugin}\n");
     std::fs::write(cfg, bridge_yaml(local.port, remote.port, 0, &plugins)).unwrap();
-    let bridge = spawn_bridge(cfg, plugins_dir, policies_dir, extra);
+    let bridge = spawn_bridge(Case::Edgebridge, cfg, plugins_dir, policies_dir, extra);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     (local, remote, bridge)
 }
@@ -1345,6 +1362,7 @@ fn main() {
         ('h', Case::PassV1),
         ('i', Case::PassV2),
         ('j', Case::Embedded),
+        ('k', Case::OtherBuild),
     ]
     .into_iter()
     .filter(|(l, _)| letters.contains(*l))

@@ -284,8 +284,9 @@ fn jittered(at: Instant) -> Instant {
     at + spread.mul_f64(fastrand::f64())
 }
 
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86_400 * 365)
+/// No deadline: a year from `now` (from the caller's clock reading, not a new one).
+fn far_future(now: Instant) -> Instant {
+    now + Duration::from_secs(86_400 * 365)
 }
 
 impl Link {
@@ -653,7 +654,11 @@ impl Link {
         {
             next = next.min(at);
         }
-        if next != *timer_at {
+        // The timer moves earlier at once, but later only once it is due: the keep-alive
+        // deadlines move on with every write and read, and re-arming the timer on every poll
+        // (a lock and a move in tokio's timer wheel) cost more than one early wake-up per
+        // keep-alive interval, which recomputes the deadlines and re-arms it.
+        if next < *timer_at || (next != *timer_at && *timer_at <= now) {
             *timer_at = next;
             timer.as_mut().reset(next);
         }
@@ -794,7 +799,7 @@ fn check_timers(
     read: bool,
 ) -> Result<Instant, LinkError> {
     let k = up.keep_alive;
-    let mut next = far_future();
+    let mut next = far_future(now);
     if let Some((at, limit)) = up.reauth_deadline {
         if now >= at && state.is_reauthenticating() {
             return Err(LinkError::ReauthTimeout(limit));
