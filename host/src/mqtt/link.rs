@@ -274,6 +274,8 @@ pub struct Link {
     said_no_reauth: bool,
     /// Which address is in use: 0 is `endpoint`, then the failover addresses in order.
     addr: usize,
+    /// Bytes the last read took.
+    last_read: usize,
 }
 
 /// A renewal time moved later by up to 1/20 of the time left (at most 30 s), so that the
@@ -306,6 +308,7 @@ impl Link {
             renewing: false,
             said_no_reauth: false,
             addr: 0,
+            last_read: 0,
         }
     }
 
@@ -326,6 +329,11 @@ impl Link {
     /// The options it was made with.
     pub fn options(&self) -> &LinkOptions {
         &self.opts
+    }
+
+    /// Bytes the last read took from the connection.
+    pub fn last_read(&self) -> usize {
+        self.last_read
     }
 
     /// Whether CONNACK was accepted and the connection is up.
@@ -578,6 +586,7 @@ impl Link {
             rbuf,
             wbuf,
             qos0,
+            last_read,
             ..
         } = self;
         let Phase::Up(up) = phase else {
@@ -730,7 +739,8 @@ impl Link {
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut up.stream), cx, rbuf) {
                 Poll::Ready(Ok(0)) => return Err(LinkError::Closed),
-                Poll::Ready(Ok(_)) => {
+                Poll::Ready(Ok(n)) => {
+                    *last_read = n;
                     up.last_rx = now;
                     up.ping_flushed = None;
                     while let Some(p) = codec::decode(opts.version, rbuf, opts.max_packet)? {
