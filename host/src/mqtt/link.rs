@@ -68,6 +68,9 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 const HIGH_WATER: usize = 256 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
+/// Read buffer growth step after a read that filled the room it had (the peer sends faster
+/// than one chunk per turn): fewer, larger reads.
+const READ_CHUNK_BUSY: usize = 64 * 1024;
 /// How long [`Link::close`] tries to write the last acks and DISCONNECT.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -276,6 +279,8 @@ pub struct Link {
     addr: usize,
     /// Bytes the last read took.
     last_read: usize,
+    /// The last read filled the room the buffer had.
+    read_filled: bool,
 }
 
 /// A renewal time moved later by up to 1/20 of the time left (at most 30 s), so that the
@@ -309,6 +314,7 @@ impl Link {
             said_no_reauth: false,
             addr: 0,
             last_read: 0,
+            read_filled: false,
         }
     }
 
@@ -587,6 +593,7 @@ impl Link {
             wbuf,
             qos0,
             last_read,
+            read_filled,
             ..
         } = self;
         let Phase::Up(up) = phase else {
@@ -734,13 +741,20 @@ impl Link {
         }
         // Read: one read per poll; the owner handles the events and polls again.
         if read {
-            if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
-                rbuf.reserve(READ_CHUNK);
+            let chunk = if *read_filled {
+                READ_CHUNK_BUSY
+            } else {
+                READ_CHUNK
+            };
+            if rbuf.capacity() - rbuf.len() < chunk / 4 {
+                rbuf.reserve(chunk);
             }
+            let room = rbuf.capacity() - rbuf.len();
             match tokio_util::io::poll_read_buf(Pin::new(&mut up.stream), cx, rbuf) {
                 Poll::Ready(Ok(0)) => return Err(LinkError::Closed),
                 Poll::Ready(Ok(n)) => {
                     *last_read = n;
+                    *read_filled = n >= room;
                     up.last_rx = now;
                     up.ping_flushed = None;
                     while let Some(p) = codec::decode(opts.version, rbuf, opts.max_packet)? {
