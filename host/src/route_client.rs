@@ -29,7 +29,7 @@ use tracing::{error, info, warn};
 use crate::counters::{DropReason, RouteCounters, uptime_ms, uptime_ms_at};
 use crate::delivery::{Held, Ledger, Settled};
 use crate::model::{Message, QoS};
-use crate::mqtt::link::{Link, LinkOptions};
+use crate::mqtt::link::{LARGE_PACKET, Link, LinkOptions};
 use crate::mqtt::state::{SessionState, StateEvent, Undeliverable};
 use crate::mqtt::{AckToken, SubFilter, Version};
 use crate::pipeline::{Pipeline, Processed, Released, Stage};
@@ -43,11 +43,10 @@ pub const QOS0_WAIT: Duration = Duration::from_millis(500);
 /// How often a route waiting for a plugin looks for it again.
 const HOLD_RETRY: Duration = Duration::from_millis(250);
 /// Source events in one turn from which the route client yields its thread once before the
-/// next read, when they are small messages (see the run loop).
+/// next read, when they are small messages, under [`LARGE_PACKET`] on average: with larger
+/// ones, copying bytes costs more than the turn, and a pause only fills the socket buffers
+/// (see the run loop).
 const BUSY_TURN: usize = 4;
-/// Bytes per message on average below which a turn's messages count as small: with larger
-/// ones, copying bytes costs more than the turn, and a pause only fills the socket buffers.
-const SMALL_MESSAGE: usize = 1024;
 
 /// Everything a route client's task needs.
 pub struct RouteClientSetup<S> {
@@ -377,7 +376,7 @@ pub async fn run<S: Stage>(
         src_state.swap_events(&mut events);
         // Many small messages in one turn: the turn's own cost (wake-up, system calls)
         // outweighs theirs, and a pause lets the next read take more of them.
-        let busy = events.len() >= BUSY_TURN && src.last_read() < events.len() * SMALL_MESSAGE;
+        let busy = events.len() >= BUSY_TURN && src.last_read() < events.len() * LARGE_PACKET;
         if !events.is_empty() {
             let now = *turn_clock.get_or_insert_with(std::time::Instant::now);
             for ev in events.drain(..) {

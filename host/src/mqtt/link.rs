@@ -73,8 +73,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// calls, not the packets, are the cost. (With small packets larger reads made QoS 1 slower:
 /// the route client yields after such turns instead.)
 const READ_CHUNK_BUSY: usize = 64 * 1024;
-/// Average packet size from which [`READ_CHUNK_BUSY`] applies.
-const LARGE_PACKET: usize = 1024;
+/// Average packet size from which packets count as large: reads of them may grow to
+/// [`READ_CHUNK_BUSY`], and the route client does not yield after a turn of them.
+pub const LARGE_PACKET: usize = 1024;
 /// How long [`Link::close`] tries to write the last acks and DISCONNECT.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
