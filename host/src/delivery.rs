@@ -317,6 +317,9 @@ impl Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Message, QoS};
+    use crate::mqtt::codec::{ConnAckInfo, Incoming};
+    use crate::mqtt::state::{SessionState, StateEvent};
 
     #[test]
     fn sequential_keys_spread_over_the_hash_bits() {
@@ -330,9 +333,6 @@ mod tests {
             (0..1_000u64).map(|k| b.hash_one(k) >> 57).collect();
         assert!(tags.len() > 100, "{} distinct tags", tags.len());
     }
-    use crate::model::{Message, QoS};
-    use crate::mqtt::codec::{ConnAckInfo, Incoming};
-    use crate::mqtt::state::{SessionState, StateEvent};
 
     /// A source session that received `n` QoS 1 messages (packet ids 1..=n); their acks.
     fn source_with(n: u16) -> (SessionState, Vec<AckToken>) {

@@ -700,7 +700,7 @@ fn read_varint(b: &[u8]) -> Result<Option<(usize, usize)>, &'static str> {
 }
 
 /// The topic as a string sharing the packet's buffer (validated, not copied).
-fn topic_string(bytes: bytes::Bytes) -> Result<ByteString, CodecError> {
+fn topic_string(bytes: Bytes) -> Result<ByteString, CodecError> {
     ByteString::try_from(bytes)
         .map_err(|_| CodecError::Malformed("topic is not valid UTF-8".into()))
 }
