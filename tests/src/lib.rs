@@ -21,16 +21,19 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
-/// The bridge binary, built if it is not there (the workspace's tests build it).
+/// The bridge binary, built if it is not there or out of date (`cargo test --workspace` builds
+/// it already). It is built as `cargo test --workspace` builds it — the workspace's binaries
+/// and tests together, so with the same features — so that this is no second build of every
+/// dependency (`-p edgebridge` alone resolves other features: 36 crates and 0.5 GB more).
 pub fn bridge_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let ok = Command::new(cargo)
-        .args(["build", "-q", "-p", "edgebridge", "--bin", "edgebridge"])
+        .args(["build", "-q", "--workspace", "--tests", "--bins"])
         .status()
         .is_ok_and(|s| s.success());
-    assert!(ok, "cargo build -p edgebridge failed");
+    assert!(ok, "cargo build --workspace --tests --bins failed");
     dir.join("edgebridge")
 }
 
