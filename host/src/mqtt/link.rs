@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, error, info, trace, warn};
@@ -754,8 +754,12 @@ impl Link {
             if rbuf.capacity() - rbuf.len() < chunk / 4 {
                 rbuf.reserve(chunk);
             }
-            let room = rbuf.capacity() - rbuf.len();
-            match tokio_util::io::poll_read_buf(Pin::new(&mut up.stream), cx, rbuf) {
+            // One read takes at most `chunk` bytes, whatever room the buffer has grown to: the
+            // route client's bound on what a stalled route holds (twice its window and one
+            // read) counts on it.
+            let room = (rbuf.capacity() - rbuf.len()).min(chunk);
+            let mut limited = BufMut::limit(&mut *rbuf, chunk);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut up.stream), cx, &mut limited) {
                 Poll::Ready(Ok(0)) => return Err(LinkError::Closed),
                 Poll::Ready(Ok(n)) => {
                     *last_read = n;
