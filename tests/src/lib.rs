@@ -3,7 +3,7 @@
 //! bridge's own session code) that publish and count what arrives.
 
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -13,13 +13,9 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
-}
+#[path = "../../host/tests/common/ports.rs"]
+mod ports;
+pub use ports::free_port;
 
 /// The bridge binary, built if it is not there or out of date (`cargo test --workspace` builds
 /// it already). It is built as `cargo test --workspace` builds it — the workspace's binaries

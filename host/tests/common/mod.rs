@@ -12,11 +12,6 @@ pub fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// A loopback port free at the time of asking.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod ports;
+#[allow(unused_imports)] // not every test file asks for ports
+pub use ports::free_port;
