@@ -181,6 +181,10 @@ pub enum Hostility {
     CoalescedConnack,
     /// Accepts the connection (CONNACK), then closes it at once.
     ConnackThenClose,
+    /// Accepts, grants the subscription, then sends this many PUBLISHes (QoS 1, topic
+    /// `x/burst/{pkid}`, payload the packet id, packet ids from 1) in one write, and nothing
+    /// else.
+    Burst(u16),
     /// Refuses the first SUBSCRIBE of a connection (SUBACK 0x87, not authorized), grants the
     /// next one and then sends a PUBLISH (QoS 0, payload `granted`).
     RefuseFirstSubscribe,
@@ -234,6 +238,29 @@ impl HostileBroker {
 impl Drop for HostileBroker {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Records the packet ids of the PUBACKs the client sends until it goes (packets may span
+/// reads; only short remaining lengths occur here: PUBACK, PINGREQ, DISCONNECT).
+async fn record_pubacks(sock: &mut TcpStream, acks: &Mutex<Vec<u16>>) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match sock.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        }
+        let mut i = 0;
+        while i + 2 <= pending.len() && i + 2 + pending[i + 1] as usize <= pending.len() {
+            if pending[i] == 0x40 && pending[i + 1] >= 2 {
+                acks.lock()
+                    .unwrap()
+                    .push(u16::from_be_bytes([pending[i + 2], pending[i + 3]]));
+            }
+            i += 2 + pending[i + 1] as usize;
+        }
+        pending.drain(..i);
     }
 }
 
@@ -321,23 +348,25 @@ async fn serve(mut sock: TcpStream, how: Hostility, acks: Arc<Mutex<Vec<u16>>>) 
                     let _ = sock.write_all(&[0x40, 2, 0x03, 0xe7]).await;
                 }
             }
-            // Record PUBACKs until the client goes.
-            loop {
-                match sock.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        let mut i = 0;
-                        while i + 4 <= n {
-                            if buf[i] == 0x40 {
-                                acks.lock()
-                                    .unwrap()
-                                    .push(u16::from_be_bytes([buf[i + 2], buf[i + 3]]));
-                            }
-                            i += 2 + buf[i + 1] as usize;
-                        }
-                    }
-                }
+            record_pubacks(&mut sock, &acks).await;
+        }
+        Hostility::Burst(n) => {
+            let _ = sock.write_all(&CONNACK_OK).await;
+            if let Some(pkid) = read_subscribe(&mut sock, &mut buf).await {
+                let _ = sock.write_all(&suback(pkid)).await;
             }
+            let mut out = Vec::new();
+            for pkid in 1..=n {
+                let payload = pkid.to_string();
+                out.extend(publish_bytes(
+                    &format!("x/burst/{pkid}"),
+                    payload.as_bytes(),
+                    1,
+                    pkid,
+                ));
+            }
+            let _ = sock.write_all(&out).await;
+            record_pubacks(&mut sock, &acks).await;
         }
         Hostility::RefuseFirstSubscribe => {
             let _ = sock.write_all(&CONNACK_OK).await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use edgebridge::bridge::{self, RunOptions, RunningBridge};
 use edgebridge::config::{self, LoadOptions};
 use edgebridge_tests::{
-    Collector, Mosquitto, MosquittoOptions, Publisher, bridge_yaml, eventually, fixture,
+    Collector, Mosquitto, MosquittoOptions, Publisher, Received, bridge_yaml, eventually, fixture,
     init_tracing, install_plugin, write_file,
 };
 
@@ -103,6 +103,14 @@ async fn a_ten_hertz_sensor_goes_to_the_cloud_as_one_average_per_window() {
         "everything released: {:?}",
         b.stats.route("avg")
     );
+    // Released is not yet arrived: the last average may still be on its way to the remote.
+    let readings = |msgs: &[Received]| -> u64 {
+        msgs.iter()
+            .filter_map(|m| serde_json::from_str::<serde_json::Value>(&m.payload).ok())
+            .filter_map(|v| v["count"].as_u64())
+            .sum()
+    };
+    let _ = eventually(5 * SECOND, || readings(&at_remote.messages()) >= sent).await;
     let msgs = at_remote.messages();
     let mut counted = 0;
     for m in &msgs {

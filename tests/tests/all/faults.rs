@@ -291,6 +291,46 @@ async fn peers_that_do_not_speak_mqtt_are_named_and_retried_with_backoff() {
     }
 }
 
+/// A burst of QoS 1 messages in one write and then silence: every message arrives once and
+/// every one is acknowledged to the source, with nothing after the burst to wake the bridge
+/// (an acknowledgement left in a buffer would be redelivered by the broker on the next
+/// connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_of_a_burst_is_acknowledged_to_the_source_when_it_ends() {
+    init_tracing();
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let healthy = Mosquitto::start(MosquittoOptions::default());
+    const N: u16 = 500;
+    let peer = HostileBroker::start(Hostility::Burst(N)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let at_local = Collector::start(local.port, "burst-sub", "x/#", false).await;
+    let b = bridge_to_hostile(dir.path(), &local, &peer, &healthy).await;
+    assert!(
+        eventually(10 * SECOND, || at_local.count() == N as usize).await,
+        "{} of {N} forwarded",
+        at_local.count()
+    );
+    let all: Vec<u16> = (1..=N).collect();
+    assert!(
+        eventually(2 * SECOND, || {
+            let mut got = peer.pubacks();
+            got.sort_unstable();
+            got == all
+        })
+        .await,
+        "acknowledged to the source: {} of {N}",
+        peer.pubacks().len()
+    );
+    let (distinct, duplicates) = at_local.distinct_and_duplicates();
+    assert_eq!((distinct.len(), duplicates), (N as usize, 0));
+    assert_eq!(
+        peer.connections(),
+        1,
+        "one connection: nothing was redelivered"
+    );
+    b.shutdown().await;
+}
+
 /// A peer that sends a PUBLISH to a wildcard topic: acknowledged, dropped and counted as
 /// `invalid_topic`, never forwarded (the local broker would disconnect the bridge), and the
 /// valid message after it is forwarded on the same connection.
