@@ -76,12 +76,20 @@ pub struct RunOptions {
     pub spool_dir: Option<PathBuf>,
 }
 
+/// The default of [`RunOptions::max_inflight`] (`--max-inflight`). Under load a route client
+/// reads, forwards and acknowledges in batches as large as what is in flight allows: at 256,
+/// QoS 1 traffic of small messages went in batches of about three (0.35 reads and 0.65 writes
+/// per message, 7.4 µs of the bridge's CPU per message); at 4096, 0.11 and 0.13 (2.6 µs), and
+/// the throughput rose from 0.85× to 1.01× Mosquitto's bridge (docs/benchmarks.md). The bytes
+/// bound ([`RunOptions::max_inflight_bytes`]) still caps large messages.
+pub const DEFAULT_MAX_INFLIGHT: u16 = 4096;
+
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             instance: None,
             bridge_id: None,
-            max_inflight: 256,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
             max_inflight_bytes: 32 * 1024 * 1024,
             session_expiry: 24 * 3600,
             keep_alive: Duration::from_secs(30),

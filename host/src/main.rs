@@ -35,7 +35,7 @@ enum Command {
         bridge_id: Option<String>,
         /// Most messages a route client forwards before the target acknowledges them (1 to
         /// 65535; it is announced as MQTT 5 Receive Maximum, where 0 is a protocol error).
-        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+        #[arg(long, default_value_t = edgebridge::bridge::DEFAULT_MAX_INFLIGHT, value_parser = clap::value_parser!(u16).range(1..))]
         max_inflight: u16,
         /// Most bytes (payloads and topics) a route client forwards before the target
         /// acknowledges them; past it the route stops reading its source (MiB).

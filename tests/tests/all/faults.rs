@@ -720,13 +720,15 @@ async fn a_slow_remote_keeps_memory_bounded_and_loses_nothing() {
         rss_queued.saturating_sub(rss_before)
     );
     edgebridge_tests::faults::print_peak("slow remote");
-    // The window is 256; a route stalled past 500 ms reads again (to shed QoS 0) up to twice
-    // the window, which one read (at most 16 KiB) may pass by its own number of messages: here
-    // at most 16 KiB / 14 B, the smallest PUBLISH of this test (fixed header 2, topic 2 + 6,
-    // packet id 2, property length 1, payload "0" to "49999": 1 to 5). (Mosquitto with
-    // `max_inflight_messages 0` does not hold to the Receive Maximum the bridge announces.)
+    // The window (the default `--max-inflight`); a route stalled past 500 ms reads again (to
+    // shed QoS 0) up to twice the window, which one read (at most 16 KiB) may pass by its own
+    // number of messages: here at most 16 KiB / 14 B, the smallest PUBLISH of this test (fixed
+    // header 2, topic 2 + 6, packet id 2, property length 1, payload "0" to "49999": 1 to 5).
+    // (Mosquitto with `max_inflight_messages 0` does not hold to the Receive Maximum the
+    // bridge announces.)
+    let window = opts().max_inflight as u64;
     assert!(
-        in_flight <= 2 * 256 + 16 * 1024 / 14,
+        in_flight <= 2 * window + 16 * 1024 / 14,
         "the bridge holds at most twice its in-flight window and one read: {in_flight}"
     );
     assert_eq!(lost, 0);
