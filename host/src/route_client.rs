@@ -538,7 +538,10 @@ fn lane_turn(
         return;
     };
     let mut failure = None;
-    if !stopping {
+    // Records leave the spool only for a connected target: handed to a session that is down
+    // they would wait in its queue instead, and all go at once on the reconnect, past the
+    // drain rate (and out of the spool's accounting of what waits).
+    if !stopping && dst_state.is_connected() {
         while sp.in_flight() < max && sp.in_flight_bytes() < max_bytes {
             match sp.next_to_send() {
                 Ok(Some(out)) => dst_state.publish(out.msg, out.seq),
