@@ -61,11 +61,13 @@ impl Case {
     }
 }
 
-/// CPU seconds of a process so far (`/proc/PID/stat`, every thread), and the read-like and
-/// write-like system calls counted by [`count_syscalls`] over a run.
+/// CPU seconds of a process so far (`/proc/PID/stat`, every thread), the part of them spent
+/// in the kernel, and the read-like and write-like system calls counted by [`count_syscalls`]
+/// over a run.
 #[derive(Default, Clone, Copy, Debug)]
 struct Usage {
     cpu_s: f64,
+    sys_s: f64,
     reads: u64,
     writes: u64,
 }
@@ -74,6 +76,7 @@ fn usage(pid: u32) -> Usage {
     let (_, cpu_s) = proc_stats(pid);
     Usage {
         cpu_s,
+        sys_s: kernel_seconds(pid),
         ..Usage::default()
     }
 }
@@ -210,6 +213,7 @@ impl std::ops::Sub for Usage {
     fn sub(self, o: Usage) -> Usage {
         Usage {
             cpu_s: self.cpu_s - o.cpu_s,
+            sys_s: self.sys_s - o.sys_s,
             reads: self.reads.saturating_sub(o.reads),
             writes: self.writes.saturating_sub(o.writes),
         }
@@ -362,6 +366,20 @@ fn spawn_bridge(
         .process_group(0)
         .spawn()
         .unwrap()
+}
+
+/// CPU seconds a process spent in the kernel so far (`stime` of `/proc/PID/stat`).
+fn kernel_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    fields
+        .get(12)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0) as f64
+        / 100.0
 }
 
 fn proc_stats(pid: u32) -> (u64, f64) {
@@ -705,6 +723,7 @@ async fn run_case(
     let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
     let per = |u: Usage| Usage {
         cpu_s: u.cpu_s / n as f64,
+        sys_s: u.sys_s / n as f64,
         ..u
     };
     let with_calls = |u: Usage, (reads, writes): (u64, u64)| Usage { reads, writes, ..u };
@@ -1455,16 +1474,18 @@ fn main() {
             }
             println!();
             println!(
-                "whole system, per message of the throughput run (medians): CPU µs of each process, and socket read / write system calls (perf's syscall tracepoints; 0 where perf is not available); the bridge's heap allocations per message (uprobes on malloc, calloc and realloc, in a run of their own; - where perf cannot set them)"
+                "whole system, per message of the throughput run (medians): CPU µs of each process (for the bridge, the part in the kernel in brackets), and socket read / write system calls (perf's syscall tracepoints; 0 where perf is not available); the bridge's heap allocations per message (uprobes on malloc, calloc and realloc, in a run of their own; - where perf cannot set them)"
             );
             println!(
-                "| case | local broker µs | remote broker µs | bridge µs | load clients µs | total µs | local reads / writes | remote reads / writes | bridge reads / writes | bridge allocations |"
+                "| case | local broker µs | remote broker µs | bridge µs (kernel) | load clients µs | total µs | local reads / writes | remote reads / writes | bridge reads / writes | bridge allocations |"
             );
             println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
             for (&case, runs) in cases.iter().zip(&whole) {
                 let us = |f: &dyn Fn(&System) -> Usage| {
                     median(runs.iter().map(|r| f(&r.system).cpu_s * 1e6).collect())
                 };
+                let bridge_kernel =
+                    median(runs.iter().map(|r| r.system.bridge.sys_s * 1e6).collect());
                 let calls = |f: &dyn Fn(&System) -> Usage| {
                     let r = median(
                         runs.iter()
@@ -1496,7 +1517,7 @@ fn main() {
                     if matches!(case, Case::Baseline | Case::MosquittoBridge) {
                         "-".to_string()
                     } else {
-                        format!("{b:.2}")
+                        format!("{b:.2} ({bridge_kernel:.2})")
                     },
                     l + r + b + c,
                     if case == Case::Embedded {
