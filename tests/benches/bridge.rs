@@ -73,10 +73,10 @@ struct Usage {
 }
 
 fn usage(pid: u32) -> Usage {
-    let (_, cpu_s) = proc_stats(pid);
+    let (user, kernel) = cpu_seconds(pid);
     Usage {
-        cpu_s,
-        sys_s: kernel_seconds(pid),
+        cpu_s: user + kernel,
+        sys_s: kernel,
         ..Usage::default()
     }
 }
@@ -368,18 +368,21 @@ fn spawn_bridge(
         .unwrap()
 }
 
-/// CPU seconds a process spent in the kernel so far (`stime` of `/proc/PID/stat`).
-fn kernel_seconds(pid: u32) -> f64 {
+/// CPU seconds of a process so far, in user space and in the kernel (`utime` and `stime` of
+/// `/proc/PID/stat`, every thread).
+fn cpu_seconds(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, r)| r.split_whitespace().collect())
         .unwrap_or_default();
-    fields
-        .get(12)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0) as f64
-        / 100.0
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) as f64 / 100.0, ticks(12) as f64 / 100.0)
 }
 
 fn proc_stats(pid: u32) -> (u64, f64) {
@@ -390,14 +393,8 @@ fn proc_stats(pid: u32) -> (u64, f64) {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    (rss, ticks as f64 / 100.0)
+    let (user, kernel) = cpu_seconds(pid);
+    (rss, user + kernel)
 }
 
 fn session_options(port: u16, client_id: String, subscriptions: Vec<SubFilter>) -> SessionOptions {
