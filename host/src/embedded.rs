@@ -585,13 +585,11 @@ pub mod v3 {
 mod tests {
     use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn this_process_s_mqtt_5_sessions_go_straight_to_the_broker_3_1_1_ones_through_the_front()
-    {
-        let port = loopback_port().unwrap().port();
+    /// An embedded broker started on a free loopback port, and its endpoint.
+    async fn started_broker() -> Endpoint {
         let endpoint = Endpoint {
             host: "127.0.0.1".into(),
-            port,
+            port: loopback_port().unwrap().port(),
             path: None,
             embedded: true,
         };
@@ -600,6 +598,14 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        endpoint
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn this_process_s_mqtt_5_sessions_go_straight_to_the_broker_3_1_1_ones_through_the_front()
+    {
+        let endpoint = started_broker().await;
+        let port = endpoint.port;
         assert_eq!(front_connections(&endpoint), Some(0));
         assert!(direct(&endpoint).is_some_and(|a| a.port() != port));
         let other = Endpoint {
@@ -658,18 +664,7 @@ mod tests {
             !nodelay(far_side(&client).unwrap()),
             "a listener's accepted sockets keep Nagle's algorithm unless told"
         );
-        let port = loopback_port().unwrap().port();
-        let endpoint = Endpoint {
-            host: "127.0.0.1".into(),
-            port,
-            path: None,
-            embedded: true,
-        };
-        let e = endpoint.clone();
-        tokio::task::spawn_blocking(move || start(&e, Protocol::V5))
-            .await
-            .unwrap()
-            .unwrap();
+        let endpoint = started_broker().await;
         let client = std::net::TcpStream::connect(direct(&endpoint).unwrap()).unwrap();
         // rumqttd accepts on a thread of its own: wait for its side to appear.
         let deadline = Instant::now() + Duration::from_secs(10);
