@@ -32,10 +32,11 @@ fuzz_target!(|data: &[u8]| {
                 state.ack(ack);
             }
         }
-        let mut out = BytesMut::new();
+        let mut out = edgebridge::mqtt::outbuf::OutBuf::default();
         let _ = state.write_outgoing(&mut Writer {
             version,
             buf: &mut out,
+            share_from: edgebridge::mqtt::outbuf::SHARE_FROM,
             high_water: 1 << 20,
             stamp: None,
             base: 0,

@@ -366,10 +366,11 @@ mod tests {
     /// The PUBACKs the source session would write now.
     fn pubacks(s: &mut SessionState) -> Vec<u16> {
         use crate::mqtt::state::Writer;
-        let mut buf = bytes::BytesMut::new();
+        let mut out = crate::mqtt::outbuf::OutBuf::default();
         s.write_outgoing(&mut Writer {
             version: crate::mqtt::Version::V5,
-            buf: &mut buf,
+            buf: &mut out,
+            share_from: usize::MAX,
             high_water: usize::MAX,
             stamp: None,
             base: 0,
@@ -377,6 +378,7 @@ mod tests {
             ping_end: &mut None,
         })
         .unwrap();
+        let mut buf = out.to_bytes();
         let mut out = vec![];
         while !buf.is_empty() {
             if let rumqttc::v5::mqttbytes::v5::Packet::PubAck(a) =

@@ -302,6 +302,24 @@ pub fn encode_publish(
     max_packet: Option<u32>,
     stamp: Option<(&str, &str)>,
 ) -> Result<(), CodecError> {
+    encode_publish_head(version, pkid, dup, msg, buf, max_packet, stamp, true)?;
+    buf.put_slice(&msg.payload);
+    Ok(())
+}
+
+/// [`encode_publish`] but for the payload, which the caller queues after it (written from
+/// where it is, see [`super::outbuf`]). `reserve_payload` makes room for it in `buf` too.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_publish_head(
+    version: Version,
+    pkid: u16,
+    dup: bool,
+    msg: &Message,
+    buf: &mut BytesMut,
+    max_packet: Option<u32>,
+    stamp: Option<(&str, &str)>,
+    reserve_payload: bool,
+) -> Result<(), CodecError> {
     let p = &msg.properties;
     let too_long = |what: &str| CodecError::Encode(format!("{what} is longer than 65,535 bytes"));
     if msg.topic.len() > u16::MAX as usize {
@@ -342,7 +360,11 @@ pub fn encode_publish(
             max: max.min(MAX_REMAINING + 5),
         });
     }
-    buf.reserve(size);
+    buf.reserve(if reserve_payload {
+        size
+    } else {
+        size - msg.payload.len()
+    });
     buf.put_u8(0x30 | (u8::from(dup) << 3) | (msg.qos.as_u8() << 1) | u8::from(msg.retain));
     put_varint(buf, remaining);
     put_str(buf, msg.topic.as_bytes());
@@ -382,7 +404,6 @@ pub fn encode_publish(
             put_str(buf, v.as_bytes());
         }
     }
-    buf.put_slice(&msg.payload);
     Ok(())
 }
 

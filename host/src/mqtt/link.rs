@@ -17,13 +17,14 @@
 //!   connection is detected within 1.5x the keep-alive.
 
 use std::future::Future;
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, error, info, trace, warn};
@@ -55,6 +56,7 @@ fn traced_with(p: &codec::Incoming, payloads: bool) -> String {
 
 use super::backoff::Backoff;
 use super::codec::{self, CodecError, ConnAckInfo, ConnectSpec, Incoming, Outgoing, Version};
+use super::outbuf::{MAX_PIECES, OutBuf, SHARE_FROM};
 use super::state::{ReauthError, SessionState, StateError, Token, Writer};
 use super::transport::{self, Stream, TransportError};
 use crate::config::BrokerConnection;
@@ -271,7 +273,7 @@ pub struct Link {
     timer: Pin<Box<Sleep>>,
     timer_at: Instant,
     rbuf: BytesMut,
-    wbuf: BytesMut,
+    wbuf: OutBuf,
     /// QoS 0 publishes in the write buffer, by the stream offset of their end.
     qos0: std::collections::VecDeque<(u64, Token)>,
     counters: Arc<SessionCounters>,
@@ -312,7 +314,7 @@ impl Link {
             timer: Box::pin(tokio::time::sleep_until(now)),
             timer_at: now,
             rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
+            wbuf: OutBuf::default(),
             qos0: Default::default(),
             counters,
             renewing: false,
@@ -571,7 +573,7 @@ impl Link {
     fn replan(&mut self, cx: &mut Context<'_>, state: &mut SessionState) {
         if let Phase::Up(up) = &mut self.phase {
             let _ = encode_disconnect(state, self.opts.version, &mut self.wbuf, up, &mut self.qos0);
-            let _ = Pin::new(&mut up.stream).poll_write(cx, &self.wbuf);
+            let _ = Pin::new(&mut up.stream).poll_write(cx, self.wbuf.chunk());
             let _ = Pin::new(&mut up.stream).poll_flush(cx);
         }
         state.on_disconnect(false);
@@ -687,13 +689,16 @@ impl Link {
             // Due already (time moved on since `now`): look again at once.
             cx.waker().wake_by_ref();
         }
-        // Write: everything queued, in as few writes as the socket takes.
+        // Write: everything queued, in as few writes as the socket takes; large payloads
+        // from the read buffer they arrived in, where the socket writes vectored.
         let stamp = opts.stamp.as_ref().map(|(k, v)| (k.as_str(), v.as_str()));
+        let vectored = up.stream.is_write_vectored();
         loop {
             if wbuf.len() < HIGH_WATER && state.has_outgoing() {
                 state.write_outgoing(&mut Writer {
                     version: opts.version,
                     buf: wbuf,
+                    share_from: if vectored { SHARE_FROM } else { usize::MAX },
                     high_water: HIGH_WATER,
                     stamp,
                     base: up.written,
@@ -704,7 +709,14 @@ impl Link {
             if wbuf.is_empty() {
                 break;
             }
-            match Pin::new(&mut up.stream).poll_write(cx, wbuf) {
+            let wrote = if vectored {
+                let mut pieces = [IoSlice::new(&[]); MAX_PIECES];
+                let n = wbuf.pieces(&mut pieces);
+                Pin::new(&mut up.stream).poll_write_vectored(cx, &pieces[..n])
+            } else {
+                Pin::new(&mut up.stream).poll_write(cx, wbuf.chunk())
+            };
+            match wrote {
                 Poll::Ready(Ok(0)) => return Err(LinkError::Closed),
                 Poll::Ready(Ok(n)) => {
                     trace!(session = %opts.label, "Wrote {n} bytes");
@@ -788,9 +800,15 @@ impl Link {
                 encode_disconnect(state, self.opts.version, &mut self.wbuf, up, &mut self.qos0);
             if written.is_ok() {
                 let stream = &mut up.stream;
-                let buf = &self.wbuf;
+                let buf = &mut self.wbuf;
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                    stream.write_all(buf).await?;
+                    while !buf.is_empty() {
+                        let n = stream.write(buf.chunk()).await?;
+                        if n == 0 {
+                            return Err(std::io::ErrorKind::WriteZero.into());
+                        }
+                        buf.advance(n);
+                    }
                     stream.shutdown().await
                 })
                 .await;
@@ -808,7 +826,7 @@ impl Link {
 fn encode_disconnect(
     state: &mut SessionState,
     version: Version,
-    wbuf: &mut BytesMut,
+    wbuf: &mut OutBuf,
     up: &Up,
     qos0: &mut std::collections::VecDeque<(u64, Token)>,
 ) -> Result<(), CodecError> {
@@ -817,6 +835,7 @@ fn encode_disconnect(
     state.write_outgoing(&mut Writer {
         version,
         buf: wbuf,
+        share_from: usize::MAX,
         high_water: usize::MAX,
         stamp: None,
         base: up.written,

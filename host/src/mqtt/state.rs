@@ -24,9 +24,8 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use bytes::BytesMut;
-
 use super::codec::{self, CodecError, ConnAckInfo, Incoming, Outgoing, SubFilter, Version};
+use super::outbuf::OutBuf;
 use crate::model::{Message, QoS};
 use crate::topic::{self, TopicError};
 
@@ -186,8 +185,11 @@ enum Out {
 pub struct Writer<'a> {
     /// Wire version.
     pub version: Version,
-    /// The socket buffer.
-    pub buf: &'a mut BytesMut,
+    /// The connection's write queue.
+    pub buf: &'a mut OutBuf,
+    /// Payloads of at least this many bytes are queued where they are, not copied
+    /// ([`super::outbuf::SHARE_FROM`] where the connection writes vectored, else `usize::MAX`).
+    pub share_from: usize,
     /// Stop encoding once the buffer holds this many bytes (the rest waits for room).
     pub high_water: usize,
     /// User property stamped on every PUBLISH (MQTT 5).
@@ -199,6 +201,42 @@ pub struct Writer<'a> {
     pub qos0: &'a mut VecDeque<(u64, Token)>,
     /// Set to the stream offset of the end of a PINGREQ written now.
     pub ping_end: &'a mut Option<u64>,
+}
+
+impl Writer<'_> {
+    /// Queues a PUBLISH: copied whole, or its header with the payload shared.
+    fn publish(
+        &mut self,
+        pkid: u16,
+        dup: bool,
+        msg: &Message,
+        max_packet: Option<u32>,
+    ) -> Result<(), CodecError> {
+        let buf = self.buf.bytes();
+        if msg.payload.len() < self.share_from {
+            return codec::encode_publish(
+                self.version,
+                pkid,
+                dup,
+                msg,
+                buf,
+                max_packet,
+                self.stamp,
+            );
+        }
+        codec::encode_publish_head(
+            self.version,
+            pkid,
+            dup,
+            msg,
+            buf,
+            max_packet,
+            self.stamp,
+            false,
+        )?;
+        self.buf.share(msg.payload.clone());
+        Ok(())
+    }
 }
 
 /// The client side of one MQTT session.
@@ -557,9 +595,7 @@ impl SessionState {
                     let Some(e) = self.inflight.get_mut(&pkid) else {
                         continue;
                     };
-                    match codec::encode_publish(
-                        w.version, pkid, dup, &e.msg, w.buf, max_packet, w.stamp,
-                    ) {
+                    match w.publish(pkid, dup, &e.msg, max_packet) {
                         Ok(()) => {
                             e.written = true;
                             e.size = w.buf.len() - before;
@@ -576,32 +612,28 @@ impl SessionState {
                         Err(e) => return Err(e),
                     }
                 }
-                Out::Publish0(msg, token) => {
-                    match codec::encode_publish(
-                        w.version, 0, false, &msg, w.buf, max_packet, w.stamp,
-                    ) {
-                        Ok(()) => w.qos0.push_back((w.base + w.buf.len() as u64, token)),
-                        Err(CodecError::TooLarge { size, max }) => {
-                            self.events.push(StateEvent::Undeliverable {
-                                token,
-                                topic: msg.topic.into(),
-                                why: Undeliverable::TooLarge { size, max },
-                            })
-                        }
-                        Err(e) => return Err(e),
+                Out::Publish0(msg, token) => match w.publish(0, false, &msg, max_packet) {
+                    Ok(()) => w.qos0.push_back((w.base + w.buf.len() as u64, token)),
+                    Err(CodecError::TooLarge { size, max }) => {
+                        self.events.push(StateEvent::Undeliverable {
+                            token,
+                            topic: msg.topic.into(),
+                            why: Undeliverable::TooLarge { size, max },
+                        })
                     }
-                }
+                    Err(e) => return Err(e),
+                },
                 Out::Subscribe(pkid) => codec::encode(
                     w.version,
                     &Outgoing::Subscribe {
                         pkid,
                         filters: self.subscriptions.clone(),
                     },
-                    w.buf,
+                    w.buf.bytes(),
                     max_packet,
                 )?,
                 Out::Packet(p) => {
-                    codec::encode(w.version, &p, w.buf, max_packet)?;
+                    codec::encode(w.version, &p, w.buf.bytes(), max_packet)?;
                     if matches!(p, Outgoing::PingReq) {
                         *w.ping_end = Some(w.base + w.buf.len() as u64);
                     }
@@ -812,11 +844,12 @@ mod tests {
     }
 
     fn sent_with(s: &mut SessionState, qos0: &mut VecDeque<(u64, Token)>) -> Vec<Incoming> {
-        let mut buf = BytesMut::new();
+        let mut out = OutBuf::default();
         let mut ping = None;
         s.write_outgoing(&mut Writer {
             version: Version::V5,
-            buf: &mut buf,
+            buf: &mut out,
+            share_from: crate::mqtt::outbuf::SHARE_FROM,
             high_water: usize::MAX,
             stamp: None,
             base: 0,
@@ -824,6 +857,7 @@ mod tests {
             ping_end: &mut ping,
         })
         .unwrap();
+        let mut buf = out.to_bytes();
         let mut packets = Vec::new();
         // Client packets decoded with rumqttc's server-side reader.
         while !buf.is_empty() {
@@ -949,6 +983,63 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.take_events(), vec![StateEvent::Rejected(1, 0x87)]);
+    }
+
+    /// From 1 KiB a payload is queued as the buffer it arrived in (no copy), below it copied;
+    /// both decode as sent, and a QoS 0 message's end is the stream offset after its payload.
+    #[test]
+    fn large_payloads_are_queued_where_they_are_and_small_ones_copied() {
+        use crate::mqtt::outbuf::SHARE_FROM;
+        let mut s = SessionState::new(vec![], 10);
+        s.on_connack(&connack(false)).unwrap();
+        s.take_events();
+        let large = Bytes::from(vec![5u8; SHARE_FROM]);
+        let small = Bytes::from(vec![6u8; SHARE_FROM - 1]);
+        s.publish(
+            Message {
+                payload: large.clone(),
+                ..msg(QoS::AtLeastOnce)
+            },
+            1,
+        );
+        s.publish(
+            Message {
+                payload: small.clone(),
+                ..msg(QoS::AtMostOnce)
+            },
+            2,
+        );
+        let mut out = OutBuf::default();
+        let mut qos0 = VecDeque::new();
+        s.write_outgoing(&mut Writer {
+            version: Version::V5,
+            buf: &mut out,
+            share_from: SHARE_FROM,
+            high_water: usize::MAX,
+            stamp: None,
+            base: 100,
+            qos0: &mut qos0,
+            ping_end: &mut None,
+        })
+        .unwrap();
+        let mut pieces = [std::io::IoSlice::new(&[]); 4];
+        let n = out.pieces(&mut pieces);
+        assert_eq!(
+            n, 3,
+            "header, the large payload itself, the small packet copied"
+        );
+        assert_eq!(pieces[1].as_ptr(), large.as_ptr());
+        assert!(pieces[2].ends_with(&small));
+        assert_eq!(qos0, [(100 + out.len() as u64, 2)]);
+        let mut bytes = out.to_bytes();
+        let payloads: Vec<_> =
+            std::iter::from_fn(|| codec::decode(Version::V5, &mut bytes, 1 << 20).unwrap())
+                .map(|p| match p {
+                    Incoming::Publish { msg, .. } => msg.payload,
+                    other => panic!("not a publish: {other:?}"),
+                })
+                .collect();
+        assert_eq!(payloads, [large, small]);
     }
 
     #[test]

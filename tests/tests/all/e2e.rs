@@ -282,6 +282,96 @@ async fn a_message_over_the_targets_maximum_packet_size_is_refused_alone() {
     b.shutdown().await;
 }
 
+/// Payload sizes on both sides of the size from which the bridge writes a payload from the
+/// read buffer it arrived in (1 KiB, `mqtt::outbuf::SHARE_FROM`) instead of copying it.
+const SIZES: [usize; 8] = [0, 1, 1023, 1024, 1025, 4096, 65_536, 200_000];
+
+/// Message `i` of [`SIZES`]: its number, then letters that depend on the number and position.
+fn sized_payload(i: usize) -> String {
+    let size = SIZES[i % SIZES.len()];
+    let head = format!("{i}:");
+    let mut p: String = head.chars().take(size).collect();
+    p.extend((p.len()..size).map(|j| char::from(b'a' + ((i * 7 + j) % 26) as u8)));
+    p
+}
+
+/// Publishes `n` messages of every size in [`SIZES`] on `{prefix}/{k}` and checks the remote
+/// subscriber got each, byte for byte and in order, on every route.
+async fn every_size_arrives_intact(local_port: u16, remote_port: u16, routes: &[(&str, u8)]) {
+    let n = 5 * SIZES.len();
+    let name = routes[0].0;
+    let at_remote = Collector::start(remote_port, &format!("{name}-sub"), "#", false).await;
+    let lp = Publisher::connect(local_port, &format!("{name}-pub")).await;
+    for i in 0..n {
+        for (prefix, _) in routes {
+            lp.publish(&format!("{prefix}/{i}"), 1, false, &sized_payload(i))
+                .await;
+        }
+    }
+    assert_eq!(
+        at_remote.wait_for(n * routes.len(), 30 * SECOND).await,
+        n * routes.len()
+    );
+    for (prefix, qos) in routes {
+        let got: Vec<_> = at_remote
+            .messages()
+            .into_iter()
+            .filter(|m| m.topic.starts_with(&format!("{prefix}/")))
+            .collect();
+        assert_eq!(got.len(), n, "{prefix}: every message once");
+        for (i, m) in got.iter().enumerate() {
+            assert_eq!(m.topic, format!("{prefix}/{i}"), "{prefix}: in order");
+            assert!(
+                m.payload == sized_payload(i),
+                "{prefix}: message {i} ({} bytes) arrived with {} bytes, not as sent",
+                SIZES[i % SIZES.len()],
+                m.payload.len()
+            );
+            assert_eq!(m.qos, *qos, "{prefix}: delivered at the route's QoS");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_of_every_size_arrive_byte_for_byte_over_tcp_and_tls() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let local = Mosquitto::start(MosquittoOptions::default());
+    let remote = Mosquitto::start(MosquittoOptions {
+        tls: Some(pki.server_files()),
+        ..Default::default()
+    });
+    let routes = "    - {direction: local-to-remote, name: sz1, source: \"sz1/#\"}
+    - {direction: local-to-remote, name: sz0, source: \"sz0/#\", qos: 0}
+";
+    // Plain TCP (vectored writes), a QoS 1 and a QoS 0 route.
+    let cfg = v5_config(dir.path(), &local, &remote, routes);
+    let b = start(&cfg, &opts()).await;
+    every_size_arrives_intact(local.port, remote.port, &[("sz1", 1), ("sz0", 0)]).await;
+    b.shutdown().await;
+    // TLS (rustls takes the pieces of a vectored write into its records).
+    std::fs::create_dir_all(dir.path().join("configmaps/remote-ca")).unwrap();
+    std::fs::copy(&pki.ca, dir.path().join("configmaps/remote-ca/ca.crt")).unwrap();
+    pki.client_secret(&dir.path().join("secrets/bridge-client-cert"), "mqttbridge");
+    let yaml = bridge_yaml(
+        "v5",
+        &local.endpoint(),
+        &format!("localhost:{}", remote.tls_port.unwrap()),
+        1,
+        "    - {direction: local-to-remote, name: tls1, source: \"tls1/#\"}\n",
+    )
+    .replacen(
+        "    tls:\n      tlsEnabled: false\n",
+        "    tls:\n      tlsEnabled: true\n      trustedCaCertificateConfigMap: remote-ca\n    authentication:\n      x509:\n        secretName: bridge-client-cert\n",
+        1,
+    );
+    let cfg = load(dir.path(), &yaml);
+    let b = start(&cfg, &opts()).await;
+    every_size_arrives_intact(local.port, remote.port, &[("tls1", 1)]).await;
+    b.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_subscription_route_runs_n_clients_that_split_the_messages() {
     init_tracing();
