@@ -5,8 +5,8 @@
 //! ([`bytes::Bytes`]). Below [`SHARE_FROM`] bytes it is copied behind its packet header, as
 //! everything else is; from there on the queue keeps the view and the connection writes it
 //! with the header in one vectored write (`writev`), so the payload goes from the read buffer
-//! to the socket without a copy in between. Sockets that do not write vectored (WebSocket)
-//! get every byte copied, as a vectored write there would cost a system call per piece.
+//! to the socket without a copy in between. Streams that do not write vectored get every byte
+//! copied: WebSocket, where each write would become a WebSocket message of its own.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;

@@ -295,8 +295,8 @@ fn sized_payload(i: usize) -> String {
     p
 }
 
-/// Publishes `n` messages of every size in [`SIZES`] on `{prefix}/{k}` and checks the remote
-/// subscriber got each, byte for byte and in order, on every route.
+/// Publishes five messages of each size in [`SIZES`] on `{prefix}/{i}` of every route and
+/// checks the remote subscriber got each, byte for byte and in order.
 async fn every_size_arrives_intact(local_port: u16, remote_port: u16, routes: &[(&str, u8)]) {
     let n = 5 * SIZES.len();
     let name = routes[0].0;
