@@ -28,6 +28,7 @@ use super::codec::{self, CodecError, ConnAckInfo, Incoming, Outgoing, SubFilter,
 use super::outbuf::OutBuf;
 use crate::model::{Message, QoS};
 use crate::topic::{self, TopicError};
+use bytes::BufMut;
 
 /// Identifies an outgoing publish to the application (chosen by the caller).
 pub type Token = u64;
@@ -212,29 +213,22 @@ impl Writer<'_> {
         msg: &Message,
         max_packet: Option<u32>,
     ) -> Result<(), CodecError> {
-        let buf = self.buf.bytes();
-        if msg.payload.len() < self.share_from {
-            return codec::encode_publish(
-                self.version,
-                pkid,
-                dup,
-                msg,
-                buf,
-                max_packet,
-                self.stamp,
-            );
-        }
+        let share = msg.payload.len() >= self.share_from;
         codec::encode_publish_head(
             self.version,
             pkid,
             dup,
             msg,
-            buf,
+            self.buf.bytes(),
             max_packet,
             self.stamp,
-            false,
+            !share,
         )?;
-        self.buf.share(msg.payload.clone());
+        if share {
+            self.buf.share(msg.payload.clone());
+        } else {
+            self.buf.bytes().put_slice(&msg.payload);
+        }
         Ok(())
     }
 }
