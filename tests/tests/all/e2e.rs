@@ -351,22 +351,13 @@ async fn payloads_of_every_size_arrive_byte_for_byte_over_tcp_and_tls() {
     every_size_arrives_intact(local.port, remote.port, &[("sz1", 1), ("sz0", 0)]).await;
     b.shutdown().await;
     // TLS (rustls takes the pieces of a vectored write into its records).
-    std::fs::create_dir_all(dir.path().join("configmaps/remote-ca")).unwrap();
-    std::fs::copy(&pki.ca, dir.path().join("configmaps/remote-ca/ca.crt")).unwrap();
-    pki.client_secret(&dir.path().join("secrets/bridge-client-cert"), "mqttbridge");
-    let yaml = bridge_yaml(
-        "v5",
-        &local.endpoint(),
-        &format!("localhost:{}", remote.tls_port.unwrap()),
-        1,
+    let cfg = x509_config(
+        dir.path(),
+        &pki,
+        &local,
+        &remote,
         "    - {direction: local-to-remote, name: tls1, source: \"tls1/#\"}\n",
-    )
-    .replacen(
-        "    tls:\n      tlsEnabled: false\n",
-        "    tls:\n      tlsEnabled: true\n      trustedCaCertificateConfigMap: remote-ca\n    authentication:\n      x509:\n        secretName: bridge-client-cert\n",
-        1,
     );
-    let cfg = load(dir.path(), &yaml);
     let b = start(&cfg, &opts()).await;
     every_size_arrives_intact(local.port, remote.port, &[("tls1", 1)]).await;
     b.shutdown().await;
@@ -573,6 +564,34 @@ async fn opposite_routes_over_one_topic_do_not_ping_pong_on_mqtt_3_1_1() {
     loop_prevention("v3").await;
 }
 
+/// The configuration of one MQTT 5 bridge with `routes` whose remote side is `remote`'s TLS
+/// listener, trusted through the ConfigMap `remote-ca` and authenticated with a client
+/// certificate (CN `mqttbridge`) from the Secret `bridge-client-cert`, both written into `dir`.
+fn x509_config(
+    dir: &Path,
+    pki: &Pki,
+    local: &Mosquitto,
+    remote: &Mosquitto,
+    routes: &str,
+) -> Config {
+    std::fs::create_dir_all(dir.join("configmaps/remote-ca")).unwrap();
+    std::fs::copy(&pki.ca, dir.join("configmaps/remote-ca/ca.crt")).unwrap();
+    pki.client_secret(&dir.join("secrets/bridge-client-cert"), "mqttbridge");
+    let yaml = bridge_yaml(
+        "v5",
+        &local.endpoint(),
+        &format!("localhost:{}", remote.tls_port.unwrap()),
+        1,
+        routes,
+    )
+    .replacen(
+        "    tls:\n      tlsEnabled: false\n",
+        "    tls:\n      tlsEnabled: true\n      trustedCaCertificateConfigMap: remote-ca\n    authentication:\n      x509:\n        secretName: bridge-client-cert\n",
+        1,
+    );
+    load(dir, &yaml)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_client_certificate_and_intermediate_chain() {
     init_tracing();
@@ -583,22 +602,13 @@ async fn tls_with_a_client_certificate_and_intermediate_chain() {
         tls: Some(pki.server_files()),
         ..Default::default()
     });
-    std::fs::create_dir_all(dir.path().join("configmaps/remote-ca")).unwrap();
-    std::fs::copy(&pki.ca, dir.path().join("configmaps/remote-ca/ca.crt")).unwrap();
-    pki.client_secret(&dir.path().join("secrets/bridge-client-cert"), "mqttbridge");
-    let yaml = bridge_yaml(
-        "v5",
-        &local.endpoint(),
-        &format!("localhost:{}", remote.tls_port.unwrap()),
-        1,
+    let cfg = x509_config(
+        dir.path(),
+        &pki,
+        &local,
+        &remote,
         "    - {direction: local-to-remote, name: secure, source: \"secure/#\"}\n",
-    )
-    .replacen(
-        "    tls:\n      tlsEnabled: false\n",
-        "    tls:\n      tlsEnabled: true\n      trustedCaCertificateConfigMap: remote-ca\n    authentication:\n      x509:\n        secretName: bridge-client-cert\n",
-        1,
     );
-    let cfg = load(dir.path(), &yaml);
     let b = start(&cfg, &opts()).await;
     let at_remote = Collector::start(remote.port, "tls-sub", "secure/#", false).await;
     let lp = Publisher::connect(local.port, "tls-pub").await;
