@@ -62,14 +62,23 @@ impl Case {
 }
 
 /// CPU seconds of a process so far (`/proc/PID/stat`, every thread), the part of them spent
-/// in the kernel, and the read-like and write-like system calls counted by [`count_syscalls`]
-/// over a run.
+/// in the kernel, and what [`count_syscalls`] counted over a run.
 #[derive(Default, Clone, Copy, Debug)]
 struct Usage {
     cpu_s: f64,
     sys_s: f64,
+    calls: Calls,
+}
+
+/// A process's system calls over a run: the socket reads, the socket writes, every system
+/// call (`raw_syscalls:sys_enter`: the reads and writes, and the polling around them), and its
+/// context switches (each a sleep and a wake-up, or a preemption).
+#[derive(Default, Clone, Copy, Debug)]
+struct Calls {
     reads: u64,
     writes: u64,
+    all: u64,
+    switches: u64,
 }
 
 fn usage(pid: u32) -> Usage {
@@ -138,28 +147,36 @@ impl PerfStat {
     }
 }
 
-/// The socket reads and writes of one process (syscall tracepoints).
+/// The socket reads and writes, all system calls and the context switches of one process
+/// (syscall tracepoints and perf's software counter).
 fn count_syscalls(pid: u32) -> Option<PerfStat> {
     let events: Vec<String> = READ_CALLS
         .iter()
         .chain(WRITE_CALLS.iter())
         .map(|c| format!("syscalls:sys_enter_{c}"))
+        .chain(["raw_syscalls:sys_enter".into(), "context-switches".into()])
         .collect();
     PerfStat::start(pid, &events)
 }
 
-/// (reads, writes) of what [`count_syscalls`] counted.
-fn syscalls(counted: Vec<(String, u64)>) -> (u64, u64) {
-    let (mut reads, mut writes) = (0, 0);
+/// The [`Calls`] of what [`count_syscalls`] counted.
+fn syscalls(counted: Vec<(String, u64)>) -> Calls {
+    let mut calls = Calls::default();
     for (event, count) in counted {
-        let call = event.trim_start_matches("syscalls:sys_enter_");
-        if READ_CALLS.contains(&call) {
-            reads += count;
-        } else if WRITE_CALLS.contains(&call) {
-            writes += count;
+        match event.as_str() {
+            "raw_syscalls:sys_enter" => calls.all += count,
+            "context-switches" => calls.switches += count,
+            _ => {
+                let call = event.trim_start_matches("syscalls:sys_enter_");
+                if READ_CALLS.contains(&call) {
+                    calls.reads += count;
+                } else if WRITE_CALLS.contains(&call) {
+                    calls.writes += count;
+                }
+            }
         }
     }
-    (reads, writes)
+    calls
 }
 
 /// The libc the bridge links (glibc's path on Debian).
@@ -214,8 +231,19 @@ impl std::ops::Sub for Usage {
         Usage {
             cpu_s: self.cpu_s - o.cpu_s,
             sys_s: self.sys_s - o.sys_s,
+            calls: self.calls - o.calls,
+        }
+    }
+}
+
+impl std::ops::Sub for Calls {
+    type Output = Calls;
+    fn sub(self, o: Calls) -> Calls {
+        Calls {
             reads: self.reads.saturating_sub(o.reads),
             writes: self.writes.saturating_sub(o.writes),
+            all: self.all.saturating_sub(o.all),
+            switches: self.switches.saturating_sub(o.switches),
         }
     }
 }
@@ -715,7 +743,7 @@ async fn run_case(
             0.0
         };
     let sys1 = snapshot(pids);
-    let calls = counting.map(|c| c.map_or((0, 0), |c| syscalls(c.stop())));
+    let calls = counting.map(|c| c.map_or(Calls::default(), |c| syscalls(c.stop())));
     let got: Vec<(u64, u64)> = std::mem::take(&mut *seen.lock().unwrap());
     let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
     let per = |u: Usage| Usage {
@@ -723,7 +751,7 @@ async fn run_case(
         sys_s: u.sys_s / n as f64,
         ..u
     };
-    let with_calls = |u: Usage, (reads, writes): (u64, u64)| Usage { reads, writes, ..u };
+    let with_calls = |u: Usage, calls: Calls| Usage { calls, ..u };
     let system = System {
         local: with_calls(per(sys1[0] - sys0[0]), calls[0]),
         remote: with_calls(per(sys1[1] - sys0[1]), calls[1]),
@@ -1471,10 +1499,10 @@ fn main() {
             }
             println!();
             println!(
-                "whole system, per message of the throughput run (medians): CPU µs of each process (for the bridge, the part in the kernel in brackets), and socket read / write system calls (perf's syscall tracepoints; 0 where perf is not available); the bridge's heap allocations per message (uprobes on malloc, calloc and realloc, in a run of their own; - where perf cannot set them)"
+                "whole system, per message of the throughput run (medians): CPU µs of each process (for the bridge, the part in the kernel in brackets), and per message its socket reads / socket writes / all system calls / context switches (perf's syscall tracepoints and its context-switch counter; 0 where perf is not available); the bridge's heap allocations per message (uprobes on malloc, calloc and realloc, in a run of their own; - where perf cannot set them)"
             );
             println!(
-                "| case | local broker µs | remote broker µs | bridge µs (kernel) | load clients µs | total µs | local reads / writes | remote reads / writes | bridge reads / writes | bridge allocations |"
+                "| case | local broker µs | remote broker µs | bridge µs (kernel) | load clients µs | total µs | local reads / writes / calls / switches | remote reads / writes / calls / switches | bridge reads / writes / calls / switches | bridge allocations |"
             );
             println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
             for (&case, runs) in cases.iter().zip(&whole) {
@@ -1484,17 +1512,20 @@ fn main() {
                 let bridge_kernel =
                     median(runs.iter().map(|r| r.system.bridge.sys_s * 1e6).collect());
                 let calls = |f: &dyn Fn(&System) -> Usage| {
-                    let r = median(
-                        runs.iter()
-                            .map(|r| f(&r.system).reads as f64 / n as f64)
-                            .collect(),
-                    );
-                    let w = median(
-                        runs.iter()
-                            .map(|r| f(&r.system).writes as f64 / n as f64)
-                            .collect(),
-                    );
-                    format!("{r:.2} / {w:.2}")
+                    let per = |g: &dyn Fn(Calls) -> u64| {
+                        median(
+                            runs.iter()
+                                .map(|r| g(f(&r.system).calls) as f64 / n as f64)
+                                .collect(),
+                        )
+                    };
+                    format!(
+                        "{:.2} / {:.2} / {:.2} / {:.2}",
+                        per(&|c| c.reads),
+                        per(&|c| c.writes),
+                        per(&|c| c.all),
+                        per(&|c| c.switches)
+                    )
                 };
                 let (l, r, b, c) = (
                     us(&|s| s.local),
