@@ -61,24 +61,24 @@ impl Case {
     }
 }
 
-/// CPU seconds of a process so far (`/proc/PID/stat`, every thread), the part of them spent
-/// in the kernel, and what [`count_syscalls`] counted over a run.
+/// CPU seconds of a process so far (`/proc/PID/stat`, every thread) and the part of them
+/// spent in the kernel.
 #[derive(Default, Clone, Copy, Debug)]
 struct Usage {
     cpu_s: f64,
     sys_s: f64,
-    calls: Calls,
 }
 
-/// A process's system calls over a run: the socket reads, the socket writes, every system
-/// call (`raw_syscalls:sys_enter`: the reads and writes, and the polling around them), and its
-/// context switches (each a sleep and a wake-up, or a preemption).
+/// A process's system calls per message, counted by [`count_syscalls`] in a run of their own:
+/// the socket reads, the socket writes, every system call (`raw_syscalls:sys_enter`: the reads
+/// and writes, and the polling around them), and its context switches (each a sleep and a
+/// wake-up, or a preemption).
 #[derive(Default, Clone, Copy, Debug)]
 struct Calls {
-    reads: u64,
-    writes: u64,
-    all: u64,
-    switches: u64,
+    reads: f64,
+    writes: f64,
+    all: f64,
+    switches: f64,
 }
 
 fn usage(pid: u32) -> Usage {
@@ -86,7 +86,6 @@ fn usage(pid: u32) -> Usage {
     Usage {
         cpu_s: user + kernel,
         sys_s: kernel,
-        ..Usage::default()
     }
 }
 
@@ -159,10 +158,11 @@ fn count_syscalls(pid: u32) -> Option<PerfStat> {
     PerfStat::start(pid, &events)
 }
 
-/// The [`Calls`] of what [`count_syscalls`] counted.
-fn syscalls(counted: Vec<(String, u64)>) -> Calls {
+/// The [`Calls`] per message of what [`count_syscalls`] counted over `messages`.
+fn syscalls(counted: Vec<(String, u64)>, messages: u64) -> Calls {
     let mut calls = Calls::default();
     for (event, count) in counted {
+        let count = count as f64 / messages.max(1) as f64;
         match event.as_str() {
             "raw_syscalls:sys_enter" => calls.all += count,
             "context-switches" => calls.switches += count,
@@ -231,32 +231,21 @@ impl std::ops::Sub for Usage {
         Usage {
             cpu_s: self.cpu_s - o.cpu_s,
             sys_s: self.sys_s - o.sys_s,
-            calls: self.calls - o.calls,
-        }
-    }
-}
-
-impl std::ops::Sub for Calls {
-    type Output = Calls;
-    fn sub(self, o: Calls) -> Calls {
-        Calls {
-            reads: self.reads.saturating_sub(o.reads),
-            writes: self.writes.saturating_sub(o.writes),
-            all: self.all.saturating_sub(o.all),
-            switches: self.switches.saturating_sub(o.switches),
         }
     }
 }
 
 /// Per message of a throughput run, for each process: the local broker, the remote broker,
 /// the bridge process (none for Mosquitto's bridge, which runs in the local broker) and the
-/// load clients (this benchmark's process).
+/// load clients (this benchmark's process); and the system calls of the first three, per
+/// message of a run of their own.
 #[derive(Default, Clone, Copy, Debug)]
 struct System {
     local: Usage,
     remote: Usage,
     bridge: Usage,
     clients: Usage,
+    calls: [Calls; 3],
 }
 
 #[derive(Default, Clone, Copy)]
@@ -271,7 +260,8 @@ struct Run {
     /// Lines of the brokers' logs saying they dropped messages (then the brokers, not the
     /// bridge, were the limit).
     broker_drops: usize,
-    /// Every process's CPU and system calls over the throughput run, per message.
+    /// Every process's CPU over the throughput run and its system calls over a run of their
+    /// own, per message.
     system: System,
     /// The bridge process's heap allocations per message, in a run of their own.
     allocs: Option<f64>,
@@ -512,6 +502,18 @@ async fn publish(port: u16, qos: QoS, n: u64, size: usize, rate: Option<u64>) ->
     publish_over(port, qos, n, size, rate, 1).await
 }
 
+/// Publishes `k` messages as fast as the publisher goes and waits (up to 30 s) until they
+/// arrived at `seen`; how many did (at least 1).
+async fn burst(port: u16, qos: QoS, k: u64, size: usize, seen: &Mutex<Vec<(u64, u64)>>) -> u64 {
+    let before = seen.lock().unwrap().len();
+    publish(port, qos, k, size, None).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ((seen.lock().unwrap().len() - before) as u64) < k && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (seen.lock().unwrap().len() - before).max(1) as u64
+}
+
 /// [`publish`] over `routes` topics `bench/r<i>/t` in turn (1: the single topic `bench/t`).
 async fn publish_over(
     port: u16,
@@ -712,9 +714,6 @@ async fn run_case(
         })
     };
     let sys0 = snapshot(pids);
-    let counting = [pids.0, pids.1, pids.2].map(count_syscalls);
-    // perf attaches in a few milliseconds.
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Throughput: as fast as the publisher goes.
     let t0 = Instant::now();
@@ -743,20 +742,18 @@ async fn run_case(
             0.0
         };
     let sys1 = snapshot(pids);
-    let calls = counting.map(|c| c.map_or(Calls::default(), |c| syscalls(c.stop())));
     let got: Vec<(u64, u64)> = std::mem::take(&mut *seen.lock().unwrap());
     let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
     let per = |u: Usage| Usage {
         cpu_s: u.cpu_s / n as f64,
         sys_s: u.sys_s / n as f64,
-        ..u
     };
-    let with_calls = |u: Usage, calls: Calls| Usage { calls, ..u };
     let system = System {
-        local: with_calls(per(sys1[0] - sys0[0]), calls[0]),
-        remote: with_calls(per(sys1[1] - sys0[1]), calls[1]),
-        bridge: with_calls(per(sys1[2] - sys0[2]), calls[2]),
+        local: per(sys1[0] - sys0[0]),
+        remote: per(sys1[1] - sys0[1]),
+        bridge: per(sys1[2] - sys0[2]),
         clients: per(sys1[3] - sys0[3]),
+        calls: [Calls::default(); 3],
     };
     let mut run = Run {
         system,
@@ -786,20 +783,25 @@ async fn run_case(
         run.p50_us = lat[lat.len() / 2];
         run.p99_us = lat[(lat.len() * 99) / 100];
     }
+    // System calls and context switches: a run of their own at full speed (perf's
+    // tracepoints slow every system call they count, so never during the timed runs).
+    let counting = [pids.0, pids.1, pids.2].map(count_syscalls);
+    if counting.iter().any(Option::is_some) {
+        // perf attaches in a few milliseconds.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let k = (n / 4).clamp(2_000, 25_000);
+        let forwarded = burst(pub_port, qos, k, size, &seen).await;
+        run.system.calls =
+            counting.map(|c| c.map_or(Calls::default(), |c| syscalls(c.stop(), forwarded)));
+    }
     // Allocations: a run of its own (the probes slow the bridge), after the timed ones.
-    if let Some(b) = &bridge {
+    if let Some(b) = &bridge
+        && let Some(counting) = count_allocations(b.id())
+    {
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let k = (n / 10).clamp(1_000, 20_000);
-        if let Some(counting) = count_allocations(b.id()) {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let before = seen.lock().unwrap().len();
-            publish(pub_port, qos, k, size, None).await;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while ((seen.lock().unwrap().len() - before) as u64) < k && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let forwarded = (seen.lock().unwrap().len() - before).max(1);
-            run.allocs = allocations(counting.stop()).map(|a| a as f64 / forwarded as f64);
-        }
+        let forwarded = burst(pub_port, qos, k, size, &seen).await;
+        run.allocs = allocations(counting.stop()).map(|a| a as f64 / forwarded as f64);
     }
     run.broker_drops = drop_notices(&local.log()) + drop_notices(&remote.log());
     if run.broker_drops > 0 {
@@ -1499,7 +1501,7 @@ fn main() {
             }
             println!();
             println!(
-                "whole system, per message of the throughput run (medians): CPU µs of each process (for the bridge, the part in the kernel in brackets), and per message its socket reads / socket writes / all system calls / context switches (perf's syscall tracepoints and its context-switch counter; 0 where perf is not available); the bridge's heap allocations per message (uprobes on malloc, calloc and realloc, in a run of their own; - where perf cannot set them)"
+                "whole system, per message of the throughput run (medians): CPU µs of each process (for the bridge, the part in the kernel in brackets), and per message its socket reads / socket writes / all system calls / context switches (perf's syscall tracepoints and its context-switch counter, in a run of their own at full speed; 0 where perf is not available); the bridge's heap allocations per message (uprobes on malloc, calloc and realloc, in a run of their own; - where perf cannot set them)"
             );
             println!(
                 "| case | local broker µs | remote broker µs | bridge µs (kernel) | load clients µs | total µs | local reads / writes / calls / switches | remote reads / writes / calls / switches | bridge reads / writes / calls / switches | bridge allocations |"
@@ -1511,13 +1513,9 @@ fn main() {
                 };
                 let bridge_kernel =
                     median(runs.iter().map(|r| r.system.bridge.sys_s * 1e6).collect());
-                let calls = |f: &dyn Fn(&System) -> Usage| {
-                    let per = |g: &dyn Fn(Calls) -> u64| {
-                        median(
-                            runs.iter()
-                                .map(|r| g(f(&r.system).calls) as f64 / n as f64)
-                                .collect(),
-                        )
+                let calls = |i: usize| {
+                    let per = |g: &dyn Fn(Calls) -> f64| {
+                        median(runs.iter().map(|r| g(r.system.calls[i])).collect())
                     };
                     format!(
                         "{:.2} / {:.2} / {:.2} / {:.2}",
@@ -1551,13 +1549,13 @@ fn main() {
                     if case == Case::Embedded {
                         "-".to_string()
                     } else {
-                        calls(&|s| s.local)
+                        calls(0)
                     },
-                    calls(&|s| s.remote),
+                    calls(1),
                     if matches!(case, Case::Baseline | Case::MosquittoBridge) {
                         "-".to_string()
                     } else {
-                        calls(&|s| s.bridge)
+                        calls(2)
                     },
                     if allocs.is_empty() {
                         "-".to_string()
