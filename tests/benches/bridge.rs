@@ -688,7 +688,18 @@ async fn run_case(
         }
         let child = spawn_bridge(case, &cfg, plugins_dir, &dir.join("none"), &extra);
         bridge = Some(child);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Measure only once the route client is connected to each Mosquitto it uses (its
+        // client ID starts with the prefix `bench-`; nothing else has connected yet), and its
+        // subscription has had time to follow: QoS 0 messages published before it subscribed
+        // are gone. A fixed wait of 1.5 s was once too short on a loaded machine.
+        let connected = |m: &Mosquitto| m.log().contains(" as bench-");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(connected(&remote) && (case == Case::Embedded || connected(&local)))
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // The subscriber takes up to QoS 1: it sees each message at the QoS it was forwarded with.
     let (seen, task) = subscriber(sub_port, QoS::AtLeastOnce).await;
