@@ -1,7 +1,8 @@
 //! The packets of the client session, as MQTT 3.1.1 or 5 bytes.
 //!
-//! PUBLISH, the hot path, is written by our own encoder ([`encode_publish`]: straight from the
-//! message into the socket buffer, round-trip tested against rumqttc's decoder). Every other
+//! PUBLISH, the hot path, is written by our own encoder ([`encode_publish_head`]: straight from
+//! the message into the socket buffer, the payload then copied behind it or queued where it is;
+//! [`encode_publish`] does both in one call; round-trip tested against rumqttc's decoder). Every other
 //! packet is encoded, and everything is decoded, with rumqttc's `mqttbytes` codecs (well
 //! tested, public). Everything above the bytes (acks, inflight, reconnect) is in
 //! [`super::state`].
@@ -57,8 +58,8 @@ pub struct SubFilter {
     pub qos: QoS,
 }
 
-/// Packets the client sends, other than PUBLISH (written by [`encode_publish`] straight from
-/// the message, without an intermediate packet).
+/// Packets the client sends, other than PUBLISH (written by [`encode_publish_head`] straight
+/// from the message, without an intermediate packet).
 #[derive(Debug, Clone)]
 pub enum Outgoing {
     /// CONNECT.
@@ -289,9 +290,10 @@ fn props_len(p: &Properties, stamp: Option<(&str, &str)>) -> usize {
 }
 
 /// Writes a PUBLISH straight into `buf`: one pass, no intermediate packet, no copy of topic,
-/// properties or payload other than onto the wire. The hot path of every forwarded message.
-/// `stamp` is a user property added after the message's own (MQTT 5 only): the bridge's loop
-/// mark. A message larger than `max_packet` (the server's limit) or than MQTT allows is
+/// properties or payload other than onto the wire. The session's writer (`state::Writer`)
+/// calls [`encode_publish_head`] and then copies the payload or queues it where it is; this is
+/// the copying case in one call. `stamp` is a user property added after the message's own
+/// (MQTT 5 only): the bridge's loop mark. A message larger than `max_packet` (the server's limit) or than MQTT allows is
 /// [`CodecError::TooLarge`] and nothing is written.
 pub fn encode_publish(
     version: Version,
