@@ -76,6 +76,7 @@ pub mod policy;
 pub mod reload;
 pub mod route_client;
 pub mod routing;
+pub mod scheduling;
 pub mod secret;
 pub mod sources;
 pub mod spool;

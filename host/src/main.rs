@@ -60,6 +60,12 @@ enum Command {
         /// this many seconds.
         #[arg(long, default_value_t = 60)]
         stall_timeout: u64,
+        /// CPU scheduling policy of the bridge's threads: `normal`, or `batch` (Linux's
+        /// SCHED_BATCH: a woken bridge thread does not preempt a running broker and reads what
+        /// arrived meanwhile in one go; less CPU per message at full load on shared cores, more
+        /// latency when every core is busy; docs/benchmarks.md).
+        #[arg(long, default_value = "normal", value_parser = ["normal", "batch"], env = "EDGEBRIDGE_SCHEDULING")]
+        scheduling: String,
         #[command(flatten)]
         logs: LogArgs,
         #[command(flatten)]
@@ -696,9 +702,13 @@ fn main() -> ExitCode {
             http,
             stall_timeout,
             spool_dir,
+            scheduling,
             logs,
             plugin_dirs,
         } => {
+            // Before any thread starts, so that every thread inherits it; said once logging is
+            // up.
+            let scheduled = (scheduling == "batch").then(edgebridge::scheduling::batch);
             let kubernetes = files.kubernetes.then(|| files.namespace.clone());
             let load = LoadOptions {
                 secrets_dir: files.secrets_dir.clone(),
@@ -725,6 +735,16 @@ fn main() -> ExitCode {
                     .unwrap_or_else(|| "info".into())
             });
             let _log = init_logging(&level, &logs.log_format);
+            match scheduled {
+                Some(Ok(())) => {
+                    tracing::info!("Scheduling policy: SCHED_BATCH (--scheduling batch)")
+                }
+                Some(Err(e)) => tracing::warn!(
+                    "{}; the bridge runs with the policy it was started with",
+                    edgebridge::error::Chain(&e)
+                ),
+                None => {}
+            }
             for w in cfg.warnings() {
                 tracing::warn!("{w}");
             }

@@ -497,3 +497,55 @@ fn run_refuses_more_route_clients_than_file_descriptors_allow() {
         "{stderr}"
     );
 }
+
+/// The scheduling policy of every thread of process `pid` (field 41 of
+/// `/proc/PID/task/TID/stat`), by thread name.
+fn thread_policies(pid: u32) -> Vec<(String, Option<u32>)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        out.push((
+            name.trim().to_string(),
+            edgebridge::scheduling::policy_of(pid, tid),
+        ));
+    }
+    out
+}
+
+/// `--scheduling batch` puts every thread of the bridge (runtime workers, log writer, embedded
+/// brokers) under SCHED_BATCH, says so in the log, and the bridge forwards and stops as
+/// usual; without it every thread keeps the policy the bridge was started with.
+#[test]
+fn scheduling_batch_applies_to_every_thread_of_the_bridge() {
+    let own = edgebridge::scheduling::policy_of(std::process::id(), std::process::id())
+        .expect("own policy readable");
+    for (extra, want) in [(&["--scheduling", "batch"][..], 3), (&[][..], own)] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stderr");
+        let (bridge, lp, rp) =
+            quickstart_with_stderr(std::fs::File::create(&log).unwrap().into(), extra);
+        let threads = thread_policies(bridge.id());
+        assert!(
+            threads.len() >= 4,
+            "runtime workers, log writer, embedded brokers: {threads:?}"
+        );
+        assert!(
+            threads.iter().all(|(_, p)| *p == Some(want)),
+            "{extra:?}: every thread's policy is {want}: {threads:?}"
+        );
+        assert_eq!(cross(lp, rp, 50), 50, "{extra:?}");
+        stop_cleanly(bridge);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            text.contains("Scheduling policy: SCHED_BATCH"),
+            want == 3,
+            "{text}"
+        );
+    }
+}
