@@ -10,8 +10,8 @@
 //! latency p50/p99 at a fixed rate, and the bridge process's peak RSS and CPU seconds per
 //! million messages. Each case repeats; medians are printed with ratios against (a) and (b).
 //! `-- --quick` for fewer messages and repeats; `--only p1r1-64` and `--cases bc` pick sections
-//! and cases (letters a-k; (k) is (c) with the build in `BENCH_OTHER_BIN`, to compare two
-//! builds in one run), `--n 200000` sets the message count, `--repeats 6` the repeats (every
+//! and cases (letters a-l; (k) is (c) with the build in `BENCH_OTHER_BIN`, to compare two
+//! builds in one run; (l) is (c) with `--scheduling batch`), `--n 200000` sets the message count, `--repeats 6` the repeats (every
 //! other one runs the cases in reverse order), `--soak 600` runs the memory soak, `--scale`
 //! the 1,000-route and 10-route runs. Bounded: every wait has a timeout.
 
@@ -41,6 +41,7 @@ enum Case {
     PassV2,
     Embedded,
     OtherBuild,
+    Batch,
 }
 
 impl Case {
@@ -57,6 +58,7 @@ impl Case {
             Case::PassV2 => "(i) edgebridge + a pass-through 0.2 aggregator",
             Case::Embedded => "(j) edgebridge's embedded broker as the local one",
             Case::OtherBuild => "(k) as (c), the build in BENCH_OTHER_BIN",
+            Case::Batch => "(l) as (c), --scheduling batch",
         }
     }
 }
@@ -356,7 +358,41 @@ fn edgebridge_binary(case: Case) -> PathBuf {
     bin
 }
 
-/// Starts the release binary on `cfg` in its own process group.
+/// The bridge's log level in the benchmark: errors, and the route clients' connections and
+/// subscriptions (a few lines per route, none per message), which [`bridge_ready`] waits for.
+const BENCH_LOG: &str = "error,edgebridge::route_client=info,edgebridge::mqtt::link=info";
+
+/// Where [`spawn_bridge`] keeps the log of the bridge it starts on `cfg`.
+fn bridge_log(cfg: &Path) -> PathBuf {
+    cfg.with_extension("log")
+}
+
+/// Waits (at most 20 s) until the bridge started on `cfg` has `routes` route clients up: each
+/// connected to both its brokers (`Connected`, two a route) and subscribed to its source
+/// (`Subscribed`), so that nothing published from now on is missed (a QoS 0 message published
+/// before the subscription is gone). Says so and returns false if they are not up in time.
+async fn bridge_ready(cfg: &Path, routes: usize) -> bool {
+    let log = bridge_log(cfg);
+    let count = |text: &str, word: &str| text.lines().filter(|l| l.contains(word)).count();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if count(&text, " Connected ") >= 2 * routes && count(&text, " Subscribed ") >= routes {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "the bridge on {} did not have its {routes} route client(s) connected and subscribed within 20 s; its log:\n{text}",
+                cfg.display()
+            );
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts the release binary on `cfg` in its own process group, its log (at [`BENCH_LOG`]) in
+/// [`bridge_log`]`(cfg)`.
 /// `BENCH_BRIDGE_WRAP="perf record -g -o /tmp/p.data --"` runs it under a profiler.
 fn spawn_bridge(
     case: Case,
@@ -377,10 +413,10 @@ fn spawn_bridge(
         .arg("--policies-dir")
         .arg(policies_dir)
         .arg("--log-level")
-        .arg("error")
+        .arg(BENCH_LOG)
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(bridge_log(cfg)).unwrap())
         .process_group(0)
         .spawn()
         .unwrap()
@@ -650,6 +686,7 @@ async fn run_case(
             | Case::PassV2
             | Case::Embedded
             | Case::OtherBuild
+            | Case::Batch
     ) {
         let plugins = match case {
             Case::OnePlugin => {
@@ -680,6 +717,9 @@ async fn run_case(
             extra = vec!["--http".to_string(), format!("127.0.0.1:{port}")];
             scraping = Some(scraper(port));
         }
+        if case == Case::Batch {
+            extra = vec!["--scheduling".to_string(), "batch".to_string()];
+        }
         if case == Case::Spooled {
             extra = vec![
                 "--spool-dir".to_string(),
@@ -688,18 +728,10 @@ async fn run_case(
         }
         let child = spawn_bridge(case, &cfg, plugins_dir, &dir.join("none"), &extra);
         bridge = Some(child);
-        // Measure only once the route client is connected to each Mosquitto it uses (its
-        // client ID starts with the prefix `bench-`; nothing else has connected yet), and its
-        // subscription has had time to follow: QoS 0 messages published before it subscribed
-        // are gone. A fixed wait of 1.5 s once left a QoS 0 run with nothing delivered.
-        let connected = |m: &Mosquitto| m.log().contains(" as bench-");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(connected(&remote) && (case == Case::Embedded || connected(&local)))
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Measure only once the route client is connected and subscribed: QoS 0 messages
+        // published before it subscribed are gone (a fixed wait of 1.5 s once left a QoS 0 run
+        // with nothing delivered). A bridge not up in 20 s is measured anyway: the loss shows.
+        bridge_ready(&cfg, 1).await;
     }
     // The subscriber takes up to QoS 1: it sees each message at the QoS it was forwarded with.
     let (seen, task) = subscriber(sub_port, QoS::AtLeastOnce).await;
@@ -866,7 +898,7 @@ async fn soak(secs: u64, plugins_dir: &Path) {
     let cfg = dir.join("soak.yaml");
     std::fs::write(&cfg, yaml).unwrap();
     let mut bridge = spawn_bridge(Case::Edgebridge, &cfg, plugins_dir, &dir.join("none"), &[]);
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    bridge_ready(&cfg, 10).await;
     let (seen, task) = subscriber(remote.port, QoS::AtLeastOnce).await;
     let n = secs * rate;
     let pid = bridge.id();
@@ -1004,7 +1036,7 @@ async fn scale(n: u64) {
         let cfg = dir.join(format!("parallel-{routes}.yaml"));
         std::fs::write(&cfg, many_routes(local.port, remote.port, routes)).unwrap();
         let mut bridge = spawn_bridge(Case::Edgebridge, &cfg, &dir, &dir.join("none"), &[]);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        bridge_ready(&cfg, routes).await;
         let (seen, task) = subscriber(remote.port, QoS::AtLeastOnce).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let t0 = Instant::now();
@@ -1049,7 +1081,7 @@ fn rss_now(pid: u32) -> u64 {
 }
 
 /// Two tuned brokers and the release binary bridging `bench/#` at QoS 0 through one plugin
-/// (`plugin`: its YAML entry), configured in `cfg`; returns once the bridge had time to start.
+/// (`plugin`: its YAML entry), configured in `cfg`; returns once its route client is connected and subscribed.
 async fn plugin_bridge(
     cfg: &Path,
     (plugins_dir, policies_dir): (&Path, &Path),
@@ -1061,7 +1093,7 @@ async fn plugin_bridge(
     let plugins = format!("      plugins:\n        - {plugin}\n");
     std::fs::write(cfg, bridge_yaml(local.port, remote.port, 0, &plugins)).unwrap();
     let bridge = spawn_bridge(Case::Edgebridge, cfg, plugins_dir, policies_dir, extra);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    bridge_ready(cfg, 1).await;
     (local, remote, bridge)
 }
 
@@ -1353,7 +1385,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     // `--only qos1-64` (or `qos0`, `4096`): run only the sections whose name contains it;
-    // `--cases ce`: only those cases (letters a-e).
+    // `--cases ce`: only those cases (letters a-l).
     let flag = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -1420,6 +1452,7 @@ fn main() {
         ('i', Case::PassV2),
         ('j', Case::Embedded),
         ('k', Case::OtherBuild),
+        ('l', Case::Batch),
     ]
     .into_iter()
     .filter(|(l, _)| letters.contains(*l))
