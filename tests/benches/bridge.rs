@@ -11,9 +11,10 @@
 //! million messages. Each case repeats; medians are printed with ratios against (a) and (b).
 //! `-- --quick` for fewer messages and repeats; `--only p1r1-64` and `--cases bc` pick sections
 //! and cases (letters a-l; (k) is (c) with the build in `BENCH_OTHER_BIN`, to compare two
-//! builds in one run; (l) is (c) with `--scheduling batch`), `--n 200000` sets the message count, `--repeats 6` the repeats (every
-//! other one runs the cases in reverse order), `--soak 600` runs the memory soak, `--scale`
-//! the 1,000-route and 10-route runs. Bounded: every wait has a timeout.
+//! builds in one run; (l) is (c) with `--scheduling batch`), `--n 200000` sets the message
+//! count, `--repeats 6` the repeats (every other one runs the cases in reverse order),
+//! `--soak 600` runs the memory soak, `--scale` the 1,000-route and 10-route runs. Bounded:
+//! every wait has a timeout.
 
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
