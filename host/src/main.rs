@@ -105,8 +105,8 @@ enum Command {
         /// Topic.
         #[arg(short, long)]
         topic: String,
-        /// Payload; `{n}` is replaced by the message's sequence number.
-        #[arg(short, long, default_value = "hello {n}")]
+        // Payload (the help text is `message_help`'s).
+        #[arg(short, long, default_value = "hello {n}", help = message_help())]
         message: String,
         /// How many messages.
         #[arg(short = 'n', long, default_value_t = 1)]
@@ -286,6 +286,13 @@ impl ClientArgs {
     fn qos(&self) -> edgebridge::model::QoS {
         edgebridge::model::QoS::from_u8(self.qos).unwrap_or(edgebridge::model::QoS::AtLeastOnce)
     }
+}
+
+/// `pub --message`'s help. clap turns every `{n}` of a help text into a line break, so the
+/// placeholder is written with a style reset between `{` and `n}`: an escape sequence that
+/// clap strips from plain output and a terminal does not show.
+fn message_help() -> clap::builder::StyledStr {
+    "Payload; `{\x1b[0mn}` is replaced by the message's sequence number".into()
 }
 
 fn run_tool(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {

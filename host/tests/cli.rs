@@ -155,6 +155,27 @@ fn the_quick_start_bridges_with_nothing_installed() {
     assert!(log.contains("Shutting down"), "{log}");
 }
 
+/// `pub --help` names the payload's placeholder: clap turns a `{n}` of a help text into a line
+/// break, which left the help saying "Payload; `" and "` is replaced by ..." on two lines.
+#[test]
+fn pub_help_names_the_sequence_number_placeholder() {
+    let out = edgebridge().args(["pub", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let line = help
+        .lines()
+        .find(|l| l.contains("--message"))
+        .unwrap_or_else(|| panic!("no --message line in:\n{help}"));
+    assert!(
+        line.contains("Payload; `{n}` is replaced by the message's sequence number"),
+        "{line:?}"
+    );
+    assert!(
+        !help.contains('\x1b'),
+        "escape sequences in plain output:\n{help}"
+    );
+}
+
 /// `run --http --log-format json` and `status`: the log is one JSON object per line (no
 /// terminal colours), `status` prints the running routes as a table, SIGHUP reloads.
 #[test]
