@@ -1111,6 +1111,36 @@ mod tests {
     }
 
     #[test]
+    fn a_broker_that_grants_only_qos_0_gets_the_publishes_in_flight_in_first_sent_order() {
+        let mut s = SessionState::new(vec![], 10);
+        s.on_connack(&connack(false)).unwrap();
+        // Packet ids up to the wrap: the next publishes get 65534, 65535, 1, 2.
+        for t in 0..65_533u64 {
+            s.publish(msg(QoS::AtLeastOnce), t);
+            let pkid = published(&sent(&mut s))[0].0;
+            s.on_incoming(Incoming::PubAck { pkid, code: 0 }).unwrap();
+        }
+        s.take_events();
+        for t in 100..104u64 {
+            let mut m = msg(QoS::AtLeastOnce);
+            m.payload = Bytes::from(t.to_string());
+            s.publish(m, t);
+        }
+        sent(&mut s);
+        s.on_disconnect(false);
+        s.on_connack(&ConnAckInfo {
+            max_qos: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            publishes_with_qos(&sent(&mut s)),
+            [100, 101, 102, 103].map(|t| (t, QoS::AtMostOnce)),
+            "first-sent order, at QoS 0"
+        );
+    }
+
+    #[test]
     fn publishes_queued_before_the_first_connack_respect_the_brokers_maximum_qos() {
         let mut s = SessionState::new(vec![], 10);
         let mut m = msg(QoS::ExactlyOnce);
