@@ -56,121 +56,119 @@ impl Pkids {
     }
 }
 
-/// `turns` turns of `batch` QoS 1 messages through a source and a target session: each turn
-/// the source receives the batch, the target publishes it and writes it, the target's broker
-/// acknowledges it, and the source writes its acknowledgements. Returns the messages that
-/// crossed and the bytes both sessions wrote.
-#[allow(clippy::too_many_arguments)]
-fn turns(
-    source: &mut SessionState,
-    target: &mut SessionState,
-    from_broker: &mut Pkids,
-    to_broker: &mut Pkids,
-    events: &mut Vec<StateEvent>,
-    acks: &mut VecDeque<(u64, AckToken)>,
-    out: &mut OutBuf,
-    qos0: &mut VecDeque<(u64, u64)>,
-    msg: &Message,
-    turns: usize,
-    batch: usize,
-) -> (u64, usize) {
-    let mut crossed = 0;
-    let mut wrote = 0;
-    let mut token = 0u64;
-    for _ in 0..turns {
-        for _ in 0..batch {
-            source
-                .on_incoming(Incoming::Publish {
-                    pkid: from_broker.next(),
-                    dup: false,
-                    msg: msg.clone(),
-                })
-                .expect("a valid publish");
+/// A source and a target session with everything a route client keeps between turns.
+struct Route {
+    source: SessionState,
+    target: SessionState,
+    /// Packet ids of the publishes the source's broker sends.
+    from_broker: Pkids,
+    /// Packet ids the target hands out, which its broker acknowledges.
+    to_broker: Pkids,
+    events: Vec<StateEvent>,
+    /// Tokens published on the target, with the source's ack for each, in order.
+    acks: VecDeque<(u64, AckToken)>,
+    next_token: u64,
+    out: OutBuf,
+    qos0: VecDeque<(u64, u64)>,
+    msg: Message,
+}
+
+impl Route {
+    fn new(msg: Message) -> Route {
+        let connected = || {
+            let mut s = SessionState::new(vec![], 1_000);
+            s.on_connack(&ConnAckInfo::default()).expect("connack");
+            s.take_events();
+            s
+        };
+        Route {
+            source: connected(),
+            target: connected(),
+            from_broker: Pkids(0),
+            to_broker: Pkids(0),
+            events: Vec::new(),
+            acks: VecDeque::new(),
+            next_token: 0,
+            out: OutBuf::default(),
+            qos0: VecDeque::new(),
+            msg,
         }
-        source.swap_events(events);
-        for ev in events.drain(..) {
-            if let StateEvent::Message {
-                msg,
-                ack: Some(ack),
-                ..
-            } = ev
-            {
-                token += 1;
-                acks.push_back((token, ack));
-                target.publish(msg, token);
-            }
-        }
-        wrote += write(target, out, qos0);
-        for _ in 0..batch {
-            target
-                .on_incoming(Incoming::PubAck {
-                    pkid: to_broker.next(),
-                    code: 0,
-                })
-                .expect("an ack of a publish in flight");
-        }
-        target.swap_events(events);
-        for ev in events.drain(..) {
-            if let StateEvent::Delivered(t) = ev {
-                let (expected, ack) = acks.pop_front().expect("a message in flight");
-                assert_eq!(t, expected, "delivered in order");
-                source.ack(ack);
-                crossed += 1;
-            }
-        }
-        wrote += write(source, out, qos0);
     }
-    (crossed, wrote)
+
+    /// `turns` turns of `batch` QoS 1 messages: each turn the source receives the batch, the
+    /// target publishes it and writes it, the target's broker acknowledges it, and the source
+    /// writes its acknowledgements. Returns the messages that crossed and the bytes both
+    /// sessions wrote.
+    fn turns(&mut self, turns: usize, batch: usize) -> (u64, usize) {
+        let mut crossed = 0;
+        let mut wrote = 0;
+        for _ in 0..turns {
+            for _ in 0..batch {
+                self.source
+                    .on_incoming(Incoming::Publish {
+                        pkid: self.from_broker.next(),
+                        dup: false,
+                        msg: self.msg.clone(),
+                    })
+                    .expect("a valid publish");
+            }
+            self.source.swap_events(&mut self.events);
+            for ev in self.events.drain(..) {
+                if let StateEvent::Message {
+                    msg,
+                    ack: Some(ack),
+                    ..
+                } = ev
+                {
+                    self.next_token += 1;
+                    self.acks.push_back((self.next_token, ack));
+                    self.target.publish(msg, self.next_token);
+                }
+            }
+            wrote += write(&mut self.target, &mut self.out, &mut self.qos0);
+            for _ in 0..batch {
+                self.target
+                    .on_incoming(Incoming::PubAck {
+                        pkid: self.to_broker.next(),
+                        code: 0,
+                    })
+                    .expect("an ack of a publish in flight");
+            }
+            self.target.swap_events(&mut self.events);
+            for ev in self.events.drain(..) {
+                if let StateEvent::Delivered(t) = ev {
+                    let (expected, ack) = self.acks.pop_front().expect("a message in flight");
+                    assert_eq!(t, expected, "delivered in order");
+                    self.source.ack(ack);
+                    crossed += 1;
+                }
+            }
+            wrote += write(&mut self.source, &mut self.out, &mut self.qos0);
+        }
+        (crossed, wrote)
+    }
 }
 
 #[test]
 fn a_qos_1_message_forwarded_and_acknowledged_allocates_nothing_once_warm() {
     let _profiler = dhat::Profiler::builder().testing().build();
-    let connected = |max_inflight| {
-        let mut s = SessionState::new(vec![], max_inflight);
-        s.on_connack(&ConnAckInfo::default()).expect("connack");
-        s.take_events();
-        s
-    };
-    let mut source = connected(1_000);
-    let mut target = connected(1_000);
-    let (mut from_broker, mut to_broker) = (Pkids(0), Pkids(0));
-    let mut events = Vec::new();
-    let mut acks = VecDeque::new();
-    let mut out = OutBuf::default();
-    let mut qos0 = VecDeque::new();
-    let msg = Message {
+    let mut route = Route::new(Message {
         topic: "factory/line1/temp".into(),
         payload: Bytes::from_static(&[7u8; 64]),
         qos: QoS::AtLeastOnce,
         retain: false,
         properties: Default::default(),
-    };
-    let mut run = |n: usize, batch: usize| {
-        turns(
-            &mut source,
-            &mut target,
-            &mut from_broker,
-            &mut to_broker,
-            &mut events,
-            &mut acks,
-            &mut out,
-            &mut qos0,
-            &msg,
-            n,
-            batch,
-        )
-    };
+    });
     // Warm up: every buffer grows to what the largest turn needs, and the table of messages
     // in flight to where the entries that left make it rehash in place instead of growing.
-    let (crossed, _) = run(150, 500);
+    let (crossed, _) = route.turns(150, 500);
     assert_eq!(crossed, 75_000);
     // Turns of every size up to the warm-up's, packet ids wrapping past 65,535.
     let mut crossed = 0;
     let mut wrote = 0;
     let n = allocations(|| {
         for batch in [1, 7, 64, 499, 500, 3, 250] {
-            let (c, w) = run(100_000 / batch / 7 + 1, batch);
+            let (c, w) = route.turns(100_000 / batch / 7 + 1, batch);
             crossed += c;
             wrote += w;
         }

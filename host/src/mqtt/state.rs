@@ -1079,11 +1079,12 @@ mod tests {
         assert_eq!(published(&sent(&mut s)), vec![(2, true), (3, false)]);
     }
 
-    #[test]
-    fn resends_keep_the_original_order_when_packet_ids_wrapped() {
+    /// A session with four QoS 1 publishes written and unacknowledged (tokens and payloads
+    /// 100 to 103) whose packet ids wrapped: 65534, 65535, 1, 2.
+    fn four_in_flight_across_the_packet_id_wrap() -> SessionState {
         let mut s = SessionState::new(vec![], 10);
         s.on_connack(&connack(false)).unwrap();
-        // Use up packet ids up to the wrap: the next publishes get 65534, 65535, 1, 2.
+        // Use up packet ids up to the wrap.
         for t in 0..65_533u64 {
             s.publish(msg(QoS::AtLeastOnce), t);
             let pkid = published(&sent(&mut s))[0].0;
@@ -1097,6 +1098,12 @@ mod tests {
         }
         let first: Vec<u16> = published(&sent(&mut s)).iter().map(|p| p.0).collect();
         assert_eq!(first, [65534, 65535, 1, 2]);
+        s
+    }
+
+    #[test]
+    fn resends_keep_the_original_order_when_packet_ids_wrapped() {
+        let mut s = four_in_flight_across_the_packet_id_wrap();
         s.on_disconnect(false);
         s.on_connack(&connack(true)).unwrap();
         let again: Vec<Token> = publishes_with_qos(&sent(&mut s))
@@ -1112,21 +1119,7 @@ mod tests {
 
     #[test]
     fn a_broker_that_grants_only_qos_0_gets_the_publishes_in_flight_in_first_sent_order() {
-        let mut s = SessionState::new(vec![], 10);
-        s.on_connack(&connack(false)).unwrap();
-        // Packet ids up to the wrap: the next publishes get 65534, 65535, 1, 2.
-        for t in 0..65_533u64 {
-            s.publish(msg(QoS::AtLeastOnce), t);
-            let pkid = published(&sent(&mut s))[0].0;
-            s.on_incoming(Incoming::PubAck { pkid, code: 0 }).unwrap();
-        }
-        s.take_events();
-        for t in 100..104u64 {
-            let mut m = msg(QoS::AtLeastOnce);
-            m.payload = Bytes::from(t.to_string());
-            s.publish(m, t);
-        }
-        sent(&mut s);
+        let mut s = four_in_flight_across_the_packet_id_wrap();
         s.on_disconnect(false);
         s.on_connack(&ConnAckInfo {
             max_qos: Some(0),
