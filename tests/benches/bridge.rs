@@ -8,7 +8,8 @@
 //! configured for QoS 1 (as users configure them), QoS 1 through QoS 1, QoS 0 through QoS 0,
 //! each at 64 B and 4 KiB: throughput (first publish to last receive, loss and duplicates),
 //! latency p50/p99 at a fixed rate, and the bridge process's peak RSS and CPU seconds per
-//! million messages. Each case repeats; medians are printed with ratios against (a) and (b).
+//! million messages. Each case repeats; medians are printed with ratios against (a) and (b),
+//! and the lowest and highest of each turn's ratio against (b) in the same turn.
 //! `-- --quick` for fewer messages and repeats; `--only p1r1-64` and `--cases bc` pick sections
 //! and cases (letters a-l; (k) is (c) with the build in `BENCH_OTHER_BIN`, to compare two
 //! builds in one run; (l) is (c) with `--scheduling batch`), `--n 200000` sets the message
@@ -1474,9 +1475,9 @@ fn main() {
                 "### publishers at QoS {pub_qos}, bridges configured for QoS {bridge_qos}, {size} B"
             );
             println!(
-                "| case | msg/s | vs (a) | vs (b) | lost | dup | p50 µs @5k/s | p99 µs | bridge RSS MiB | CPU s / M msgs | broker drop notices |"
+                "| case | msg/s | vs (a) | vs (b) | vs (b) by turn, lowest–highest | lost | dup | p50 µs @5k/s | p99 µs | bridge RSS MiB | CPU s / M msgs | broker drop notices |"
             );
-            println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+            println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
             let mut base = (0.0, 0.0);
             let mut plain_and_spooled = (0.0, 0.0, 0.0, 0.0);
             // In turns: every repeat runs every case once, so a slow spell of the shared
@@ -1502,6 +1503,12 @@ fn main() {
                 }
             }
             let whole = all.clone();
+            // Each turn's msg/s against (b)'s in the same turn: the spread of the ratio, which
+            // the medians' ratio hides (the machine's slow spells hit a turn's cases alike).
+            let by_turn: Option<Vec<f64>> = cases
+                .iter()
+                .position(|c| *c == Case::MosquittoBridge)
+                .map(|i| all[i].iter().map(|r| r.rate).collect());
             for (&case, runs) in cases.iter().zip(all) {
                 let rate = median(runs.iter().map(|r| r.rate).collect());
                 let p50 = median(runs.iter().map(|r| r.p50_us).collect());
@@ -1519,14 +1526,28 @@ fn main() {
                         "-".into()
                     }
                 };
+                let turns: Vec<f64> = by_turn
+                    .iter()
+                    .flat_map(|b| runs.iter().zip(b))
+                    .filter(|(_, b)| **b > 0.0)
+                    .map(|(r, b)| r.rate / b)
+                    .collect();
+                let spread = match (
+                    turns.iter().copied().reduce(f64::min),
+                    turns.iter().copied().reduce(f64::max),
+                ) {
+                    (Some(lo), Some(hi)) => format!("{lo:.2}–{hi:.2}"),
+                    _ => "-".into(),
+                };
                 let rss = median(runs.iter().map(|r| r.rss_kib as f64).collect());
                 let cpu = median(runs.iter().map(|r| r.cpu_s_per_m).collect());
                 println!(
-                    "| {} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} |",
+                    "| {} | {:.0} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} |",
                     case.label(),
                     rate,
                     ratio(base.0),
                     ratio(base.1),
+                    spread,
                     runs.iter().map(|r| r.lost).max().unwrap_or(0),
                     runs.iter().map(|r| r.dups).max().unwrap_or(0),
                     median(runs.iter().map(|r| r.p50_us).collect()),
