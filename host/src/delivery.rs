@@ -8,7 +8,7 @@
 //! whatever order they are returned in (see [`crate::mqtt::state`]). Never is a message
 //! acknowledged to its source before every copy was settled.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
 use std::time::Instant;
@@ -86,10 +86,81 @@ struct Group {
     inputs: Vec<u64>,
 }
 
+/// How many tokens the ring of [`Waits`] may span at least; it may span up to four times the
+/// copies waiting if that is more. A copy still waiting when the ring would span more moves to
+/// the stragglers. Copies settled in about the order they were forwarded never move (a route
+/// keeps up to twice its `--max-inflight` copies waiting, 4,096 by default); a copy its target
+/// never settles costs one map entry, and the ring stays within 16,384 slots of at most 64
+/// bytes (1 MiB) or four times what waits, instead of growing with every message after it.
+const RING_MIN_SPAN: usize = 16_384;
+
+/// The copies waiting, by token. Tokens are handed out in order and mostly settled in
+/// order, so the copies sit in a ring indexed by `token - base`: an insert and a settle are a
+/// push and an index, no hashing, the cost the hash map had in 4 KiB profiles (issue #17). A
+/// copy settled out of order leaves a hole until the copies before it are settled.
+#[derive(Debug, Default)]
+struct Waits {
+    /// Slot `i` holds the copy with token `base + i` (`None`: settled).
+    ring: VecDeque<Option<Waiting>>,
+    /// The token of `ring[0]`.
+    base: Token,
+    /// Copies with a token below `base`: waiting when the ring moved on ([`RING_MIN_SPAN`]).
+    stragglers: SeqMap<Waiting>,
+    /// Copies waiting, in the ring and among the stragglers.
+    live: usize,
+}
+
+impl Waits {
+    /// Records the copy with `token`, the token after the last one recorded.
+    fn insert(&mut self, token: Token, w: Waiting) {
+        if self.ring.is_empty() {
+            self.base = token;
+        }
+        debug_assert_eq!(
+            token,
+            self.base + self.ring.len() as Token,
+            "tokens are recorded in order"
+        );
+        self.ring.push_back(Some(w));
+        self.live += 1;
+        let span = RING_MIN_SPAN.max(4 * self.live);
+        while self.ring.len() > span {
+            if let Some(Some(w)) = self.ring.pop_front() {
+                self.stragglers.insert(self.base, w);
+            }
+            self.base += 1;
+            self.trim();
+        }
+    }
+
+    /// The copy with `token`, removed; `None` if it is not waiting.
+    fn remove(&mut self, token: Token) -> Option<Waiting> {
+        let w = if token < self.base {
+            self.stragglers.remove(&token)
+        } else {
+            let w = self.ring.get_mut((token - self.base) as usize)?.take();
+            self.trim();
+            w
+        };
+        if w.is_some() {
+            self.live -= 1;
+        }
+        w
+    }
+
+    /// Drops the settled slots at the front.
+    fn trim(&mut self) {
+        while let Some(None) = self.ring.front() {
+            self.ring.pop_front();
+            self.base += 1;
+        }
+    }
+}
+
 /// The ledger (see the module docs).
 #[derive(Debug, Default)]
 pub struct Ledger {
-    waiting: SeqMap<Waiting>,
+    waiting: Waits,
     groups: SeqMap<Group>,
     next_token: Token,
     next_group: u64,
@@ -178,7 +249,7 @@ impl Ledger {
 
     /// A copy was acknowledged or refused by the target.
     pub fn settle(&mut self, token: Token) -> Settled {
-        match self.waiting.remove(&token) {
+        match self.waiting.remove(token) {
             None => Settled::Unknown,
             Some(Waiting::Single(ack, since, size)) => {
                 self.bytes -= size;
@@ -208,7 +279,7 @@ impl Ledger {
 
     /// Copies forwarded and not yet settled.
     pub fn len(&self) -> usize {
-        self.waiting.len()
+        self.waiting.live
     }
 
     /// Bytes of the copies forwarded and not yet settled.
@@ -218,7 +289,7 @@ impl Ledger {
 
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
-        self.waiting.is_empty()
+        self.waiting.live == 0
     }
 }
 
@@ -508,6 +579,75 @@ mod tests {
             [1],
             "the redelivered copy is acknowledged"
         );
+    }
+
+    /// The ring against a plain map of the same records: tokens settled in a scrambled order,
+    /// twice, and tokens never recorded, with the ring's span crossed so that copies move to
+    /// the stragglers and are still found.
+    #[test]
+    fn the_ring_finds_every_copy_once_in_any_settling_order_and_past_its_span() {
+        assert!(
+            std::mem::size_of::<Option<Waiting>>() <= 64,
+            "a slot as documented"
+        );
+        let mut l = Ledger::default();
+        let mut model = std::collections::BTreeMap::new();
+        let now = Instant::now();
+        // A stuck copy: the first, settled only at the end, after the ring moved past it.
+        let stuck = l.forward_sized(&[7], None, now).start;
+        model.insert(stuck, 7);
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rand = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..(RING_MIN_SPAN as u64 / 256 + 8) {
+            for _ in 0..1_000 {
+                let size = (rand() % 100) as usize;
+                let t = l.forward_sized(&[size], None, now).start;
+                model.insert(t, size);
+            }
+            // Settle about half of what waits, in a scrambled order, some twice, and tokens
+            // never handed out.
+            let keys: Vec<Token> = model.keys().copied().filter(|t| *t != stuck).collect();
+            for _ in 0..keys.len() / 2 {
+                let t = keys[(rand() % keys.len() as u64) as usize];
+                let expect = model.remove(&t);
+                match l.settle(t) {
+                    Settled::Message { .. } => assert!(expect.is_some(), "token {t} settled twice"),
+                    Settled::Unknown => assert!(expect.is_none(), "token {t} lost"),
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(l.settle(l.next_token + 1 + round), Settled::Unknown);
+            assert_eq!(l.len(), model.len());
+            assert_eq!(l.bytes(), model.values().sum::<usize>());
+            assert!(
+                l.waiting.ring.len() <= RING_MIN_SPAN.max(4 * l.len()),
+                "the ring is bounded"
+            );
+        }
+        assert!(
+            !l.waiting.stragglers.is_empty(),
+            "the run crossed the ring's span: copies moved to the stragglers"
+        );
+        assert!(matches!(l.settle(stuck), Settled::Message { .. }));
+        model.remove(&stuck);
+        for t in model.keys() {
+            assert!(matches!(l.settle(*t), Settled::Message { .. }), "{t}");
+        }
+        assert!(l.is_empty());
+        assert_eq!(l.bytes(), 0);
+        assert!(l.waiting.stragglers.is_empty() && l.waiting.ring.is_empty());
+        // Settled in the usual order, the ring keeps nothing settled.
+        for _ in 0..10 {
+            let t = l.forward(1, None, now).start;
+            assert_eq!(l.waiting.ring.len(), 1);
+            assert!(matches!(l.settle(t), Settled::Message { .. }));
+            assert!(l.waiting.ring.is_empty());
+        }
     }
 
     #[test]

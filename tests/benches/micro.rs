@@ -1,6 +1,7 @@
 //! Criterion micro-benchmarks of the per-message work: topic matching and target mapping, the
 //! PUBLISH encoder, and one plugin call for 64 B to 256 KiB payloads with the payload unchanged
-//! (topic-template: a topic rewrite) and changed (enrich: a JSON envelope).
+//! (topic-template: a topic rewrite) and changed (enrich: a JSON envelope), and the delivery
+//! ledger's record and settle of a forwarded copy.
 //!
 //! `cargo bench -p edgebridge-tests --bench micro` (`-- --quick` for a shorter run, or a name
 //! filter such as `-- plugin_call`). Each group has a reference beside it in the same run.
@@ -185,6 +186,46 @@ fn plugin_calls(c: &mut Criterion) {
     g.finish();
 }
 
+/// The delivery ledger's work per forwarded copy: record it, and settle the oldest of the 64
+/// in flight, beside the same records in the hash map the ledger kept them in before its ring
+/// (insert and remove with the same hasher), in the same run.
+fn ledger(c: &mut Criterion) {
+    use edgebridge::delivery::{Ledger, SeqHasher};
+    use std::collections::HashMap;
+    use std::hash::BuildHasherDefault;
+    const IN_FLIGHT: u64 = 64;
+    let now = Instant::now();
+    let mut g = c.benchmark_group("ledger");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("forward and settle, 64 in flight", |b| {
+        let mut l = Ledger::default();
+        let mut oldest = l.forward_sized(&[4096], None, now).start;
+        for _ in 1..IN_FLIGHT {
+            l.forward_sized(&[4096], None, now);
+        }
+        b.iter(|| {
+            black_box(l.forward_sized(black_box(&[4096]), None, now));
+            black_box(l.settle(oldest));
+            oldest += 1;
+        })
+    });
+    g.bench_function("reference hash map insert and remove, 64 in flight", |b| {
+        let mut m: HashMap<u64, (Option<u64>, Instant, usize), BuildHasherDefault<SeqHasher>> =
+            HashMap::default();
+        let mut next = 0u64;
+        for _ in 0..IN_FLIGHT {
+            next += 1;
+            m.insert(next, (None, now, 4096));
+        }
+        b.iter(|| {
+            next += 1;
+            m.insert(black_box(next), (None, now, 4096));
+            black_box(m.remove(&(next - IN_FLIGHT)));
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     let quick = std::env::args().any(|a| a == "--quick");
     let c = Criterion::default().configure_from_args();
@@ -201,6 +242,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = topics, encoder, plugin_calls
+    targets = topics, encoder, plugin_calls, ledger
 }
 criterion_main!(benches);
