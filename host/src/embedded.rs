@@ -186,9 +186,10 @@ pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, Emb
             // rumqttd keeps what is published under each subscription filter in an in-memory
             // log of segments until a segment rotates out, read or not; a subscriber further
             // behind than the log resumes at its oldest message (rumqttd has no backpressure
-            // to publishers). 10 x 100 MiB: the process can grow to about 1 GiB per filter
-            // under sustained traffic (826 MiB measured after 4 KiB bursts), the price of not
-            // dropping for a route whose target is slow (a smaller log makes such a route
+            // to publishers). 10 x 100 MiB as rumqttd counts it (topic and payload plus 4
+            // bytes a message): the process grows to more under sustained traffic, 2.1 GiB per
+            // filter at 4 KiB payloads and about 4 GiB at 64 B (docs/benchmarks.md), the price
+            // of not dropping for a route whose target is slow (a smaller log makes such a route
             // skip messages sooner: rumqttd's `CommitLog::readv` jumps a reader behind the
             // head to it). docs/configuration.md says which broker to run for heavy traffic.
             max_segment_size: 104_857_600,
