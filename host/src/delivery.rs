@@ -89,9 +89,10 @@ struct Group {
 /// How many tokens the ring of [`Waits`] may span at least; it may span up to four times the
 /// copies waiting if that is more. A copy still waiting when the ring would span more moves to
 /// the stragglers. Copies settled in about the order they were forwarded never move (a route
-/// keeps up to twice its `--max-inflight` copies waiting, 4,096 by default); a copy its target
-/// never settles costs one map entry, and the ring stays within 16,384 slots of at most 64
-/// bytes (1 MiB) or four times what waits, instead of growing with every message after it.
+/// keeps at most about twice its `--max-inflight` copies waiting, 4,096 by default); a copy
+/// its target never settles costs one map entry, and the ring stays within 16,384 slots of at
+/// most 64 bytes (1 MiB) or four times what waits, instead of growing with every message
+/// after it.
 const RING_MIN_SPAN: usize = 16_384;
 
 /// The copies waiting, by token. Tokens are handed out in order and mostly settled in
