@@ -187,8 +187,8 @@ fn plugin_calls(c: &mut Criterion) {
 }
 
 /// The delivery ledger's work per forwarded copy: record it, and settle the oldest of the 64
-/// in flight, beside the same records in the hash map the ledger kept them in before its ring
-/// (insert and remove with the same hasher), in the same run.
+/// in flight, beside a hash map's insert and remove of a like record with the same hasher (the
+/// structure the ledger kept its copies in before its ring), in the same run.
 fn ledger(c: &mut Criterion) {
     use edgebridge::delivery::{Ledger, SeqHasher};
     use std::collections::HashMap;
