@@ -597,16 +597,10 @@ mod tests {
         // A stuck copy: the first, settled only at the end, after the ring moved past it.
         let stuck = l.forward_sized(&[7], None, now).start;
         model.insert(stuck, 7);
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut rand = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = fastrand::Rng::with_seed(0x2545_f491_4f6c_dd1d);
         for round in 0..(RING_MIN_SPAN as u64 / 256 + 8) {
             for _ in 0..1_000 {
-                let size = (rand() % 100) as usize;
+                let size = rng.usize(..100);
                 let t = l.forward_sized(&[size], None, now).start;
                 model.insert(t, size);
             }
@@ -614,7 +608,7 @@ mod tests {
             // never handed out.
             let keys: Vec<Token> = model.keys().copied().filter(|t| *t != stuck).collect();
             for _ in 0..keys.len() / 2 {
-                let t = keys[(rand() % keys.len() as u64) as usize];
+                let t = keys[rng.usize(..keys.len())];
                 let expect = model.remove(&t);
                 match l.settle(t) {
                     Settled::Message { .. } => assert!(expect.is_some(), "token {t} settled twice"),
