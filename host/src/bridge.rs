@@ -512,7 +512,8 @@ async fn start_embedded(config: &Config) -> Result<(), BridgeError> {
             if conn.endpoint.embedded {
                 let endpoint = conn.endpoint.clone();
                 let protocol = connector.protocol;
-                tokio::task::spawn_blocking(move || embedded::start(&endpoint, protocol))
+                let log = conn.embedded_log;
+                tokio::task::spawn_blocking(move || embedded::start(&endpoint, protocol, log))
                     .await
                     .expect("embedded broker start does not panic")?;
             }

@@ -49,6 +49,79 @@ struct Started {
     v5: SocketAddr,
     /// Connections the front listener passed on.
     passed_on: Arc<AtomicU64>,
+    /// The size of its log per filter (`embeddedLogSize`), as started.
+    log_bytes: u64,
+}
+
+/// The embedded broker's log per subscription filter when `embeddedLogSize` is not given:
+/// 10 segments of 100 MiB as rumqttd counts them (topic and payload plus 4 bytes a message).
+pub const DEFAULT_LOG_BYTES: u64 = 10 * 104_857_600;
+
+/// The log is kept in this many segments; the oldest goes when a new one is needed.
+const LOG_SEGMENTS: u64 = 10;
+
+/// Times a subscriber of an embedded broker was further behind than the log holds and jumped
+/// to its oldest message ([`LogSkips`] counts them).
+static LOG_SKIPS: AtomicU64 = AtomicU64::new(0);
+
+/// Times a subscriber of an embedded broker (a route client, or any client of it) fell behind
+/// its log and skipped the messages it had not read: `edgebridge_embedded_log_skips_total`.
+pub fn log_skips() -> u64 {
+    LOG_SKIPS.load(Ordering::Relaxed)
+}
+
+/// A log layer that counts rumqttd's warnings of a reader jumping ahead in a filter's log
+/// (`CommitLog::readv`: "given index … less than head …, jumping to head" and "offset
+/// specified … jumping"). rumqttd says so only in its log, which the bridge's own log leaves
+/// out; this is how a skip becomes a counted and logged outcome (see [`watch_skips`]). Add it
+/// with a filter that lets through `rumqttd::segments` at WARN.
+pub struct LogSkips;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LogSkips {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(bool);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}").contains("jumping");
+                }
+            }
+        }
+        let meta = event.metadata();
+        if *meta.level() == tracing::Level::WARN && meta.target().starts_with("rumqttd::segments") {
+            let mut m = Message(false);
+            event.record(&mut m);
+            if m.0 {
+                LOG_SKIPS.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Logs a warning, at most once a second, when [`log_skips`] has grown: a thread of its own,
+/// started with the first embedded broker (the counting layer must not log from inside the
+/// log's dispatch).
+fn watch_skips() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let _ = std::thread::Builder::new()
+            .name("embedded-log-skips".into())
+            .spawn(|| {
+                let mut seen = 0;
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let now = log_skips();
+                    if now > seen {
+                        tracing::warn!(
+                            skips = now - seen,
+                            total = now,
+                            "Embedded broker: a subscriber was further behind than the broker's in-memory log holds (embeddedLogSize) and skipped to the oldest message kept; the messages it skipped are lost to it"
+                        );
+                        seen = now;
+                    }
+                }
+            });
+    });
 }
 
 /// The address an embedded endpoint listens on.
@@ -149,11 +222,24 @@ fn loopback_port() -> Result<SocketAddr, std::io::Error> {
 
 /// Starts an embedded broker on `endpoint` (MQTT 3.1.1 and 5) and waits until it accepts
 /// connections. It runs on its own threads for the rest of the process; starting it again (a
-/// configuration reload) is a no-op. `_protocol` is the connector's; the broker speaks both.
-pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, EmbeddedError> {
+/// configuration reload) is a no-op, and a different `log_bytes` then only logs a warning:
+/// rumqttd's log is sized when it starts. `_protocol` is the connector's; the broker speaks
+/// both. `log_bytes` is `embeddedLogSize` ([`DEFAULT_LOG_BYTES`] when not given).
+pub fn start(
+    endpoint: &Endpoint,
+    _protocol: Protocol,
+    log_bytes: Option<u64>,
+) -> Result<SocketAddr, EmbeddedError> {
     let addr = address(endpoint)?;
+    let log_bytes = log_bytes.unwrap_or(DEFAULT_LOG_BYTES);
     let mut started = STARTED.lock().expect("embedded brokers lock");
-    if started.iter().any(|s| s.front == addr) {
+    if let Some(s) = started.iter().find(|s| s.front == addr) {
+        if s.log_bytes != log_bytes {
+            tracing::warn!(
+                "Embedded broker on {addr}: embeddedLogSize changed from {} to {log_bytes} bytes; it applies when the bridge starts again",
+                s.log_bytes
+            );
+        }
         return Ok(addr);
     }
     // The front listener binds the configured address first, so that a busy port is a clear
@@ -186,14 +272,17 @@ pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, Emb
             // rumqttd keeps what is published under each subscription filter in an in-memory
             // log of segments until a segment rotates out, read or not; a subscriber further
             // behind than the log resumes at its oldest message (rumqttd has no backpressure
-            // to publishers). 10 x 100 MiB as rumqttd counts it (topic and payload plus 4
-            // bytes a message): the process grows to more under sustained traffic, 2.1 GiB per
-            // filter at 4 KiB payloads and about 4 GiB at 64 B (docs/benchmarks.md), the price
-            // of not dropping for a route whose target is slow (a smaller log makes such a route
-            // skip messages sooner: rumqttd's `CommitLog::readv` jumps a reader behind the
-            // head to it). docs/configuration.md says which broker to run for heavy traffic.
-            max_segment_size: 104_857_600,
-            max_segment_count: 10,
+            // to publishers). `embeddedLogSize` as rumqttd counts it (topic and payload plus
+            // 4 bytes a message), 10 x 100 MiB by default: the process grows to more under
+            // sustained traffic, 2.1 GiB per filter at 4 KiB payloads and about 4 GiB at 64 B
+            // with the default (docs/benchmarks.md), the price of not dropping for a route
+            // whose target is slow (a smaller log makes such a route skip messages sooner:
+            // rumqttd's `CommitLog::readv` jumps a reader behind the head to it, which
+            // [`LogSkips`] counts). docs/configuration.md says which broker to run for heavy
+            // traffic.
+            max_segment_size: usize::try_from((log_bytes / LOG_SEGMENTS).max(1))
+                .unwrap_or(usize::MAX),
+            max_segment_count: LOG_SEGMENTS as usize,
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
@@ -256,7 +345,9 @@ pub fn start(endpoint: &Endpoint, _protocol: Protocol) -> Result<SocketAddr, Emb
         front: addr,
         v5: v5_addr,
         passed_on,
+        log_bytes,
     });
+    watch_skips();
     Ok(addr)
 }
 
@@ -595,7 +686,7 @@ mod tests {
             embedded: true,
         };
         let e = endpoint.clone();
-        tokio::task::spawn_blocking(move || start(&e, Protocol::V5))
+        tokio::task::spawn_blocking(move || start(&e, Protocol::V5, None))
             .await
             .unwrap()
             .unwrap();
@@ -683,6 +774,33 @@ mod tests {
             nodelay(broker_side),
             "the embedded broker's side of a connection has TCP_NODELAY"
         );
+    }
+
+    /// `embeddedLogSize` is read when the broker starts: starting it again (a reload) with
+    /// another size keeps the running broker's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_start_keeps_the_running_broker_s_log_size() {
+        let endpoint = Endpoint {
+            host: "127.0.0.1".into(),
+            port: loopback_port().unwrap().port(),
+            path: None,
+            embedded: true,
+        };
+        for size in [2 << 20, 4 << 20] {
+            let e = endpoint.clone();
+            tokio::task::spawn_blocking(move || start(&e, Protocol::V5, Some(size)))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let addr = address(&endpoint).unwrap();
+        let kept = STARTED
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.front == addr)
+            .map(|s| s.log_bytes);
+        assert_eq!(kept, Some(2 << 20));
     }
 
     #[test]

@@ -378,20 +378,33 @@ impl Files {
 /// guard until the end.
 fn init_logging(level: &str, format: &str) -> tracing_appender::non_blocking::WorkerGuard {
     use std::io::IsTerminal;
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},rumqttd=off")));
     let (writer, guard) = edgebridge::logging::non_blocking_stderr();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(writer);
-    if format == "json" {
+    let lines = if format == "json" {
         // One object per line: timestamp, level, message and the fields (route, side,
         // plugin, client_id...) flattened beside it.
-        builder.json().flatten_event(true).init();
+        lines.json().flatten_event(true).boxed()
     } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
-    }
+        lines.with_ansi(std::io::stderr().is_terminal()).boxed()
+    };
+    // rumqttd's own log stays out of the bridge's; its warning that a subscriber skipped
+    // part of an embedded broker's log is counted (and logged by the bridge) whatever the
+    // level.
+    let skips = edgebridge::embedded::LogSkips.with_filter(
+        tracing_subscriber::filter::Targets::new()
+            .with_target("rumqttd::segments", tracing::Level::WARN),
+    );
+    tracing_subscriber::registry()
+        .with(lines.with_filter(filter))
+        .with(skips)
+        .init();
     guard
 }
 

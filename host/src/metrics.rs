@@ -43,6 +43,14 @@ fn family(
 ) -> Result<(), std::fmt::Error> {
     let mut m = encoder.encode_descriptor(name, help, None, kind)?;
     for (labels, v) in rows {
+        if labels.is_empty() {
+            // `name_total 3`, not `name_total{} 3`.
+            match kind {
+                MetricType::Counter => m.encode_counter::<NoLabelSet, u64, u64>(v, None)?,
+                _ => m.encode_gauge(&(*v as i64))?,
+            }
+            continue;
+        }
         let mut e = m.encode_family(labels)?;
         match kind {
             MetricType::Counter => e.encode_counter::<NoLabelSet, u64, u64>(v, None)?,
@@ -585,6 +593,13 @@ impl Collector for Scrape {
                     crate::logging::dropped_write_errors(),
                 ),
             ],
+        )?;
+        family(
+            &mut encoder,
+            "edgebridge_embedded_log_skips",
+            "Times a subscriber of an embedded broker (embedded://) was further behind than the broker's in-memory log (embeddedLogSize) and skipped to the oldest message kept; what it skipped is lost to it.",
+            MetricType::Counter,
+            &[(Vec::new(), crate::embedded::log_skips())],
         )?;
         Ok(())
     }

@@ -248,6 +248,7 @@ mod tests {
             tls: None,
             auth: crate::config::Auth::Anonymous,
             reach: Default::default(),
+            embedded_log: None,
         };
         Connector {
             name: "b".into(),

@@ -570,3 +570,156 @@ fn scheduling_batch_applies_to_every_thread_of_the_bridge() {
         );
     }
 }
+
+/// A raw MQTT 3.1.1 client subscribed to `filter` at QoS 0 on `port`, which reads nothing
+/// until asked: a subscriber that falls behind.
+fn lagging_subscriber(port: u16, filter: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let id = b"lagging";
+    let mut connect = vec![
+        0x10,
+        12 + id.len() as u8,
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+        2,
+        0,
+        60,
+    ];
+    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    connect.extend_from_slice(id);
+    s.write_all(&connect).unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK");
+    let f = filter.as_bytes();
+    let mut subscribe = vec![0x82, 5 + f.len() as u8, 0, 1];
+    subscribe.extend_from_slice(&(f.len() as u16).to_be_bytes());
+    subscribe.extend_from_slice(f);
+    subscribe.push(0);
+    s.write_all(&subscribe).unwrap();
+    let mut suback = [0u8; 5];
+    s.read_exact(&mut suback).unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, 0], "SUBACK");
+    s
+}
+
+/// Reads what `s` has until it is quiet for a second (at most 30 s); the PUBLISH packets in it.
+fn publishes_read(s: &mut std::net::TcpStream) -> usize {
+    use std::io::Read;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (mut buf, mut chunk, mut count) = (Vec::new(), vec![0u8; 1 << 16], 0);
+    while started.elapsed() < std::time::Duration::from_secs(30) {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        // Whole packets: a fixed header byte, the remaining length (1 to 4 bytes), the rest.
+        loop {
+            let (mut len, mut i, mut mul) = (0usize, 1, 1);
+            let complete = loop {
+                let Some(&b) = buf.get(i) else { break false };
+                len += (b & 127) as usize * mul;
+                mul *= 128;
+                i += 1;
+                if b < 128 {
+                    break buf.len() >= i + len;
+                }
+            };
+            if !complete {
+                break;
+            }
+            count += usize::from(buf[0] >> 4 == 3);
+            buf.drain(..i + len);
+        }
+    }
+    count
+}
+
+/// `GET /metrics` of the bridge serving on `port`; the value of `name`.
+fn metric(port: u16, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `embeddedLogSize` bounds the embedded broker's log per filter. A subscriber further behind
+/// than that log skips to the oldest message kept: the skip is counted
+/// (`edgebridge_embedded_log_skips_total`) and logged, not silent as in rumqttd. With the
+/// default log the same lag loses nothing.
+#[test]
+fn a_subscriber_behind_the_embedded_broker_s_log_skips_and_is_counted() {
+    let messages = 3000;
+    let payload = format!("{}{{n}}", "x".repeat(4088)); // 4 KiB: 12 MB in all
+    for (setting, skips) in [(Some("1Mi"), true), (None, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, lp, _) = quickstart_on_free_ports(dir.path());
+        if let Some(size) = setting {
+            let text = std::fs::read_to_string(&cfg).unwrap().replace(
+                &format!("    endpoint: embedded://127.0.0.1:{lp}\n"),
+                &format!("    endpoint: embedded://127.0.0.1:{lp}\n    embeddedLogSize: {size}\n"),
+            );
+            assert!(text.contains("embeddedLogSize"));
+            std::fs::write(&cfg, text).unwrap();
+        }
+        let http = free_port();
+        let log = dir.path().join("bridge.log");
+        let bridge = edgebridge()
+            .args(["run", "-f"])
+            .arg(&cfg)
+            .args(["--http", &format!("127.0.0.1:{http}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let up = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            metric(http, "edgebridge_embedded_log_skips_total").is_some()
+        });
+        assert!(up, "{}", std::fs::read_to_string(&log).unwrap());
+        let mut lagging = lagging_subscriber(lp, "lag/#");
+        let published = edgebridge()
+            .args(["pub", "-b", &format!("127.0.0.1:{lp}"), "-q", "0"])
+            .args(["-t", "lag/x", "-m", &payload, "-n", &messages.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(published.success());
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let received = publishes_read(&mut lagging);
+        // The bridge logs a skip within a second of it.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let counted = metric(http, "edgebridge_embedded_log_skips_total").unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        let logged = text.contains("skipped to the oldest message kept");
+        stop_cleanly(bridge);
+        if skips {
+            assert!(
+                0 < received && received < messages,
+                "{setting:?}: received {received} of {messages}"
+            );
+            assert!(counted >= 1.0, "{setting:?}: counted {counted}");
+            assert!(logged, "{setting:?}: {text}");
+        } else {
+            assert_eq!(received, messages, "{setting:?}");
+            assert_eq!(counted, 0.0, "{setting:?}");
+            assert!(!logged, "{setting:?}: {text}");
+        }
+    }
+}

@@ -288,6 +288,10 @@ pub struct BrokerConnection {
     pub auth: Auth,
     /// How the broker is reached: failover addresses and an HTTP proxy (extensions).
     pub reach: Reach,
+    /// `embeddedLogSize` (extension, `embedded://` endpoints only): the size of the embedded
+    /// broker's in-memory log per subscription filter, as rumqttd counts it (topic and
+    /// payload plus 4 bytes a message); `None` is [`crate::embedded::DEFAULT_LOG_BYTES`].
+    pub embedded_log: Option<u64>,
 }
 
 /// The extensions of a broker connection for reaching it: addresses tried after `endpoint`,

@@ -526,6 +526,7 @@ fn default_local() -> BrokerConnection {
             token_path: PathBuf::from(DEFAULT_SAT_PATH),
         },
         reach: Reach::default(),
+        embedded_log: None,
     }
 }
 
@@ -616,10 +617,29 @@ fn read_broker(
         None => Some(Auth::Anonymous),
     };
     let reach = read_reach(cx, &mut b, opts, remote);
+    let embedded_log = match b.get(cx, &["embeddedLogSize"]) {
+        Some(f) => {
+            let line = f.1.line;
+            let p = f.0.clone();
+            size(cx, f, MIN_EMBEDDED_LOG).map(|v| Some((v, line, p)))
+        }
+        None => Some(None),
+    };
     b.finish(cx);
     let endpoint = endpoint?;
     let tls = tls?;
     let mut reach = reach?;
+    let embedded_log = embedded_log?;
+    if let Some((_, line, p)) = &embedded_log
+        && !endpoint.embedded
+    {
+        cx.err(
+            *line,
+            p,
+            "applies only to an embedded:// endpoint (the size of the in-process broker's log)",
+        );
+        return None;
+    }
     if endpoint.embedded && reach.proxy == ProxySetting::Environment {
         // The environment's proxy is for the cloud; an embedded broker is in process.
         reach.proxy = ProxySetting::None;
@@ -646,8 +666,12 @@ fn read_broker(
         tls,
         auth: auth?,
         reach,
+        embedded_log: embedded_log.map(|(v, _, _)| v),
     })
 }
+
+/// The smallest `embeddedLogSize`: 1 MiB, ten segments of about 100 KiB.
+const MIN_EMBEDDED_LOG: u64 = 1 << 20;
 
 /// The extensions `failoverEndpoints`, `failoverMode`, `primaryCheckInterval` and `proxy` of
 /// a broker connection. A remote connection without `proxy` uses the environment's

@@ -134,6 +134,7 @@ impl LinkOptions {
                 tls: None,
                 auth: auth.clone(),
                 reach: Default::default(),
+                embedded_log: None,
             }),
             credentials: Arc::new(Provider::new(
                 auth,

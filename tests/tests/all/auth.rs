@@ -587,6 +587,7 @@ async fn tls_failures_are_clear() {
             intermediates: None,
         },
         reach: Default::default(),
+        embedded_log: None,
     };
     let cert = dir.path().join("client/client_cert.pem");
     let key = dir.path().join("client/client_key.pem");
@@ -646,6 +647,7 @@ async fn tls_failures_are_clear() {
                 intermediates: Some(sub.join("client/client_intermediate_certs.pem")),
             },
             reach: Default::default(),
+            embedded_log: None,
         };
         let e = err(c).await;
         assert!(e.contains(expect), "{e}");

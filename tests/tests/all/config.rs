@@ -461,6 +461,37 @@ fn failover_addresses_and_the_proxy_load_and_their_mistakes_are_named() {
         errors.iter().any(|e| e.contains("proxy do not apply")),
         "{errors:#?}"
     );
+    // `embeddedLogSize`: read on an embedded endpoint, refused (named) elsewhere or too small.
+    let sized = |value: &str| {
+        embedded.replace(
+            "embedded://127.0.0.1:0\n",
+            &format!("embedded://127.0.0.1:0\n    embeddedLogSize: {value}\n"),
+        )
+    };
+    assert!(sized("64Mi").contains("embeddedLogSize"), "{embedded}");
+    assert_eq!(
+        load_one(&sized("64Mi")).connectors[0].remote.embedded_log,
+        Some(64 << 20)
+    );
+    assert_eq!(load_one(&embedded).connectors[0].remote.embedded_log, None);
+    let errors = errors_of(&sized("100k"));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("remoteBrokerConnection.embeddedLogSize")
+                && e.contains("at least 1048576")),
+        "{errors:#?}"
+    );
+    let errors = errors_of(&CONNECTOR.replace(
+        "    tls:\n      tlsEnabled: false\n",
+        "    tls:\n      tlsEnabled: false\n    embeddedLogSize: 64Mi\n",
+    ));
+    assert!(
+        errors.iter().any(|e| e.contains(":11:")
+            && e.contains("embeddedLogSize")
+            && e.contains("only to an embedded:// endpoint")),
+        "{errors:#?}"
+    );
     // Mistakes, each named.
     for (field, value, expect) in [
         ("failoverEndpoints", "remote-b", "expected a list"),
