@@ -61,7 +61,7 @@ pub const DEFAULT_LOG_BYTES: u64 = 10 * 104_857_600;
 const LOG_SEGMENTS: u64 = 10;
 
 /// Times a subscriber of an embedded broker was further behind than the log holds and jumped
-/// to its oldest message ([`LogSkips`] counts them).
+/// to its oldest message ([`log_skips_layer`] counts them).
 static LOG_SKIPS: AtomicU64 = AtomicU64::new(0);
 
 /// Times a subscriber of an embedded broker (a route client, or any client of it) fell behind
@@ -70,30 +70,40 @@ pub fn log_skips() -> u64 {
     LOG_SKIPS.load(Ordering::Relaxed)
 }
 
-/// A log layer that counts rumqttd's warnings of a reader jumping ahead in a filter's log
+/// The log layer that counts rumqttd's warnings of a reader jumping ahead in a filter's log
 /// (`CommitLog::readv`: "given index … less than head …, jumping to head" and "offset
-/// specified … jumping"). rumqttd says so only in its log, which the bridge's own log leaves
-/// out; this is how a skip becomes a counted and logged outcome (see [`watch_skips`]). Add it
-/// with a filter that lets through `rumqttd::segments` at WARN.
-pub struct LogSkips;
+/// specified … jumping"), for [`log_skips`]. rumqttd says so only in its log, which the
+/// bridge's own log leaves out; this is how a skip becomes a counted and logged outcome (see
+/// [`watch_skips`]). It sees only `rumqttd::segments` at WARN and above, whatever the level of
+/// the bridge's log.
+pub fn log_skips_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer;
+    LogSkips.with_filter(
+        tracing_subscriber::filter::Targets::new()
+            .with_target("rumqttd::segments", tracing::Level::WARN),
+    )
+}
+
+/// See [`log_skips_layer`], which gives it its filter.
+struct LogSkips;
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LogSkips {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        struct Message(bool);
-        impl tracing::field::Visit for Message {
+        struct Jumping(bool);
+        impl tracing::field::Visit for Jumping {
             fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
                 if field.name() == "message" {
                     self.0 = format!("{value:?}").contains("jumping");
                 }
             }
         }
-        let meta = event.metadata();
-        if *meta.level() == tracing::Level::WARN && meta.target().starts_with("rumqttd::segments") {
-            let mut m = Message(false);
-            event.record(&mut m);
-            if m.0 {
-                LOG_SKIPS.fetch_add(1, Ordering::Relaxed);
-            }
+        let mut m = Jumping(false);
+        event.record(&mut m);
+        if m.0 {
+            LOG_SKIPS.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -278,8 +288,8 @@ pub fn start(
             // with the default (docs/benchmarks.md), the price of not dropping for a route
             // whose target is slow (a smaller log makes such a route skip messages sooner:
             // rumqttd's `CommitLog::readv` jumps a reader behind the head to it, which
-            // [`LogSkips`] counts). docs/configuration.md says which broker to run for heavy
-            // traffic.
+            // [`log_skips_layer`] counts). docs/configuration.md says which broker to run for
+            // heavy traffic.
             max_segment_size: usize::try_from((log_bytes / LOG_SEGMENTS).max(1))
                 .unwrap_or(usize::MAX),
             max_segment_count: LOG_SEGMENTS as usize,

@@ -397,13 +397,9 @@ fn init_logging(level: &str, format: &str) -> tracing_appender::non_blocking::Wo
     // rumqttd's own log stays out of the bridge's; its warning that a subscriber skipped
     // part of an embedded broker's log is counted (and logged by the bridge) whatever the
     // level.
-    let skips = edgebridge::embedded::LogSkips.with_filter(
-        tracing_subscriber::filter::Targets::new()
-            .with_target("rumqttd::segments", tracing::Level::WARN),
-    );
     tracing_subscriber::registry()
         .with(lines.with_filter(filter))
-        .with(skips)
+        .with(edgebridge::embedded::log_skips_layer())
         .init();
     guard
 }
