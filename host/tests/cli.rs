@@ -571,75 +571,79 @@ fn scheduling_batch_applies_to_every_thread_of_the_bridge() {
     }
 }
 
-/// A raw MQTT 3.1.1 client subscribed to `filter` at QoS 0 on `port`, which reads nothing
-/// until asked: a subscriber that falls behind.
+/// An MQTT 3.1.1 client (the bridge's own codec over a plain socket) subscribed to `filter`
+/// at QoS 0 on `port`, which reads nothing until asked: a subscriber that falls behind.
 fn lagging_subscriber(port: u16, filter: &str) -> std::net::TcpStream {
-    use std::io::{Read, Write};
+    use edgebridge::model::QoS;
+    use edgebridge::mqtt::codec::{self, ConnectSpec, Incoming, Outgoing, SubFilter, Version};
+    use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .unwrap();
-    let id = b"lagging";
-    let mut connect = vec![
-        0x10,
-        12 + id.len() as u8,
-        0,
-        4,
-        b'M',
-        b'Q',
-        b'T',
-        b'T',
-        4,
-        2,
-        0,
-        60,
-    ];
-    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    connect.extend_from_slice(id);
-    s.write_all(&connect).unwrap();
-    let mut connack = [0u8; 4];
-    s.read_exact(&mut connack).unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK");
-    let f = filter.as_bytes();
-    let mut subscribe = vec![0x82, 5 + f.len() as u8, 0, 1];
-    subscribe.extend_from_slice(&(f.len() as u16).to_be_bytes());
-    subscribe.extend_from_slice(f);
-    subscribe.push(0);
-    s.write_all(&subscribe).unwrap();
-    let mut suback = [0u8; 5];
-    s.read_exact(&mut suback).unwrap();
-    assert_eq!(suback, [0x90, 3, 0, 1, 0], "SUBACK");
+    let connect = Outgoing::Connect(Box::new(ConnectSpec {
+        client_id: "lagging".into(),
+        keep_alive: 60,
+        clean_start: true,
+        session_expiry: None,
+        receive_maximum: None,
+        max_packet_size: None,
+        username: None,
+        password: None,
+        auth_method: None,
+        auth_data: None,
+    }));
+    let subscribe = Outgoing::Subscribe {
+        pkid: 1,
+        filters: vec![SubFilter {
+            filter: filter.into(),
+            qos: QoS::AtMostOnce,
+        }],
+    };
+    let mut rbuf = bytes::BytesMut::new();
+    for packet in [connect, subscribe] {
+        let mut wbuf = bytes::BytesMut::new();
+        codec::encode(Version::V4, &packet, &mut wbuf, None).unwrap();
+        s.write_all(&wbuf).unwrap();
+        match next_packet(&mut s, &mut rbuf) {
+            Some(Incoming::ConnAck(c)) => assert_eq!(c.code, 0, "CONNACK"),
+            Some(Incoming::SubAck { codes, .. }) => assert_eq!(codes, [0], "SUBACK"),
+            other => panic!("{other:?} instead of CONNACK or SUBACK"),
+        }
+    }
     s
+}
+
+/// The next packet `s` sends (read into `rbuf`), decoded by the bridge's codec; `None` at the
+/// end of the stream or when the socket's read timeout passes first.
+fn next_packet(
+    s: &mut std::net::TcpStream,
+    rbuf: &mut bytes::BytesMut,
+) -> Option<edgebridge::mqtt::codec::Incoming> {
+    use edgebridge::mqtt::codec::{self, Version};
+    use std::io::Read;
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        if let Some(p) = codec::decode(Version::V4, rbuf, 1 << 20).unwrap() {
+            return Some(p);
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
 
 /// Reads what `s` has until it is quiet for a second (at most 30 s); the PUBLISH packets in it.
 fn publishes_read(s: &mut std::net::TcpStream) -> usize {
-    use std::io::Read;
     s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
         .unwrap();
     let started = std::time::Instant::now();
-    let (mut buf, mut chunk, mut count) = (Vec::new(), vec![0u8; 1 << 16], 0);
+    let (mut rbuf, mut count) = (bytes::BytesMut::new(), 0);
     while started.elapsed() < std::time::Duration::from_secs(30) {
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-        // Whole packets: a fixed header byte, the remaining length (1 to 4 bytes), the rest.
-        loop {
-            let (mut len, mut i, mut mul) = (0usize, 1, 1);
-            let complete = loop {
-                let Some(&b) = buf.get(i) else { break false };
-                len += (b & 127) as usize * mul;
-                mul *= 128;
-                i += 1;
-                if b < 128 {
-                    break buf.len() >= i + len;
-                }
-            };
-            if !complete {
-                break;
-            }
-            count += usize::from(buf[0] >> 4 == 3);
-            buf.drain(..i + len);
+        match next_packet(s, &mut rbuf) {
+            Some(edgebridge::mqtt::codec::Incoming::Publish { .. }) => count += 1,
+            Some(_) => {}
+            None => break,
         }
     }
     count
