@@ -651,15 +651,21 @@ fn publishes_read(s: &mut std::net::TcpStream) -> usize {
 
 /// `GET /metrics` of the bridge serving on `port`; the value of `name`.
 fn metric(port: u16, name: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let response = runtime
+        .block_on(edgebridge::http_client::get(
+            &url,
+            &[],
+            std::time::Duration::from_secs(5),
+            16 << 20,
+        ))
         .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
+    String::from_utf8_lossy(&response.body)
+        .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
